@@ -1,0 +1,60 @@
+"""Runtime metadata that pcg publishes to split ops during a forward.
+
+Split ops receive activations padded to the bucket size. They call
+`current()` to learn the real token count, slice their inputs to it, and
+zero the padded rows of their outputs. Outside a pcg forward (plain eager),
+`current()` returns None and `real_tokens(default)` returns the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardContext:
+    """One pcg forward.
+
+    `num_tokens` real rows along the token dim run at `padded_tokens` rows;
+    both are None for a graph without a dynamic token dim. `capture_key`
+    names the CUDA graphs to replay (None: run without graphs, because of
+    `eager_reason`).
+    """
+
+    num_tokens: int | None
+    padded_tokens: int | None
+    capture_key: tuple | None = None
+    eager_reason: str = ""
+
+    @property
+    def is_padded(self) -> bool:
+        return self.padded_tokens != self.num_tokens
+
+
+_local = threading.local()
+
+
+def current() -> ForwardContext | None:
+    """The context of the pcg forward running on this thread, or None."""
+    return getattr(_local, "ctx", None)
+
+
+def real_tokens(padded: int) -> int:
+    """The real token count for a token dim of size `padded` (itself outside pcg)."""
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None or ctx.num_tokens is None or ctx.padded_tokens != padded:
+        return padded
+    return ctx.num_tokens
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext | None):
+    """Publish `ctx` for the duration of one forward (nesting restores the outer one)."""
+    previous = getattr(_local, "ctx", None)
+    _local.ctx = ctx
+    try:
+        yield ctx
+    finally:
+        _local.ctx = previous

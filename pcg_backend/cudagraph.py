@@ -1,0 +1,194 @@
+"""Capture and replay of one piece per capture key, over one shared memory pool.
+
+Memory follows vLLM's scheme: every capture of every piece and bucket goes
+into one graph pool, and a piece keeps only *weak* aliases of its outputs and
+static input buffers. The allocator therefore sees that memory as free once a
+forward is over, so the next capture (a smaller bucket, another graph) reuses
+it, and graph memory stays near one forward's working set instead of growing
+with buckets x pieces. This is safe because replays run in capture order on
+one stream, and anything that leaves the compiled region is cloned by the
+runtime (see `GraphPool.owns`).
+
+gc is never run per capture: `torch.cuda.graph` would collect and empty the
+cache on every entry, which makes capturing hundreds of pieces slow, so we
+drive `CUDAGraph.capture_begin/capture_end` ourselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from . import context
+from .stats import STATS
+
+
+def weak_alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor viewing `t`'s memory without keeping that memory allocated."""
+    storage = t.untyped_storage()
+    weak_storage = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), t.device, storage.nbytes())
+    return torch.empty((0,), dtype=t.dtype, device=t.device).set_(
+        weak_storage, t.storage_offset(), t.size(), t.stride()
+    )
+
+
+class GraphPool:
+    """The one memory pool and capture stream shared by all pieces on a device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.handle = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device=device)
+        self._storages: set[int] = set()
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+
+    def remember(self, t: torch.Tensor) -> None:
+        self._storages.add(t.untyped_storage().data_ptr())
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """True if `t` lives in graph-pool memory that a later replay may overwrite."""
+        return t.is_cuda and t.untyped_storage().data_ptr() in self._storages
+
+
+_POOLS: dict[int, GraphPool] = {}
+
+
+def pool_for(device: torch.device) -> GraphPool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _POOLS:
+        _POOLS[index] = GraphPool(torch.device("cuda", index))
+    return _POOLS[index]
+
+
+def release_pools() -> None:
+    """Drop every pool (after `torch._dynamo.reset()` the graphs that used them are gone)."""
+    _POOLS.clear()
+
+
+def any_pool_owns(t: torch.Tensor) -> bool:
+    return any(p.owns(t) for p in _POOLS.values())
+
+
+def _is_static_address(t: torch.Tensor) -> bool:
+    # Parameters, and tensors HF or the user marked with mark_static_address
+    # (cache state), keep their address for the model's life: no copy needed.
+    return isinstance(t, torch.nn.Parameter) or hasattr(t, "_dynamo_static_input_type")
+
+
+@dataclasses.dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph
+    copies: list[tuple[int, torch.Tensor]]   # arg index -> captured address (copied into if it differs)
+    fixed: list[tuple[int, int]]             # arg index -> data_ptr that must not change
+    outputs: tuple
+
+
+class CaptureRefused(RuntimeError):
+    """A piece whose inputs make capture impossible (e.g. a CPU tensor)."""
+
+
+class CudaGraphPiece(torch.nn.Module):
+    """Runs `runnable` through a CUDA graph per capture key, capturing lazily on first use."""
+
+    def __init__(self, runnable, name: str, pool: GraphPool):
+        super().__init__()
+        self.runnable = runnable
+        self.name = name
+        self.pool = pool
+        self.entries: dict[tuple, _Entry] = {}
+        self.refused: str | None = None
+
+    def forward(self, *args):
+        ctx = context.current()
+        key = ctx.capture_key if ctx is not None else None
+        if key is None:
+            STATS.eager(ctx.eager_reason if ctx is not None else "called outside a pcg forward")
+            return self.runnable(*args)
+        if self.refused is not None:
+            STATS.eager(self.refused)
+            return self.runnable(*args)
+        entry = self.entries.get(key)
+        if entry is not None:
+            for i, ptr in entry.fixed:
+                if args[i].data_ptr() != ptr:
+                    STATS.note(f"{self.name}: a parameter moved since capture; recapturing key {key}")
+                    entry = None
+                    break
+        if entry is None:
+            return self._capture(key, args)
+        for i, static in entry.copies:
+            arg = args[i]
+            if arg.data_ptr() != static.data_ptr():
+                static.copy_(arg)
+        entry.graph.replay()
+        STATS.cuda_graph_replays += 1
+        return entry.outputs
+
+    def _capture(self, key, args):
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.device.type != "cuda":
+                self.refused = f"{self.name}: input {i} is a {a.device.type} tensor, which a CUDA graph cannot read"
+                STATS.eager(self.refused)
+                return self.runnable(*args)
+        # Warm up outside the capture: lazy inits (cuBLAS handles, Triton
+        # autotuning) must not happen while the stream is capturing.
+        self.runnable(*args)
+        start = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(self.pool.device)
+        graph = torch.cuda.CUDAGraph()
+        static_args = list(args)
+        copies, fixed, buffers = [], [], []
+        stream = self.pool.stream
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(pool=self.pool.handle)
+                try:
+                    for i, a in enumerate(args):
+                        if not isinstance(a, torch.Tensor):
+                            continue
+                        if _is_static_address(a):
+                            fixed.append((i, a.data_ptr()))
+                        elif not self.pool.owns(a):
+                            # Allocated inside the capture so it lives in the pool; empty_strided launches no kernel.
+                            buf = torch.empty_strided(a.size(), a.stride(), dtype=a.dtype, device=a.device)
+                            buffers.append((i, buf))
+                            static_args[i] = buf
+                        copies_target = static_args[i]
+                        if not _is_static_address(a):
+                            copies.append((i, copies_target))
+                    outputs = self.runnable(*static_args)
+                finally:
+                    graph.capture_end()
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run this piece eagerly
+            torch.cuda.synchronize(self.pool.device)
+            self.refused = f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            STATS.eager(self.refused)
+            return self.runnable(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        for i, buf in buffers:
+            buf.copy_(args[i])
+        graph.replay()
+        weak_outputs = []
+        for o in outputs:
+            if isinstance(o, torch.Tensor):
+                self.pool.remember(o)
+                weak_outputs.append(weak_alias(o))
+            else:
+                weak_outputs.append(o)
+        for _, buf in buffers:
+            self.pool.remember(buf)
+        self.entries[key] = _Entry(
+            graph,
+            [(i, weak_alias(t)) for i, t in copies],
+            fixed,
+            tuple(weak_outputs),
+        )
+        self.pool.graphs.append(graph)
+        # The replay right after capture is part of the capture, not counted as a replay.
+        STATS.cuda_graphs_captured += 1
+        STATS.capture_seconds += time.perf_counter() - start
+        STATS.graph_memory_bytes += max(0, torch.cuda.memory_reserved(self.pool.device) - reserved)
+        return outputs

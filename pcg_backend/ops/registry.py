@@ -1,0 +1,69 @@
+"""The split-op registry.
+
+A split op is a torch custom op that mixes tokens or touches state. The
+backend cuts every graph at its nodes and runs it eagerly, so it may use
+kernels that cannot be traced or captured. Register it by OpOverload,
+OpOverloadPacket, "ns::name", or as a decorator over `torch.library.custom_op`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_SPLIT_OPS: set[str] = set()
+
+
+def _qualname(op) -> str:
+    """The "ns::name" of a custom op given in any accepted form, or raise ValueError."""
+    if isinstance(op, torch._library.custom_ops.CustomOpDef):
+        return op._qualname
+    if isinstance(op, torch._ops.OpOverload):
+        return op._schema.name
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return op._qualified_op_name
+    if isinstance(op, str):
+        if "::" not in op:
+            raise ValueError(f"split op name {op!r} must look like 'namespace::name'")
+        ns, name = op.split("::", 1)
+        name = name.split(".")[0]
+        try:
+            getattr(getattr(torch.ops, ns), name)
+        except (AttributeError, RuntimeError) as e:
+            raise ValueError(
+                f"{op!r} is not a registered torch op; define it with torch.library.custom_op first"
+            ) from e
+        return f"{ns}::{name}"
+    raise ValueError(
+        f"register_split_op needs a torch custom op (OpOverload, OpOverloadPacket, 'ns::name' or a "
+        f"torch.library.custom_op), got {type(op).__name__}: wrap your function with "
+        f"@torch.library.custom_op('ns::name', mutates_args=...) first"
+    )
+
+
+def register_split_op(op):
+    """Register `op` as a split op and return it unchanged (so it also works as a decorator)."""
+    _SPLIT_OPS.add(_qualname(op))
+    return op
+
+
+def unregister_split_op(op) -> None:
+    _SPLIT_OPS.discard(_qualname(op))
+
+
+def registered_split_ops() -> frozenset[str]:
+    return frozenset(_SPLIT_OPS)
+
+
+def split_op_name(target) -> str | None:
+    """The registered name if an FX node target is a split op, else None."""
+    if isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        name = target._qualified_op_name
+    else:
+        return None
+    return name if name in _SPLIT_OPS else None
+
+
+def is_split_op(target) -> bool:
+    return split_op_name(target) is not None

@@ -1,0 +1,43 @@
+"""A toy token-mixing split op, in the style of vLLM's `silly::attention`.
+
+`pcg_toy::mix(x, out)` writes a causal running mean of `x` along dim 0 into
+`out`. It mixes tokens, so padding rows would corrupt it: it reads the real
+token count from pcg's context, computes on those rows only, and zeroes the
+padded rows of `out`. It also counts its calls, for exact assertions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import context
+from .registry import register_split_op
+
+CALLS = {"mix": 0, "mix_functional": 0}
+
+
+@register_split_op
+@torch.library.custom_op("pcg_toy::mix", mutates_args=["out"])
+def mix(x: torch.Tensor, out: torch.Tensor) -> None:
+    CALLS["mix"] += 1
+    n = context.real_tokens(x.shape[0])
+    real = x[:n]
+    counts = torch.arange(1, n + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
+    out[:n] = real.cumsum(0) / counts
+    out[n:] = 0
+
+
+@register_split_op
+@torch.library.custom_op("pcg_toy::mix_functional", mutates_args=())
+def mix_functional(x: torch.Tensor) -> torch.Tensor:
+    CALLS["mix_functional"] += 1
+    n = context.real_tokens(x.shape[0])
+    out = torch.zeros_like(x)
+    counts = torch.arange(1, n + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
+    out[:n] = x[:n].cumsum(0) / counts
+    return out
+
+
+@mix_functional.register_fake
+def _(x):
+    return torch.empty_like(x)

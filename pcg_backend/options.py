@@ -1,0 +1,98 @@
+"""Backend options: parsing and validation of the `options=` dict.
+
+Every bad key or value raises `ValueError` at compile time, naming the valid
+choices, so that a typo never silently turns into a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .buckets import default_ladder
+
+COMPILERS = ("eager", "inductor")
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclasses.dataclass(frozen=True)
+class PcgOptions:
+    """The resolved options for one compiled graph (see the README's table)."""
+
+    capture_sizes: tuple[int, ...]
+    max_capture_size: int
+    compiler: str = "eager"
+    cuda_graphs: bool = True
+    progress: bool = True
+
+    @property
+    def largest(self) -> int:
+        return self.capture_sizes[-1]
+
+
+_DEFAULTS: dict[str, Any] = {
+    "capture_sizes": "auto",
+    "max_capture_size": 512,
+    "compiler": "eager",
+    "cuda_graphs": True,
+    "progress": True,
+}
+
+
+def _check_sizes(sizes: Any) -> tuple[int, ...]:
+    if not isinstance(sizes, (list, tuple)) or not sizes:
+        raise ValueError(
+            f"pcg option capture_sizes must be 'auto' or a non-empty sorted list of positive ints, got {sizes!r}"
+        )
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
+            raise ValueError(f"pcg option capture_sizes must hold positive ints only, got {s!r} in {list(sizes)}")
+    if list(sizes) != sorted(set(sizes)):
+        raise ValueError(
+            f"pcg option capture_sizes must be sorted ascending without repeats, got {list(sizes)}; "
+            f"pass {sorted(set(sizes))}"
+        )
+    return tuple(sizes)
+
+
+def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
+    """Validate `options` (and the `mode=` that torch.compile or HF may pass) into `PcgOptions`."""
+    if mode not in MODES:
+        raise ValueError(f"pcg got mode={mode!r}; valid modes are {MODES} (all behave the same under pcg)")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise ValueError(f"pcg options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown pcg option(s) {unknown}; valid options are {sorted(_DEFAULTS)}")
+    merged = {**_DEFAULTS, **options}
+
+    max_size = merged["max_capture_size"]
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+        raise ValueError(f"pcg option max_capture_size must be a positive int, got {max_size!r}")
+
+    sizes = merged["capture_sizes"]
+    if sizes == "auto":
+        sizes = default_ladder(max_size)
+    elif isinstance(sizes, str):
+        raise ValueError(f"pcg option capture_sizes must be 'auto' or a list of ints, got {sizes!r}")
+    else:
+        sizes = tuple(s for s in _check_sizes(sizes) if s <= max_size)
+        if not sizes:
+            raise ValueError(f"pcg option capture_sizes has no size <= max_capture_size={max_size}")
+
+    compiler = merged["compiler"]
+    if compiler not in COMPILERS:
+        raise ValueError(f"pcg option compiler must be one of {COMPILERS}, got {compiler!r}")
+    for flag in ("cuda_graphs", "progress"):
+        if not isinstance(merged[flag], bool):
+            raise ValueError(f"pcg option {flag} must be True or False, got {merged[flag]!r}")
+
+    return PcgOptions(
+        capture_sizes=tuple(sizes),
+        max_capture_size=max_size,
+        compiler=compiler,
+        cuda_graphs=merged["cuda_graphs"],
+        progress=merged["progress"],
+    )

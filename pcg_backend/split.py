@@ -1,0 +1,267 @@
+"""Cutting a Dynamo FX graph into pieces at split-op nodes.
+
+Each node gets a kind:
+
+* SPLIT   - a registered split op; it is a piece of its own and runs eagerly.
+* STATIC  - token-wise work whose shapes depend only on the keyed symbols
+            (the token count, and e.g. the batch size); captured per bucket.
+* HOST    - nothing but SymInt arithmetic; runs as is.
+* DYNAMIC - work whose shapes depend on another symbol (a KV length that grows
+            every decode step), that mutates a graph input, or that touches
+            the CPU; it runs eagerly, and every run is counted with its reason.
+
+Consecutive nodes of one kind form a piece. Piece ids grow with node order,
+so `split_module(keep_original_order=True)` keeps the original order, which
+matters because graphs mutate tensors (KV and SSM state).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import operator
+
+import sympy
+import torch
+import torch.fx
+from torch.fx.experimental.symbolic_shapes import free_symbols
+from torch.fx.passes.split_module import split_module
+
+from .ops.registry import split_op_name
+
+
+class Kind(enum.Enum):
+    SPLIT = "split"
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+    HOST = "host"  # only SymInt arithmetic between two split ops: nothing to capture
+
+
+# Methods/functions that return a view of their first argument: a mutation
+# through the view is a mutation of the graph input it came from.
+_VIEW_NAMES = {
+    "view", "reshape", "transpose", "permute", "select", "narrow", "unsqueeze", "squeeze",
+    "expand", "t", "flatten", "unflatten", "split", "chunk", "as_strided", "detach",
+    "__getitem__", "getitem", "view_as", "expand_as", "unbind", "movedim", "contiguous",
+}
+
+
+@dataclasses.dataclass
+class PieceInfo:
+    """One piece of a split graph."""
+
+    name: str
+    kind: Kind
+    reason: str = ""
+    split_op: str | None = None
+
+
+@dataclasses.dataclass
+class SplitResult:
+    """A split graph, plus what the runtime needs to pad its inputs and slice its outputs."""
+
+    module: torch.fx.GraphModule
+    pieces: list[PieceInfo]
+    token_symbol: sympy.Symbol | None
+    keyed_symbols: list[sympy.Symbol]
+    mutated_placeholders: set[str]
+    split_op_nodes: int
+    on_cuda: bool
+
+
+def node_value(node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _symbols(value) -> set[sympy.Symbol]:
+    try:
+        return set(free_symbols(value))
+    except Exception:
+        return set()
+
+
+def _target_name(node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__name__", str(t))
+
+
+def _mutated_args(node) -> list[torch.fx.Node]:
+    """FX nodes this node writes in place (conservatively, from names and schemas)."""
+    if node.op == "call_method":
+        name = node.target
+        if name.endswith("_") and not name.startswith("_") and node.args:
+            return [node.args[0]] if isinstance(node.args[0], torch.fx.Node) else []
+        return []
+    if node.op != "call_function":
+        return []
+    if node.target is operator.setitem:
+        return [node.args[0]]
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = target.default
+    if isinstance(target, torch._ops.OpOverload):
+        out = []
+        for i, arg in enumerate(target._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                val = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                if isinstance(val, torch.fx.Node):
+                    out.append(val)
+        return out
+    name = _target_name(node)
+    if name.endswith("_") and not name.startswith("_") and node.args and isinstance(node.args[0], torch.fx.Node):
+        return [node.args[0]]
+    return []
+
+
+def _input_roots(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
+    """Map every node that aliases a graph input (through views) to that input's name."""
+    roots: dict[torch.fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            roots[node] = node.name
+        elif node.op in ("call_method", "call_function") and node.args:
+            first = node.args[0]
+            if isinstance(first, torch.fx.Node) and first in roots and _target_name(node) in _VIEW_NAMES:
+                roots[node] = roots[first]
+    return roots
+
+
+def _row_symbol(shape):
+    """The innermost symbolic dim that is not the feature (last) dim; else the last dim if symbolic."""
+    symbolic = [d.node.expr if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol) else None
+                for d in shape]
+    for expr in reversed(symbolic[:-1]):
+        if expr is not None:
+            return expr
+    return symbolic[-1] if symbolic else None
+
+
+def find_token_symbol(gm: torch.fx.GraphModule):
+    """Pick the symbol to pad and the symbols captures are keyed on.
+
+    The token dim is the innermost symbolic non-feature dim of each split op's
+    first tensor argument (its activation, features last): S in (B, S, H), T
+    in (T, H). Other symbols of
+    that activation (a dynamic batch) are keyed exactly. Symbols that never
+    reach a split op's activation (a KV length) make their nodes DYNAMIC.
+    """
+    votes: collections.Counter = collections.Counter()
+    keyed: set = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and split_op_name(node.target):
+            first = next((a for a in node.args if isinstance(a, torch.fx.Node)
+                          and isinstance(node_value(a), torch.Tensor)), None)
+            if first is None:
+                continue
+            row = _row_symbol(node_value(first).shape)
+            if row is not None:
+                votes[row] += 1
+            keyed |= _symbols(node_value(first))
+    if votes:
+        return votes.most_common(1)[0][0], keyed
+    # No split op with a dynamic activation: use the first dynamic graph input.
+    all_syms: set = set()
+    token = None
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node_value(node)
+        if isinstance(val, torch.Tensor) and not isinstance(val, torch.nn.Parameter):
+            all_syms |= _symbols(val)
+            if token is None:
+                token = _row_symbol(val.shape)
+    return token, all_syms
+
+
+def classify(gm: torch.fx.GraphModule, keyed: set, on_cuda: bool):
+    """Return ({node: (Kind|None, reason)}, mutated placeholder names). None means 'goes anywhere'."""
+    roots = _input_roots(gm)
+    kinds: dict[torch.fx.Node, tuple[Kind | None, str]] = {}
+    mutated: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        name = split_op_name(node.target) if node.op == "call_function" else None
+        writes = [roots[a] for a in _mutated_args(node) if a in roots]
+        mutated.update(writes)
+        if name:
+            kinds[node] = (Kind.SPLIT, name)
+            continue
+        value = node_value(node)
+        if node.op == "get_attr" or not any(True for _ in _tensors(value)):
+            # SymInt arithmetic, getattr on shapes, constants: cheap host work.
+            kinds[node] = (None, "")
+            continue
+        syms = _symbols(value)
+        for arg in node.all_input_nodes:
+            syms |= _symbols(node_value(arg))
+        foreign = sorted(str(s) for s in syms - keyed)
+        if foreign:
+            kinds[node] = (Kind.DYNAMIC, f"shape depends on dynamic size(s) {', '.join(foreign)} that are not the token count")
+        elif writes:
+            kinds[node] = (Kind.DYNAMIC, f"writes graph input {writes[0]} in place")
+        elif on_cuda and any(t.device.type == "cpu" for t in _tensors(value)):
+            kinds[node] = (Kind.DYNAMIC, "produces a CPU tensor inside a CUDA graph")
+        else:
+            kinds[node] = (Kind.STATIC, "")
+    return kinds, mutated
+
+
+def graph_device_is_cuda(gm: torch.fx.GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            for t in _tensors(node_value(node)):
+                if t.device.type == "cuda":
+                    return True
+    return False
+
+
+def split_graph(gm: torch.fx.GraphModule) -> SplitResult:
+    """Cut `gm` at split ops and at changes of node kind, keeping the original order."""
+    on_cuda = graph_device_is_cuda(gm)
+    token, keyed = find_token_symbol(gm)
+    kinds, mutated = classify(gm, keyed, on_cuda)
+
+    piece_of: dict[torch.fx.Node, int] = {}
+    pieces: list[PieceInfo] = []
+    current: Kind | None = None
+    force_new = True
+    for node in gm.graph.nodes:
+        if node not in kinds:
+            continue
+        kind, reason = kinds[node]
+        if kind is Kind.SPLIT:
+            pieces.append(PieceInfo(f"submod_{len(pieces)}", Kind.SPLIT, split_op=reason))
+            force_new = True
+        elif force_new or (kind is not None and current is not None and kind is not current):
+            pieces.append(PieceInfo(f"submod_{len(pieces)}", kind or Kind.HOST, reason))
+            force_new = False
+            current = kind
+        elif kind is not None and current is None:
+            pieces[-1].kind, pieces[-1].reason = kind, reason
+            current = kind
+        if kind is Kind.DYNAMIC and not pieces[-1].reason:
+            pieces[-1].reason = reason
+        piece_of[node] = len(pieces) - 1
+        if kind is Kind.SPLIT:
+            current = None
+
+    if not pieces:
+        # A graph with no compute nodes (pure pass-through): one empty static piece.
+        pieces.append(PieceInfo("submod_0", Kind.STATIC))
+    split = split_module(gm, None, lambda n: piece_of.get(n, 0), keep_original_order=True, tuple_return=True)
+    present = {name for name, _ in split.named_children()}
+    pieces = [p for p in pieces if p.name in present]
+    split_nodes = sum(1 for k, _ in kinds.values() if k is Kind.SPLIT)
+    return SplitResult(split, pieces, token, sorted(keyed, key=str), mutated, split_nodes, on_cuda)

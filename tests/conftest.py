@@ -1,0 +1,22 @@
+"""Shared fixtures: every test starts with fresh Dynamo caches and zeroed pcg counters."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pcg_backend  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_pcg():
+    torch._dynamo.reset()
+    pcg_backend.reset_stats()
+    yield
+    torch._dynamo.reset()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

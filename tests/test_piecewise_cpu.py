@@ -1,0 +1,150 @@
+"""Splitting, bucketing, padding and slicing on CPU, where the same pieces run without CUDA graphs."""
+
+import pytest
+import torch
+
+import pcg_backend
+from pcg_backend import context
+from pcg_backend.ops import toy
+from toy_models import NoSplitModel, ToyModel, compile_toy
+
+SIZES = [1, 2, 4, 8, 16]
+ATOL = 1e-5  # fp32 on CPU: only reassociation differences between padded and unpadded matmuls
+
+
+def _check(model, compiled, n, hidden=16):
+    x = torch.randn(n, hidden)
+    torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("functional", [False, True])
+def test_exact_piece_counts(layers, functional):
+    model = ToyModel(layers, functional=functional)
+    compiled = compile_toy(model, capture_sizes=SIZES)
+    _check(model, compiled, 3)
+    s = pcg_backend.stats()
+    assert s["graphs_compiled"] == 1
+    assert s["pieces"] == 2 * layers + 1
+    assert s["capturable_pieces"] == layers + 1
+    assert s["split_op_nodes"] == layers
+    assert s["cuda_graphs_captured"] == 0
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_matches_eager_at_every_bucket_and_between(compiler):
+    torch.manual_seed(0)
+    model = ToyModel(3)
+    compiled = compile_toy(model, capture_sizes=SIZES, compiler=compiler)
+    for n in [3, 2, 4, 5, 8, 9, 15, 16, 17, 40]:
+        _check(model, compiled, n)
+    s = pcg_backend.stats()
+    assert s["graphs_compiled"] == 1
+    # 4 capturable pieces per call, none with graphs on CPU; sizes 17 and 40 are above the ladder.
+    assert s["eager_reasons"] == {
+        "CUDA graphs off: the graph runs on CPU": 4 * 8,
+        "token count above the largest bucket 16": 4 * 2,
+    }
+    assert s["padded_calls"] == 4  # 3, 5, 9, 15 were padded; bucket sizes and >16 were not
+
+
+def test_one_token_gets_a_static_graph():
+    # Dynamo specializes size 1, so n=1 is its own static graph: captured as that single shape.
+    model = ToyModel(2)
+    compiled = compile_toy(model, capture_sizes=SIZES)
+    _check(model, compiled, 1)
+    assert pcg_backend.stats()["graphs_compiled"] == 1
+    assert pcg_backend.stats()["padded_calls"] == 0
+    assert "padding off (static shapes)" in pcg_backend.report()
+
+
+def test_split_op_sees_padded_rows_and_real_count():
+    seen = []
+
+    @torch.library.custom_op("pcg_test::spy", mutates_args=())
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        ctx = context.current()
+        seen.append((x.shape[0], None if ctx is None else ctx.num_tokens, context.real_tokens(x.shape[0]),
+                     x[context.real_tokens(x.shape[0]):].abs().sum().item()))
+        return x.clone()
+
+    spy.register_fake(lambda x: torch.empty_like(x))
+    pcg_backend.register_split_op(spy)
+    try:
+        f = torch.compile(lambda x: torch.ops.pcg_test.spy(x * 2) + 1, backend="pcg",
+                          options={"capture_sizes": SIZES}, dynamic=True)
+        x = torch.randn(5, 4)
+        torch.testing.assert_close(f(x), x * 2 + 1)
+        # padded to bucket 8, real count 5, and the 3 padded rows are zeros
+        assert seen == [(8, 5, 5, 0.0)]
+    finally:
+        pcg_backend.unregister_split_op(spy)
+    # outside pcg the op sees everything as real
+    assert context.current() is None and context.real_tokens(7) == 7
+
+
+def test_padded_output_rows_are_zeroed_by_the_toy_op():
+    x = torch.randn(8, 4)
+    out = torch.full_like(x, float("nan"))
+    with context.forward_context(context.ForwardContext(5, 8)):
+        torch.ops.pcg_toy.mix(x, out)
+    assert torch.count_nonzero(out[5:]) == 0 and torch.isfinite(out).all()
+    torch.testing.assert_close(out[:5], x[:5].cumsum(0) / torch.arange(1, 6.0).unsqueeze(-1))
+
+
+def test_graph_without_split_op_is_one_piece():
+    model = NoSplitModel()
+    compiled = compile_toy(model, capture_sizes=SIZES)
+    for n in [3, 6, 20]:
+        _check(model, compiled, n)
+    s = pcg_backend.stats()
+    assert (s["pieces"], s["capturable_pieces"], s["split_op_nodes"]) == (1, 1, 0)
+    assert "no split op in this graph" in pcg_backend.report()
+
+
+def test_mutated_input_with_token_dim_is_never_padded():
+    lin = torch.nn.Linear(4, 4)
+
+    def f(x, state):
+        y = lin(x)
+        state.add_(y)
+        return y * 2
+
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
+    for n in [3, 4]:
+        x = torch.randn(n, 4)
+        s_ref, s_pcg = torch.randn(n, 4), None
+        s_pcg = s_ref.clone()
+        torch.testing.assert_close(compiled(x, s_pcg), f(x, s_ref))
+        torch.testing.assert_close(s_pcg, s_ref)
+    s = pcg_backend.stats()
+    assert s["padded_calls"] == 0
+    assert any("written in place" in r for r in s["eager_reasons"]) or any(
+        "cannot be padded" in r for r in s["eager_reasons"])
+
+
+def test_cuda_graphs_option_off_is_counted():
+    model = ToyModel(1)
+    compiled = compile_toy(model, capture_sizes=SIZES, cuda_graphs=False)
+    _check(model, compiled, 4)
+    assert pcg_backend.stats()["eager_reasons"] == {"CUDA graphs disabled by option cuda_graphs=False": 2}
+
+
+def test_report_lists_graphs_and_reasons():
+    model = ToyModel(2)
+    compiled = compile_toy(model, capture_sizes=SIZES)
+    _check(model, compiled, 3)
+    text = pcg_backend.report()
+    assert "graph0: 5 pieces, 3 capturable, 2 split ops" in text
+    assert "CUDA graphs off: the graph runs on CPU" in text
+    pcg_backend.reset_stats()
+    assert pcg_backend.stats()["eager_runs"] == 0
+
+
+def test_toy_op_call_count_is_one_per_layer_per_call():
+    model = ToyModel(3)
+    compiled = compile_toy(model, capture_sizes=SIZES)
+    _check(model, compiled, 5)  # compile + one call
+    before = toy.CALLS["mix"]
+    compiled(torch.randn(6, 16))
+    assert toy.CALLS["mix"] - before == 3
