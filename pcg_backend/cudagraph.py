@@ -171,8 +171,9 @@ class CudaGraphPiece(torch.nn.Module):
         for i, buf in buffers:
             buf.copy_(args[i])
         graph.replay()
+        single = not isinstance(outputs, (tuple, list))
         weak_outputs = []
-        for o in outputs:
+        for o in ([outputs] if single else outputs):
             if isinstance(o, torch.Tensor):
                 self.pool.remember(o)
                 weak_outputs.append(weak_alias(o))
@@ -184,7 +185,7 @@ class CudaGraphPiece(torch.nn.Module):
             graph,
             [(i, weak_alias(t)) for i, t in copies],
             fixed,
-            tuple(weak_outputs),
+            weak_outputs[0] if single else tuple(weak_outputs),
         )
         self.pool.graphs.append(graph)
         # The replay right after capture is part of the capture, not counted as a replay.

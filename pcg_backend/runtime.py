@@ -97,6 +97,12 @@ class PiecewiseRunner:
                         )
                     self.pad_plan.append(_DimPlan(i, dims))
 
+        if token is not None and split.token_mixing_nodes and not self.unpaddable:
+            self.unpaddable = (
+                f"node(s) {', '.join(split.token_mixing_nodes[:3])} mix tokens outside a split op (a reduction "
+                f"or index over the token dim) and would see padded rows; only exact bucket sizes use CUDA graphs"
+            )
+
         # Which outputs get sliced back to the real size.
         output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
         out_args = output_node.args[0]

@@ -68,6 +68,7 @@ class SplitResult:
     mutated_placeholders: set[str]
     split_op_nodes: int
     on_cuda: bool
+    token_mixing_nodes: list[str]
 
 
 def node_value(node):
@@ -184,11 +185,17 @@ def find_token_symbol(gm: torch.fx.GraphModule):
     return token, all_syms
 
 
-def classify(gm: torch.fx.GraphModule, keyed: set, on_cuda: bool):
-    """Return ({node: (Kind|None, reason)}, mutated placeholder names). None means 'goes anywhere'."""
+def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
+    """Return ({node: (Kind|None, reason)}, mutated placeholder names, token-mixing node names).
+
+    Kind None means 'goes anywhere'. A token-mixing node outside a split op
+    (a sum over tokens, `h[:, -1]`) would see the padded rows, so its graph
+    must not be padded; the runtime turns padding off for it.
+    """
     roots = _input_roots(gm)
     kinds: dict[torch.fx.Node, tuple[Kind | None, str]] = {}
     mutated: set[str] = set()
+    mixing: list[str] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
@@ -203,9 +210,14 @@ def classify(gm: torch.fx.GraphModule, keyed: set, on_cuda: bool):
             # SymInt arithmetic, getattr on shapes, constants: cheap host work.
             kinds[node] = (None, "")
             continue
-        syms = _symbols(value)
+        out_syms = _symbols(value)
+        syms = set(out_syms)
         for arg in node.all_input_nodes:
-            syms |= _symbols(node_value(arg))
+            arg_val = node_value(arg)
+            arg_syms = _symbols(arg_val)
+            syms |= arg_syms
+            if token is not None and token in arg_syms and token not in out_syms and isinstance(arg_val, torch.Tensor):
+                mixing.append(node.name)
         foreign = sorted(str(s) for s in syms - keyed)
         if foreign:
             kinds[node] = (Kind.DYNAMIC, f"shape depends on dynamic size(s) {', '.join(foreign)} that are not the token count")
@@ -215,7 +227,7 @@ def classify(gm: torch.fx.GraphModule, keyed: set, on_cuda: bool):
             kinds[node] = (Kind.DYNAMIC, "produces a CPU tensor inside a CUDA graph")
         else:
             kinds[node] = (Kind.STATIC, "")
-    return kinds, mutated
+    return kinds, mutated, mixing
 
 
 def graph_device_is_cuda(gm: torch.fx.GraphModule) -> bool:
@@ -231,7 +243,7 @@ def split_graph(gm: torch.fx.GraphModule) -> SplitResult:
     """Cut `gm` at split ops and at changes of node kind, keeping the original order."""
     on_cuda = graph_device_is_cuda(gm)
     token, keyed = find_token_symbol(gm)
-    kinds, mutated = classify(gm, keyed, on_cuda)
+    kinds, mutated, mixing = classify(gm, keyed, token, on_cuda)
 
     piece_of: dict[torch.fx.Node, int] = {}
     pieces: list[PieceInfo] = []
@@ -260,8 +272,8 @@ def split_graph(gm: torch.fx.GraphModule) -> SplitResult:
     if not pieces:
         # A graph with no compute nodes (pure pass-through): one empty static piece.
         pieces.append(PieceInfo("submod_0", Kind.STATIC))
-    split = split_module(gm, None, lambda n: piece_of.get(n, 0), keep_original_order=True, tuple_return=True)
+    split = split_module(gm, None, lambda n: piece_of.get(n, 0), keep_original_order=True)
     present = {name for name, _ in split.named_children()}
     pieces = [p for p in pieces if p.name in present]
     split_nodes = sum(1 for k, _ in kinds.values() if k is Kind.SPLIT)
-    return SplitResult(split, pieces, token, sorted(keyed, key=str), mutated, split_nodes, on_cuda)
+    return SplitResult(split, pieces, token, sorted(keyed, key=str), mutated, split_nodes, on_cuda, mixing)

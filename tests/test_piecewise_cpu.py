@@ -148,3 +148,21 @@ def test_toy_op_call_count_is_one_per_layer_per_call():
     before = toy.CALLS["mix"]
     compiled(torch.randn(6, 16))
     assert toy.CALLS["mix"] - before == 3
+
+
+def test_reduction_over_tokens_outside_a_split_op_turns_padding_off():
+    lin = torch.nn.Linear(4, 4)
+
+    def f(x):
+        y = lin(x)                      # padded rows would hold the bias, not zeros
+        return y.sum(0), y[-1]          # both read across the token dim
+
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
+    for n in [3, 4, 5]:
+        x = torch.randn(n, 4)
+        got, ref = compiled(x), f(x)
+        torch.testing.assert_close(got[0], ref[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got[1], ref[1], atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    assert s["padded_calls"] == 0
+    assert "mix tokens outside a split op" in pcg_backend.report()
