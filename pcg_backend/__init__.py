@@ -48,3 +48,17 @@ def _register() -> None:
 
 
 _register()
+
+
+def _install_hf() -> None:
+    # transformers is optional: wrap HF families only if it can be imported.
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return
+    from .hf import install
+
+    install()
+
+
+_install_hf()

@@ -42,6 +42,15 @@ class EagerPiece(torch.nn.Module):
         return self.runnable(*args)
 
 
+def _install_hf_routing() -> None:
+    import sys
+
+    if "transformers" in sys.modules:
+        from .hf import install
+
+        install()
+
+
 def _compile_piece(sub: torch.fx.GraphModule, compiler: str):
     """Compile one piece. Inductor gets the piece's fake inputs, so it keeps the symbolic token dim."""
     if compiler == "eager":
@@ -72,6 +81,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     if kwargs:
         raise ValueError(f"pcg backend got unexpected keyword(s) {sorted(kwargs)}; pass settings in options={{...}}")
     opts = parse_options(options, mode)
+    _install_hf_routing()  # families imported since the last graph get wrapped for the next trace
     name = f"graph{STATS.graphs_compiled}"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     split = split_graph(gm)
@@ -122,3 +132,6 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
 
 
 from .runtime import PiecewiseRunner  # noqa: E402  (runtime imports nothing from here; kept last for reading order)
+
+# Lets HF routing recognise a pcg trace through torch's wrappers (hf/gate.py).
+pcg_backend._pcg_backend = True

@@ -47,6 +47,10 @@ _VIEW_NAMES = {
 }
 
 
+# Ops that read only the metadata (dtype, device) of a tensor argument, never its rows.
+_DATA_FREE = {"new_empty", "new_zeros", "new_ones", "new_full", "new_empty_strided", "size", "dim", "stride"}
+
+
 @dataclasses.dataclass
 class PieceInfo:
     """One piece of a split graph."""
@@ -216,7 +220,8 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
             arg_val = node_value(arg)
             arg_syms = _symbols(arg_val)
             syms |= arg_syms
-            if token is not None and token in arg_syms and token not in out_syms and isinstance(arg_val, torch.Tensor):
+            if (token is not None and token in arg_syms and token not in out_syms
+                    and isinstance(arg_val, torch.Tensor) and _target_name(node) not in _DATA_FREE):
                 mixing.append(node.name)
         foreign = sorted(str(s) for s in syms - keyed)
         if foreign:

@@ -1,0 +1,66 @@
+"""Routing HF attention through split ops: KV writes in the cache layers, the core in the attention function.
+
+HF attention modules call `cache.update(k, v, layer_idx)` and then an
+attention function looked up by `config._attn_implementation`. pcg wraps
+`DynamicLayer.update`, `StaticLayer.update` and the attention functions
+("sdpa" in the registry, and each modeling module's `eager_attention_forward`)
+so that, inside a pcg trace, the KV write and the core are split ops that see
+only the real tokens. Outside a pcg trace the originals run unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..ops import attention as ops
+from .gate import tracing_for_pcg
+from .layers import key_of
+
+
+def wrap_dynamic_update(original):
+    @functools.wraps(original)
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not tracing_for_pcg():
+            return original(self, key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.ops.pcg.kv_append(key_states, self.keys)
+        self.values = torch.ops.pcg.kv_append(value_states, self.values)
+        return self.keys, self.values
+
+    update._pcg_wrapped = True
+    return update
+
+
+def wrap_static_update(original):
+    @functools.wraps(original)
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not tracing_for_pcg():
+            return original(self, key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        torch.ops.pcg.kv_write_static(key_states, value_states, self.keys, self.values, self.cumulative_length)
+        return self.keys, self.values
+
+    update._pcg_wrapped = True
+    return update
+
+
+def wrap_attention_function(original, impl: str):
+    ops.ORIGINAL_ATTENTION[impl] = original
+
+    @functools.wraps(original)
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if not tracing_for_pcg():
+            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        batch, heads, seq_len, head_dim = query.shape
+        out = query.new_empty(batch, seq_len, heads, value.shape[-1])
+        scale = float(scaling) if scaling is not None else head_dim ** -0.5
+        torch.ops.pcg.attention(query, key, value, attention_mask, out,
+                                key_of(module, f"attention via pcg::attention ({impl})"), scale, impl)
+        return out, None
+
+    attention._pcg_wrapped = True
+    return attention

@@ -1,0 +1,75 @@
+"""Attention split ops: the KV-cache writes and the attention core, on the real tokens only.
+
+* `pcg::kv_append`        - DynamicCache: concatenate the real new K or V rows.
+* `pcg::kv_write_static`  - StaticCache: write the real rows at the cache's
+                            cumulative length, and advance it by the real count.
+* `pcg::attention`        - the attention core, through HF's own attention
+                            function for the layer (sdpa, eager, ...), on the
+                            real query rows; padded output rows are zeroed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import context
+from ..hf.layers import module_of
+from .registry import register_split_op
+
+# The HF attention functions the routed wrappers replaced, by implementation name.
+ORIGINAL_ATTENTION: dict[str, object] = {}
+
+
+@register_split_op
+@torch.library.custom_op("pcg::kv_append", mutates_args=())
+def kv_append(new: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    n = context.real_tokens(new.shape[-2])
+    new = new[..., :n, :]
+    if cache.numel() == 0:
+        return new.contiguous().clone()
+    return torch.cat([cache, new], dim=-2)
+
+
+@kv_append.register_fake
+def _(new, cache):
+    if cache.dim() != new.dim():
+        return new.new_empty(new.shape)
+    return new.new_empty((*new.shape[:-2], cache.shape[-2] + new.shape[-2], new.shape[-1]))
+
+
+@register_split_op
+@torch.library.custom_op("pcg::kv_write_static", mutates_args=["keys", "values", "cumulative_length"])
+def kv_write_static(
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cumulative_length: torch.Tensor,
+) -> None:
+    n = context.real_tokens(key_states.shape[-2])
+    positions = torch.arange(n, device=keys.device) + cumulative_length
+    cumulative_length.add_(n)
+    keys.index_copy_(2, positions, key_states[..., :n, :])
+    values.index_copy_(2, positions, value_states[..., :n, :])
+
+
+@register_split_op
+@torch.library.custom_op("pcg::attention", mutates_args=["out"])
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    layer: int,
+    scaling: float,
+    impl: str,
+) -> None:
+    padded = query.shape[2]
+    n = context.real_tokens(padded)
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, :, :n, : key.shape[-2]]
+    result, _ = ORIGINAL_ATTENTION[impl](module_of(layer), query[:, :, :n], key, value, mask, dropout=0.0, scaling=scaling)
+    out[:, :n] = result
+    if n < padded:
+        out[:, n:] = 0

@@ -1,0 +1,120 @@
+"""The Mamba2 split op: the token-mixing core of an HF Mamba2 mixer, on the real tokens only.
+
+It owns everything between the projected `(xBC, dt)` and the scan output: the
+causal conv1d and its conv-state write, the SSD chunk scan (or
+`selective_state_update` for decode) and its SSM-state write. `in_proj`
+before it and the gated norm and `out_proj` after it stay in captured pieces.
+
+Kernels are the HF modeling module's own functions, which transformers binds
+to mamba-ssm / causal-conv1d when they import and to the torch reference
+otherwise, so pcg computes exactly what eager computes. Inputs are sliced to
+the real token count, so padding never reaches the conv window or the SSM
+state, and the padded rows of `out` are zeroed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .. import context
+from ..hf.layers import module_of
+from .registry import register_split_op
+
+
+@register_split_op
+@torch.library.custom_op("pcg::mamba2_core", mutates_args=["conv_state", "ssm_state", "out"])
+def mamba2_core(
+    xBC: torch.Tensor,
+    dt: torch.Tensor,
+    mask: torch.Tensor | None,
+    conv_state: torch.Tensor | None,
+    ssm_state: torch.Tensor | None,
+    out: torch.Tensor,
+    layer: int,
+    use_state: bool,
+) -> None:
+    mixer = module_of(layer)
+    kernels = sys.modules[type(mixer).__module__]
+    batch, padded, _ = xBC.shape
+    n = context.real_tokens(padded)
+    x = xBC[:, :n].transpose(1, 2)
+    dt = dt[:, :n]
+    if mask is not None:
+        mask = mask[:, :n]
+    weight = mixer.conv1d.weight.squeeze(1)
+    A = -torch.exp(mixer.A_log.float())
+    decode = use_state and padded == 1
+
+    # 1. causal conv1d, writing the last conv_kernel real tokens into the conv state
+    if decode:
+        h = kernels.causal_conv1d_update(x, conv_state, weight, mixer.conv1d.bias, activation=mixer.activation)
+    else:
+        full = x
+        if conv_state is not None:
+            width = conv_state.shape[-1]
+            if use_state:
+                full = torch.cat([conv_state, x], dim=-1)
+            elif n < width:
+                full = F.pad(x, (width - n, 0))
+            conv_state.copy_(full[..., -width:])
+        h = kernels.causal_conv1d_fn(full, weight, mixer.conv1d.bias, activation=mixer.activation)[..., -n:]
+    h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
+    groups_state = mixer.n_groups * mixer.ssm_state_size
+    hs, B, C = torch.split(h, [mixer.intermediate_size, groups_state, groups_state], dim=-1)
+
+    # 2. the SSM: one recurrent step in decode, the chunked scan otherwise
+    if decode:
+        hd, N = mixer.head_dim, mixer.ssm_state_size
+        y = kernels.mamba2_selective_state_update(
+            ssm_state,
+            hs.view(batch, mixer.num_heads, hd),
+            dt.transpose(1, 2).expand(-1, -1, hd),
+            A[:, None, None].expand(-1, hd, N),
+            B.view(batch, mixer.n_groups, N),
+            C.view(batch, mixer.n_groups, N),
+            mixer.D[:, None].expand(-1, hd),
+            z=None,
+            dt_bias=mixer.dt_bias[:, None].expand(-1, hd),
+            dt_softplus=True,
+        ).view(batch, 1, -1)
+    else:
+        result = kernels.mamba2_chunk_scan(
+            hs.view(batch, n, -1, mixer.head_dim),
+            dt,
+            A,
+            B.view(batch, n, mixer.n_groups, -1),
+            C.view(batch, n, mixer.n_groups, -1),
+            chunk_size=mixer.chunk_size,
+            D=mixer.D,
+            z=None,
+            return_final_states=ssm_state is not None,
+            dt_bias=mixer.dt_bias,
+            dt_softplus=True,
+            initial_states=ssm_state if use_state else None,
+            dt_limit=mixer.time_step_limit,
+        )
+        if ssm_state is not None:
+            y, final = result
+            ssm_state.copy_(final)
+        else:
+            y = result
+        y = y.reshape(batch, n, -1)
+    out[:, :n] = y
+    if n < padded:
+        out[:, n:] = 0
+
+
+# Decided once at import: importing inside a traced function is a graph break.
+KERNELS_AVAILABLE = importlib.util.find_spec("mamba_ssm") is not None
+
+
+def scan_output_dtype(model_dtype: torch.dtype, decode: bool) -> torch.dtype:
+    """The dtype HF's own mixer produces before the gated norm, so pcg matches it exactly."""
+    if KERNELS_AVAILABLE:
+        return model_dtype
+    # The torch reference scan computes in fp32; its decode step casts back.
+    return model_dtype if decode else torch.float32
