@@ -163,8 +163,10 @@ def find_token_symbol(gm: torch.fx.GraphModule):
     """
     votes: collections.Counter = collections.Counter()
     keyed: set = set()
+    has_split_ops = False
     for node in gm.graph.nodes:
         if node.op == "call_function" and split_op_name(node.target):
+            has_split_ops = True
             first = next((a for a in node.args if isinstance(a, torch.fx.Node)
                           and isinstance(node_value(a), torch.Tensor)), None)
             if first is None:
@@ -175,6 +177,10 @@ def find_token_symbol(gm: torch.fx.GraphModule):
             keyed |= _symbols(node_value(first))
     if votes:
         return votes.most_common(1)[0][0], keyed
+    if has_split_ops:
+        # Split ops with static activations (a decode step): nothing to pad, and
+        # any symbol in the graph (a KV length) is not a token count.
+        return None, keyed
     # No split op with a dynamic activation: use the first dynamic graph input.
     all_syms: set = set()
     token = None

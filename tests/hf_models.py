@@ -21,7 +21,7 @@ def tiny_config(family: str):
     if family == "bamba":
         return tf.BambaConfig(**common, num_hidden_layers=3, attn_layer_indices=[1], mamba_expand=1, **_MAMBA)
     if family == "falcon_h1":
-        return tf.FalconH1Config(**common, num_hidden_layers=2, mamba_expand=1, head_dim=8, **_MAMBA)
+        return tf.FalconH1Config(**common, num_hidden_layers=2, mamba_expand=1, mamba_d_ssm=32, head_dim=8, **_MAMBA)
     if family == "granitemoehybrid":
         return tf.GraniteMoeHybridConfig(**common, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
                                          num_local_experts=2, num_experts_per_tok=1, shared_intermediate_size=64,

@@ -1,0 +1,207 @@
+"""Benchmark: a Nemotron-Nano-9B-v2-shaped HF NemotronH with random bf16 weights.
+
+    python -m pcg_backend.bench [--quick] [--layers N] [--variants eager,pcg-eager,...] [--out DIR]
+
+Variants, run one after another in this process: `eager` (HF eager),
+`compile` (torch.compile default), `reduce-overhead`, `pcg-eager` and
+`pcg-inductor`. For each: prefill latency at several token counts, decode
+time per step through greedy `generate`, first-call time (compile plus
+capture), graph memory, and the weight-read floor measured in the same run.
+Writes a table to stdout and `bench.json` plus `bench.png` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
+KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
+VARIANTS = ("eager", "compile", "reduce-overhead", "pcg-eager", "pcg-inductor")
+
+
+def nano9b_config(layers: int | None = None):
+    from transformers import NemotronHConfig
+
+    pattern = PATTERN[:layers] if layers else PATTERN
+    return NemotronHConfig(
+        vocab_size=131072, hidden_size=4480, intermediate_size=15680, mlp_hidden_act="relu2",
+        num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+        mamba_num_heads=128, mamba_head_dim=80, n_groups=8, ssm_state_size=128, conv_kernel=4, chunk_size=128,
+        layers_block_type=[KINDS[c] for c in pattern], num_hidden_layers=len(pattern),
+        max_position_embeddings=8192, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+    )
+
+
+def build_model(layers: int | None):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(nano9b_config(layers), dtype=torch.bfloat16)
+    return model.eval()
+
+
+def copy_bandwidth() -> float:
+    """Device memory bandwidth in bytes/s, from a 2 GiB device-to-device copy (read + write)."""
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / 10
+    del src, dst
+    return 2 * (2 << 30) / seconds
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` runs (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def install_variant(model, variant: str):
+    import pcg_backend
+
+    torch._dynamo.reset()
+    pcg_backend.reset_stats()
+    model.forward = model.__class__.forward.__get__(model)
+    if variant == "compile":
+        model.forward = torch.compile(model.forward, dynamic=None)
+    elif variant == "reduce-overhead":
+        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    elif variant.startswith("pcg-"):
+        model.forward = torch.compile(model.forward, backend="pcg", options={"compiler": variant[4:]})
+
+
+def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, repeats: int) -> dict:
+    import pcg_backend
+
+    install_variant(model, variant)
+    result: dict = {"variant": variant, "prefill_ms": {}, "decode_ms": {}, "decode_tok_s": {}}
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        first = torch.randint(2, vocab, (1, prefill_sizes[0]), device="cuda")
+        start = time.perf_counter()
+        model(first)
+        torch.cuda.synchronize()
+        result["first_call_s"] = time.perf_counter() - start
+        for n in prefill_sizes:
+            ids = torch.randint(2, vocab, (1, n), device="cuda")
+            model(ids)  # warm-up: compiles or captures this size
+            result["prefill_ms"][n] = 1e3 * timed(lambda: model(ids), repeats)
+            print(f"  {variant:>16} prefill {n:>5}: {result['prefill_ms'][n]:8.2f} ms", flush=True)
+        for b in batches:
+            ids = torch.randint(2, vocab, (b, 16), device="cuda")
+            kw = dict(do_sample=False, pad_token_id=0, min_new_tokens=new_tokens)
+
+            def gen(k):
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, **kw)
+
+            gen(new_tokens)  # warm-up: prefill and decode graphs, every cache length
+            long = timed(lambda: gen(new_tokens), max(1, repeats // 2))
+            short = timed(lambda: gen(1), max(1, repeats // 2))
+            step = (long - short) / (new_tokens - 1)
+            result["decode_ms"][b] = 1e3 * step
+            result["decode_tok_s"][b] = b / step
+            print(f"  {variant:>16} decode b={b:>3}: {1e3 * step:8.2f} ms/step", flush=True)
+    if variant.startswith("pcg"):
+        s = pcg_backend.stats()
+        result["graph_memory_mib"] = s["graph_memory_bytes"] / 2**20
+        result["pcg_stats"] = {k: v for k, v in s.items() if k != "routing"}
+    return result
+
+
+def table(results, floor_ms: float) -> str:
+    base = next((r for r in results if r["variant"] == "eager"), None)
+    lines = [f"weight-read floor: {floor_ms:.2f} ms", ""]
+    header = f"{'variant':>16} {'metric':>16} {'ms':>9} {'x eager':>8} {'x floor':>8}"
+    lines += [header, "-" * len(header)]
+    for r in results:
+        rows = [(f"prefill {n}", v, base and base["prefill_ms"].get(n)) for n, v in r["prefill_ms"].items()]
+        rows += [(f"decode b={b}", v, base and base["decode_ms"].get(b)) for b, v in r["decode_ms"].items()]
+        for name, ms, ref in rows:
+            speed = f"{ref / ms:8.2f}" if ref else f"{'-':>8}"
+            lines.append(f"{r['variant']:>16} {name:>16} {ms:9.2f} {speed} {ms / floor_ms:8.2f}")
+        extra = f"first call {r['first_call_s']:.1f} s"
+        if "graph_memory_mib" in r:
+            extra += f", graph memory {r['graph_memory_mib']:.0f} MiB"
+        lines.append(f"{r['variant']:>16} {extra}")
+    lines.append("(x eager: speed-up over eager in this run; x floor: time over the weight-read floor)")
+    return "\n".join(lines)
+
+
+def plot(results, floor_ms: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        a.plot(list(r["prefill_ms"]), list(r["prefill_ms"].values()), marker="o", label=r["variant"])
+        b.plot(list(r["decode_ms"]), list(r["decode_ms"].values()), marker="o", label=r["variant"])
+    for ax, title, xlabel in ((a, "prefill latency", "tokens"), (b, "decode step", "batch")):
+        ax.axhline(floor_ms, color="gray", linestyle="--", label="weight-read floor")
+        ax.set_xscale("log", base=2)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("ms")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=None, help="use only the first N layers of the pattern")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under 5 minutes on an H100)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--out", default="bench_out")
+    args = parser.parse_args(argv)
+    variants = args.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        parser.error(f"unknown variant(s) {bad}; choose from {VARIANTS}")
+    if not torch.cuda.is_available():
+        parser.error("the benchmark needs a CUDA GPU")
+
+    prefill = [1, 16, 128] if args.quick else [1, 16, 128, 512, 2048]
+    batches = [1, 8] if args.quick else [1, 8, 32]
+    new_tokens, repeats = (16, 3) if args.quick else (32, 5)
+    device = torch.cuda.get_device_name()
+    model = build_model(args.layers)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth()
+    floor_ms = 1e3 * weight_bytes / bandwidth
+    print(f"device: {device}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
+          f"{weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.2f} ms", flush=True)
+    results = []
+    for v in variants:
+        results.append(run_variant(model, v, prefill, batches, new_tokens, repeats))
+    text = table(results, floor_ms)
+    print(f"\n{device}\n{text}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump({"device": device, "floor_ms": floor_ms, "weight_bytes": weight_bytes,
+                   "bandwidth_bytes_s": bandwidth, "results": results}, f, indent=1, default=str)
+    plot(results, floor_ms, os.path.join(args.out, "bench.png"))
+
+
+if __name__ == "__main__":
+    main()
