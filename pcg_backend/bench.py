@@ -108,10 +108,9 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             print(f"  {variant:>16} prefill {n:>5}: {result['prefill_ms'][n]:8.2f} ms", flush=True)
         for b in batches:
             ids = torch.randint(2, vocab, (b, 16), device="cuda")
-            kw = dict(do_sample=False, pad_token_id=0, min_new_tokens=new_tokens)
-
             def gen(k):
-                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, **kw)
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
+                                      min_new_tokens=k, do_sample=False, pad_token_id=0)
 
             gen(new_tokens)  # warm-up: prefill and decode graphs, every cache length
             long = timed(lambda: gen(new_tokens), max(1, repeats // 2))

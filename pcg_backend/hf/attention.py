@@ -16,7 +16,7 @@ import torch
 
 from ..ops import attention as ops
 from .gate import tracing_for_pcg
-from .layers import key_of
+from .layers import note_routing
 
 
 def wrap_dynamic_update(original):
@@ -58,8 +58,9 @@ def wrap_attention_function(original, impl: str):
         batch, heads, seq_len, head_dim = query.shape
         out = query.new_empty(batch, seq_len, heads, value.shape[-1])
         scale = float(scaling) if scaling is not None else head_dim ** -0.5
-        torch.ops.pcg.attention(query, key, value, attention_mask, out,
-                                key_of(module, f"attention via pcg::attention ({impl})"), scale, impl)
+        note_routing(f"{type(module).__name__} layer {getattr(module, 'layer_idx', '?')}: attention via pcg::attention ({impl})")
+        torch.ops.pcg.attention(query, key, value, attention_mask, out, scale, impl,
+                                int(getattr(module, "num_key_value_groups", 1)), bool(getattr(module, "is_causal", True)))
         return out, None
 
     attention._pcg_wrapped = True

@@ -18,6 +18,7 @@ import torch
 from ..stats import STATS
 from .attention import wrap_attention_function, wrap_dynamic_update, wrap_static_update
 from .gate import tracing_for_pcg
+from .layers import note_routing
 from .mixer import missing_attributes, routed_forward
 
 _SCANNED: set[str] = set()
@@ -34,12 +35,6 @@ def _looks_like_mamba2_mixer(cls) -> bool:
     return all(marker in source for marker in _MIXER_MARKERS) and "ssm_state_size" in source
 
 
-@torch._dynamo.assume_constant_result
-def _note_unrouted(mixer: torch.nn.Module, missing: str) -> bool:
-    STATS.routing.append(f"{type(mixer).__name__} layer {getattr(mixer, 'layer_idx', '?')}: NOT routed, missing {missing}")
-    return True
-
-
 def _wrap_mixer_forward(original):
     @functools.wraps(original)
     def forward(self, hidden_states, *args, **kwargs):
@@ -50,7 +45,8 @@ def _wrap_mixer_forward(original):
                     names = ("cache", "attention_mask")
                     kwargs.update(zip(names, args))
                 return routed_forward(self, hidden_states, **kwargs)
-            _note_unrouted(self, ", ".join(missing))
+            note_routing(f"{type(self).__name__} layer {getattr(self, 'layer_idx', '?')}: NOT routed, "
+                         f"missing {', '.join(missing)}")
         return original(self, hidden_states, *args, **kwargs)
 
     forward._pcg_wrapped = True

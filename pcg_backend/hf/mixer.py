@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..ops import mamba2  # noqa: F401  (registers pcg::mamba2_core)
 from ..ops.mamba2 import scan_output_dtype
-from .layers import key_of
+from .layers import note_routing
 
 REQUIRED = (
     "in_proj", "conv1d", "out_proj", "A_log", "D", "dt_bias", "intermediate_size", "conv_dim", "num_heads",
@@ -63,11 +63,15 @@ def routed_forward(mixer, hidden_states, cache=None, attention_mask=None, cache_
     decode = use_state and seq_len == 1
     out = torch.empty(batch, seq_len, mixer.intermediate_size, dtype=scan_output_dtype(dtype, decode),
                       device=hidden_states.device)
+    note_routing(f"{type(mixer).__name__} layer {mixer.layer_idx}: Mamba2 core via pcg::mamba2_core")
+    dt_min, dt_max = mixer.time_step_limit
     torch.ops.pcg.mamba2_core(
         xBC, dt, attention_mask,
         layer.conv_states[0] if layer is not None else None,
         layer.recurrent_states[0] if layer is not None else None,
-        out, key_of(mixer, "Mamba2 mixer via pcg::mamba2_core"), use_state,
+        out, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.A_log, mixer.D, mixer.dt_bias,
+        type(mixer).__module__, mixer.n_groups, mixer.head_dim, mixer.ssm_state_size, mixer.chunk_size,
+        mixer.activation, float(dt_min), float(dt_max), use_state,
     )
     if layer is not None:
         layer.has_previous_state[0] = True

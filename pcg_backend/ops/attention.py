@@ -10,10 +10,11 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from .. import context
-from ..hf.layers import module_of
 from .registry import register_split_op
 
 # The HF attention functions the routed wrappers replaced, by implementation name.
@@ -61,15 +62,18 @@ def attention(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     out: torch.Tensor,
-    layer: int,
     scaling: float,
     impl: str,
+    num_key_value_groups: int,
+    is_causal: bool,
 ) -> None:
     padded = query.shape[2]
     n = context.real_tokens(padded)
     if mask is not None and mask.dim() == 4:
         mask = mask[:, :, :n, : key.shape[-2]]
-    result, _ = ORIGINAL_ATTENTION[impl](module_of(layer), query[:, :, :n], key, value, mask, dropout=0.0, scaling=scaling)
+    # HF attention functions read only these attributes of the module.
+    module = types.SimpleNamespace(num_key_value_groups=num_key_value_groups, is_causal=is_causal, training=False)
+    result, _ = ORIGINAL_ATTENTION[impl](module, query[:, :, :n], key, value, mask, dropout=0.0, scaling=scaling)
     out[:, :n] = result
     if n < padded:
         out[:, n:] = 0

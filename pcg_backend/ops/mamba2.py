@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import context
-from ..hf.layers import module_of
 from .registry import register_split_op
 
 
@@ -34,24 +33,36 @@ def mamba2_core(
     conv_state: torch.Tensor | None,
     ssm_state: torch.Tensor | None,
     out: torch.Tensor,
-    layer: int,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+    kernels_module: str,
+    n_groups: int,
+    head_dim: int,
+    state_size: int,
+    chunk_size: int,
+    activation: str,
+    dt_min: float,
+    dt_max: float,
     use_state: bool,
 ) -> None:
-    mixer = module_of(layer)
-    kernels = sys.modules[type(mixer).__module__]
-    batch, padded, _ = xBC.shape
+    kernels = sys.modules[kernels_module]
+    batch, padded, conv_dim = xBC.shape
     n = context.real_tokens(padded)
-    x = xBC[:, :n].transpose(1, 2)
+    # contiguous: causal-conv1d's channel-last path needs strides that are multiples of 8
+    x = xBC[:, :n].transpose(1, 2).contiguous()
     dt = dt[:, :n]
     if mask is not None:
         mask = mask[:, :n]
-    weight = mixer.conv1d.weight.squeeze(1)
-    A = -torch.exp(mixer.A_log.float())
+    A = -torch.exp(A_log.float())
+    num_heads = A_log.shape[0]
     decode = use_state and padded == 1
 
     # 1. causal conv1d, writing the last conv_kernel real tokens into the conv state
     if decode:
-        h = kernels.causal_conv1d_update(x, conv_state, weight, mixer.conv1d.bias, activation=mixer.activation)
+        h = kernels.causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation=activation)
     else:
         full = x
         if conv_state is not None:
@@ -61,41 +72,40 @@ def mamba2_core(
             elif n < width:
                 full = F.pad(x, (width - n, 0))
             conv_state.copy_(full[..., -width:])
-        h = kernels.causal_conv1d_fn(full, weight, mixer.conv1d.bias, activation=mixer.activation)[..., -n:]
+        h = kernels.causal_conv1d_fn(full, conv_weight, conv_bias, activation=activation)[..., -n:]
     h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
-    groups_state = mixer.n_groups * mixer.ssm_state_size
-    hs, B, C = torch.split(h, [mixer.intermediate_size, groups_state, groups_state], dim=-1)
+    groups_state = n_groups * state_size
+    hs, B, C = torch.split(h, [conv_dim - 2 * groups_state, groups_state, groups_state], dim=-1)
 
     # 2. the SSM: one recurrent step in decode, the chunked scan otherwise
     if decode:
-        hd, N = mixer.head_dim, mixer.ssm_state_size
         y = kernels.mamba2_selective_state_update(
             ssm_state,
-            hs.view(batch, mixer.num_heads, hd),
-            dt.transpose(1, 2).expand(-1, -1, hd),
-            A[:, None, None].expand(-1, hd, N),
-            B.view(batch, mixer.n_groups, N),
-            C.view(batch, mixer.n_groups, N),
-            mixer.D[:, None].expand(-1, hd),
+            hs.view(batch, num_heads, head_dim),
+            dt.transpose(1, 2).expand(-1, -1, head_dim),
+            A[:, None, None].expand(-1, head_dim, state_size),
+            B.view(batch, n_groups, state_size),
+            C.view(batch, n_groups, state_size),
+            D[:, None].expand(-1, head_dim),
             z=None,
-            dt_bias=mixer.dt_bias[:, None].expand(-1, hd),
+            dt_bias=dt_bias[:, None].expand(-1, head_dim),
             dt_softplus=True,
         ).view(batch, 1, -1)
     else:
         result = kernels.mamba2_chunk_scan(
-            hs.view(batch, n, -1, mixer.head_dim),
+            hs.view(batch, n, -1, head_dim),
             dt,
             A,
-            B.view(batch, n, mixer.n_groups, -1),
-            C.view(batch, n, mixer.n_groups, -1),
-            chunk_size=mixer.chunk_size,
-            D=mixer.D,
+            B.view(batch, n, n_groups, -1),
+            C.view(batch, n, n_groups, -1),
+            chunk_size=chunk_size,
+            D=D,
             z=None,
             return_final_states=ssm_state is not None,
-            dt_bias=mixer.dt_bias,
+            dt_bias=dt_bias,
             dt_softplus=True,
             initial_states=ssm_state if use_state else None,
-            dt_limit=mixer.time_step_limit,
+            dt_limit=(dt_min, dt_max),
         )
         if ssm_state is not None:
             y, final = result
