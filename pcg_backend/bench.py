@@ -89,7 +89,22 @@ def install_variant(model, variant: str):
         model.forward = torch.compile(model.forward, backend="pcg", options={"compiler": variant[4:]})
 
 
-def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, repeats: int) -> dict:
+def profile_decode(model, path: str) -> None:
+    """Write the top CPU and CUDA ops of a batch-1 greedy generate of 8 tokens (a profile, not a timing)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(2, model.config.vocab_size, (1, 16), device="cuda")
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                       pad_token_id=0)
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        f.write("\n")
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+
+
+def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, repeats: int, profile_dir=None) -> dict:
     import pcg_backend
 
     install_variant(model, variant)
@@ -120,6 +135,8 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             result["decode_tok_s"][b] = b / step
             print(f"  {variant:>16} decode b={b:>3}: {1e3 * step:8.2f} ms/step", flush=True)
     if variant.startswith("pcg"):
+        if profile_dir:
+            profile_decode(model, os.path.join(profile_dir, f"profile_{variant}.txt"))
         s = pcg_backend.stats()
         result["graph_memory_mib"] = s["graph_memory_bytes"] / 2**20
         result["pcg_stats"] = {k: v for k, v in s.items() if k != "routing"}
@@ -172,6 +189,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under 5 minutes on an H100)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--profile", action="store_true", help="profile one batch-1 decode step of each pcg variant")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
@@ -184,6 +202,7 @@ def main(argv=None):
     batches = [1, 8] if args.quick else [1, 8, 32]
     new_tokens, repeats = (16, 3) if args.quick else (32, 5)
     device = torch.cuda.get_device_name()
+    os.makedirs(args.out, exist_ok=True)
     model = build_model(args.layers)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth()
@@ -192,7 +211,7 @@ def main(argv=None):
           f"{weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.2f} ms", flush=True)
     results = []
     for v in variants:
-        results.append(run_variant(model, v, prefill, batches, new_tokens, repeats))
+        results.append(run_variant(model, v, prefill, batches, new_tokens, repeats, args.out if args.profile else None))
     text = table(results, floor_ms)
     print(f"\n{device}\n{text}")
     os.makedirs(args.out, exist_ok=True)

@@ -6,7 +6,8 @@ import torch
 
 FAMILIES = ["nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "zamba2", "mamba2"]
 
-_MAMBA = dict(mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16)
+# Sizes keep every in_proj width a multiple of 8: causal-conv1d's CUDA kernel needs 8-aligned strides.
+_MAMBA = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16)
 
 
 def tiny_config(family: str):
@@ -16,20 +17,20 @@ def tiny_config(family: str):
                   max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False)
     if family == "nemotron_h":
         return tf.NemotronHConfig(**common, layers_block_type=["mamba", "attention", "mamba", "mlp"], head_dim=8,
-                                  mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=16, conv_kernel=4,
+                                  mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=16, conv_kernel=4,
                                   chunk_size=16, mlp_hidden_act="relu2", num_hidden_layers=4)
     if family == "bamba":
-        return tf.BambaConfig(**common, num_hidden_layers=3, attn_layer_indices=[1], mamba_expand=1, **_MAMBA)
+        return tf.BambaConfig(**common, num_hidden_layers=3, attn_layer_indices=[1], mamba_expand=2, **_MAMBA)
     if family == "falcon_h1":
-        return tf.FalconH1Config(**common, num_hidden_layers=2, mamba_expand=1, mamba_d_ssm=32, head_dim=8, **_MAMBA)
+        return tf.FalconH1Config(**common, num_hidden_layers=2, mamba_expand=2, mamba_d_ssm=64, head_dim=8, **_MAMBA)
     if family == "granitemoehybrid":
         return tf.GraniteMoeHybridConfig(**common, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
                                          num_local_experts=2, num_experts_per_tok=1, shared_intermediate_size=64,
-                                         mamba_expand=1, **_MAMBA)
+                                         mamba_expand=2, **_MAMBA)
     if family == "zamba2":
         return tf.Zamba2Config(**{k: v for k, v in common.items() if k != "intermediate_size"}, num_hidden_layers=4,
                                layers_block_type=["mamba", "hybrid", "mamba", "mamba"], mamba_d_state=16,
-                               mamba_d_conv=4, mamba_expand=1, mamba_ngroups=2, mamba_headdim=8, n_mamba_heads=4,
+                               mamba_d_conv=4, mamba_expand=2, mamba_ngroups=2, mamba_headdim=8, n_mamba_heads=8,
                                chunk_size=16, attention_head_dim=8, num_mem_blocks=1, use_mem_rope=True)
     if family == "mamba2":
         return tf.Mamba2Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, expand=2,
