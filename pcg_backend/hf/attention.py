@@ -19,33 +19,35 @@ from .gate import tracing_for_pcg
 from .layers import note_routing
 
 
-def wrap_dynamic_update(original):
+def _append(layer, key_states, value_states) -> None:
+    layer.keys = torch.ops.pcg.kv_append(key_states, layer.keys)
+    layer.values = torch.ops.pcg.kv_append(value_states, layer.values)
+
+
+def _write_static(layer, key_states, value_states) -> None:
+    torch.ops.pcg.kv_write_static(key_states, value_states, layer.keys, layer.values, layer.cumulative_length)
+
+
+def _wrap_update(original, write):
     @functools.wraps(original)
     def update(self, key_states, value_states, *args, **kwargs):
         if not tracing_for_pcg():
             return original(self, key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.ops.pcg.kv_append(key_states, self.keys)
-        self.values = torch.ops.pcg.kv_append(value_states, self.values)
+        write(self, key_states, value_states)
         return self.keys, self.values
 
     update._pcg_wrapped = True
     return update
+
+
+def wrap_dynamic_update(original):
+    return _wrap_update(original, _append)
 
 
 def wrap_static_update(original):
-    @functools.wraps(original)
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not tracing_for_pcg():
-            return original(self, key_states, value_states, *args, **kwargs)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        torch.ops.pcg.kv_write_static(key_states, value_states, self.keys, self.values, self.cumulative_length)
-        return self.keys, self.values
-
-    update._pcg_wrapped = True
-    return update
+    return _wrap_update(original, _write_static)
 
 
 def wrap_attention_function(original, impl: str):
