@@ -23,7 +23,6 @@ class PcgOptions:
     max_capture_size: int
     compiler: str = "eager"
     cuda_graphs: bool = True
-    progress: bool = True
 
     @property
     def largest(self) -> int:
@@ -35,7 +34,6 @@ _DEFAULTS: dict[str, Any] = {
     "max_capture_size": 512,
     "compiler": "eager",
     "cuda_graphs": True,
-    "progress": True,
 }
 
 
@@ -85,14 +83,12 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
     compiler = merged["compiler"]
     if compiler not in COMPILERS:
         raise ValueError(f"pcg option compiler must be one of {COMPILERS}, got {compiler!r}")
-    for flag in ("cuda_graphs", "progress"):
-        if not isinstance(merged[flag], bool):
-            raise ValueError(f"pcg option {flag} must be True or False, got {merged[flag]!r}")
+    if not isinstance(merged["cuda_graphs"], bool):
+        raise ValueError(f"pcg option cuda_graphs must be True or False, got {merged['cuda_graphs']!r}")
 
     return PcgOptions(
         capture_sizes=tuple(sizes),
         max_capture_size=max_size,
         compiler=compiler,
         cuda_graphs=merged["cuda_graphs"],
-        progress=merged["progress"],
     )
