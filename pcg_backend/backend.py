@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from . import context
 from .buckets import Ladder
 from .cudagraph import CudaGraphPiece, pool_for
 from .options import parse_options
@@ -32,8 +33,6 @@ class EagerPiece(torch.nn.Module):
         self.reason = reason
 
     def forward(self, *args):
-        from . import context
-
         reason = self.reason
         if reason is None:
             ctx = context.current()
