@@ -151,14 +151,13 @@ class CudaGraphPiece(torch.nn.Module):
                             continue
                         if _is_static_address(a):
                             fixed.append((i, a.data_ptr()))
-                        elif not self.pool.owns(a):
+                            continue
+                        if not self.pool.owns(a):
                             # Allocated inside the capture so it lives in the pool; empty_strided launches no kernel.
                             buf = torch.empty_strided(a.size(), a.stride(), dtype=a.dtype, device=a.device)
                             buffers.append((i, buf))
                             static_args[i] = buf
-                        copies_target = static_args[i]
-                        if not _is_static_address(a):
-                            copies.append((i, copies_target))
+                        copies.append((i, static_args[i]))
                     outputs = self.runnable(*static_args)
                 finally:
                     graph.capture_end()
