@@ -14,31 +14,14 @@ import logging
 
 import torch
 
-from . import context
 from .buckets import Ladder
-from .cudagraph import CudaGraphPiece, pool_for
+from .cudagraph import CudaGraphPiece, pool_for, release_pools
+from .eager_pieces import EagerPiece, SplitOpPiece
 from .options import parse_options
-from .split import Kind, node_value, split_graph
+from .split import Kind, node_value, op_argument_names, split_graph, written_inputs
 from .stats import STATS, GraphRecord
 
 log = logging.getLogger("pcg_backend")
-
-
-class EagerPiece(torch.nn.Module):
-    """A piece that runs without a CUDA graph; every run is counted with its reason."""
-
-    def __init__(self, runnable, reason: str | None):
-        super().__init__()
-        self.runnable = runnable
-        self.reason = reason
-
-    def forward(self, *args):
-        reason = self.reason
-        if reason is None:
-            ctx = context.current()
-            reason = ctx.eager_reason if ctx is not None else "called outside a pcg forward"
-        STATS.eager(reason)
-        return self.runnable(*args)
 
 
 def _install_hf_routing() -> None:
@@ -75,6 +58,28 @@ def _cuda_graphs_off_reason(opts, split) -> str | None:
     return None
 
 
+def check_one_device(gm: torch.fx.GraphModule) -> None:
+    """Refuse a graph whose inputs live on more than one device, before any work is done.
+
+    0-dim CPU tensors (Python scalars Dynamo lifted) are allowed, as eager allows them.
+    """
+    first = None
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        t = node_value(node)
+        if not isinstance(t, torch.Tensor) or (t.dim() == 0 and t.device.type == "cpu"):
+            continue
+        if first is None:
+            first = (node.name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(
+                f"pcg: graph inputs live on different devices: {first[0]} on {first[1]} and {node.name} on "
+                f"{t.device}. pcg captures one device per graph; move the model and every input to one "
+                f"device first (model.to(device), tensor.to(device))."
+            )
+
+
 def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None, **kwargs):
     """The backend callable: `torch.compile(..., backend="pcg", options=..., mode=...)` lands here."""
     if kwargs:
@@ -83,6 +88,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     _install_hf_routing()  # families imported since the last graph get wrapped for the next trace
     name = f"graph{STATS.graphs_compiled}"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    check_one_device(gm)
     split = split_graph(gm)
     off_reason = _cuda_graphs_off_reason(opts, split)
     if off_reason:
@@ -95,13 +101,17 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     notes = []
     for piece in split.pieces:
         sub = getattr(split.module, piece.name)
-        if piece.kind in (Kind.SPLIT, Kind.HOST):
+        if piece.kind is Kind.HOST:
+            continue
+        if piece.kind is Kind.SPLIT:
+            setattr(split.module, piece.name,
+                    SplitOpPiece(sub, piece.split_op, written_inputs(sub), op_argument_names(sub)))
             continue
         if piece.kind is Kind.DYNAMIC:
             reason = f"{name}.{piece.name} runs eagerly: {piece.reason}"
             notes.append(reason)
             STATS.note(reason)
-            setattr(split.module, piece.name, EagerPiece(sub, reason))
+            setattr(split.module, piece.name, EagerPiece(sub, reason, written_inputs(sub)))
             continue
         capturable += 1
         runnable = _compile_piece(sub, opts.compiler)
@@ -112,7 +122,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
         notes.append("no split op in this graph: it is one bucketed piece")
     padding = "off (static shapes)" if split.token_symbol is None else f"to buckets {opts.capture_sizes[0]}..{opts.largest}"
     ladder = Ladder(opts.capture_sizes)
-    runner = PiecewiseRunner(split, gm.graph, ladder, off_reason is None, off_reason or "", name)
+    runner = PiecewiseRunner(split, gm.graph, ladder, off_reason is None, off_reason or "", name, opts)
     if runner.unpaddable:
         padding = "exact bucket sizes only: " + runner.unpaddable
         notes.append(runner.unpaddable)
@@ -132,5 +142,17 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
 
 from .runtime import PiecewiseRunner  # noqa: E402  (runtime imports nothing from here; kept last for reading order)
 
+def reset() -> None:
+    """Called by `torch._dynamo.reset()`: destroy every captured graph and drop the shared pools.
+
+    Dynamo drops its compiled code too; once the caller also drops its own
+    references, `torch.cuda.empty_cache()` returns the pool memory.
+    """
+    CudaGraphPiece.release_all()
+    release_pools()
+
+
 # Lets HF routing recognise a pcg trace through torch's wrappers (hf/gate.py).
 pcg_backend._pcg_backend = True
+# torch._dynamo.reset() calls `reset` on the backends it has cached.
+pcg_backend.reset = reset

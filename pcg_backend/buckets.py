@@ -70,3 +70,9 @@ def slice_dims(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
     for dim, size in sizes.items():
         index[dim] = slice(0, size)
     return t[tuple(index)]
+
+
+def fit_dims(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
+    """`t` cut or zero-padded to `sizes`, contiguous (the up-front capture's inputs at each bucket)."""
+    cut = {d: s for d, s in sizes.items() if s < t.shape[d]}
+    return pad_dims(slice_dims(t, cut), sizes).contiguous()

@@ -20,13 +20,16 @@ class ForwardContext:
     `num_tokens` real rows along the token dim run at `padded_tokens` rows;
     both are None for a graph without a dynamic token dim. `capture_key`
     names the CUDA graphs to replay (None: run without graphs, because of
-    `eager_reason`).
+    `eager_reason`). `warmup` marks the forwards pcg runs on its own to
+    capture every bucket up front: their results are thrown away, and split
+    ops get private copies of the tensors they write, so model state is untouched.
     """
 
     num_tokens: int | None
     padded_tokens: int | None
     capture_key: tuple | None = None
     eager_reason: str = ""
+    warmup: bool = False
 
     @property
     def is_padded(self) -> bool:

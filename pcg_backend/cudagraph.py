@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 
 import torch
 
@@ -42,7 +43,6 @@ class GraphPool:
         self.handle = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device=device)
         self._storages: set[int] = set()
-        self.graphs: list[torch.cuda.CUDAGraph] = []
 
     def remember(self, t: torch.Tensor) -> None:
         self._storages.add(t.untyped_storage().data_ptr())
@@ -90,7 +90,11 @@ class CaptureRefused(RuntimeError):
 
 
 class CudaGraphPiece(torch.nn.Module):
-    """Runs `runnable` through a CUDA graph per capture key, capturing lazily on first use."""
+    """Runs `runnable` through a CUDA graph per capture key, capturing on first use of a key."""
+
+    # Every live piece, so that `torch._dynamo.reset()` can destroy all graphs
+    # even if a caller still holds a compiled function.
+    _live: "weakref.WeakSet[CudaGraphPiece]" = weakref.WeakSet()
 
     def __init__(self, runnable, name: str, pool: GraphPool):
         super().__init__()
@@ -99,6 +103,14 @@ class CudaGraphPiece(torch.nn.Module):
         self.pool = pool
         self.entries: dict[tuple, _Entry] = {}
         self.refused: str | None = None
+        CudaGraphPiece._live.add(self)
+
+    @classmethod
+    def release_all(cls) -> None:
+        """Destroy every captured graph; their pool memory becomes free for `empty_cache`."""
+        for piece in list(cls._live):
+            piece.entries.clear()
+            piece.refused = "its CUDA graphs were released by torch._dynamo.reset()"
 
     def forward(self, *args):
         ctx = context.current()
@@ -186,7 +198,6 @@ class CudaGraphPiece(torch.nn.Module):
             fixed,
             weak_outputs[0] if single else tuple(weak_outputs),
         )
-        self.pool.graphs.append(graph)
         # The replay right after capture is part of the capture, not counted as a replay.
         STATS.cuda_graphs_captured += 1
         STATS.capture_seconds += time.perf_counter() - start

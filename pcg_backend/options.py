@@ -12,6 +12,7 @@ from typing import Any
 from .buckets import default_ladder
 
 COMPILERS = ("eager", "inductor")
+CAPTURE_POLICIES = ("upfront", "lazy")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -23,6 +24,8 @@ class PcgOptions:
     max_capture_size: int
     compiler: str = "eager"
     cuda_graphs: bool = True
+    capture: str = "upfront"
+    progress: bool = True
 
     @property
     def largest(self) -> int:
@@ -34,6 +37,8 @@ _DEFAULTS: dict[str, Any] = {
     "max_capture_size": 512,
     "compiler": "eager",
     "cuda_graphs": True,
+    "capture": "upfront",
+    "progress": True,
 }
 
 
@@ -83,12 +88,17 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
     compiler = merged["compiler"]
     if compiler not in COMPILERS:
         raise ValueError(f"pcg option compiler must be one of {COMPILERS}, got {compiler!r}")
-    if not isinstance(merged["cuda_graphs"], bool):
-        raise ValueError(f"pcg option cuda_graphs must be True or False, got {merged['cuda_graphs']!r}")
+    for flag in ("cuda_graphs", "progress"):
+        if not isinstance(merged[flag], bool):
+            raise ValueError(f"pcg option {flag} must be True or False, got {merged[flag]!r}")
+    if merged["capture"] not in CAPTURE_POLICIES:
+        raise ValueError(f"pcg option capture must be one of {CAPTURE_POLICIES}, got {merged['capture']!r}")
 
     return PcgOptions(
         capture_sizes=tuple(sizes),
         max_capture_size=max_size,
         compiler=compiler,
         cuda_graphs=merged["cuda_graphs"],
+        capture=merged["capture"],
+        progress=merged["progress"],
     )

@@ -1,5 +1,14 @@
 """The compiled callable for one graph: pad to the bucket, run the pieces, slice back.
 
+Capture policy (option `capture`): with "upfront" (the default), the first
+call of a paddable graph captures every bucket before it returns, largest
+bucket first, so that each smaller capture reuses the pool memory the larger
+one left free (DESIGN.md lesson 6); each of those forwards runs on the
+caller's inputs padded or cut to the bucket, with `warmup` set in the context
+so that no model state is written. Graphs that only run at exact sizes (no
+token dim, or inputs written in place along it) capture lazily, one key at a
+time, since pcg cannot make inputs of other sizes for them.
+
 Per call it reads the real token count n from the graph's inputs, picks the
 bucket, zero-pads every input along the token dim, publishes a
 `ForwardContext`, runs the split module (captured pieces replay, split ops run
@@ -10,13 +19,16 @@ live in graph-pool memory so that a later replay cannot overwrite them.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import sympy
 import torch
+from tqdm.auto import tqdm
 
 from . import context
-from .buckets import Ladder, pad_dims, slice_dims
-from .cudagraph import any_pool_owns
+from .buckets import Ladder, fit_dims, pad_dims, slice_dims
+from .cudagraph import CudaGraphPiece, any_pool_owns
+from .options import PcgOptions
 from .split import SplitResult, node_value
 from .stats import STATS
 
@@ -35,6 +47,18 @@ def _size_fn(expr, token, symbols):
     return lambda bucket, env: int(fn(bucket, *env))
 
 
+def _lower_bound(placeholders, token) -> int:
+    """The smallest value Dynamo lets the token symbol take (2 unless the user marked otherwise)."""
+    for node in placeholders:
+        val = node_value(node)
+        sizes = val.shape if isinstance(val, torch.Tensor) else [val]
+        for size in sizes:
+            if isinstance(size, torch.SymInt) and size.node.expr == token:
+                value_range = size.node.shape_env.var_to_range.get(token)
+                return int(value_range.lower) if value_range is not None else 2
+    return 2
+
+
 @dataclasses.dataclass
 class _DimPlan:
     index: int
@@ -44,8 +68,10 @@ class _DimPlan:
 class PiecewiseRunner:
     """Calls a split graph at bucket sizes. See the module docstring."""
 
-    def __init__(self, split: SplitResult, graph: torch.fx.Graph, ladder: Ladder, cuda_graphs: bool, off_reason: str, name: str):
+    def __init__(self, split: SplitResult, graph: torch.fx.Graph, ladder: Ladder, cuda_graphs: bool,
+                 off_reason: str, name: str, opts: PcgOptions):
         self.split = split
+        self.progress = opts.progress
         self.module = split.module
         self.ladder = ladder
         self.name = name
@@ -122,6 +148,14 @@ class PiecewiseRunner:
         if self.unpaddable:
             STATS.note(f"{name}: {self.unpaddable}")
 
+        self.upfront = (opts.capture == "upfront" and cuda_graphs and self._token_getter is not None
+                        and not self.unpaddable)
+        self._captured_keys: set[tuple] = set()
+        # Dynamo gives a token count of 1 its own static graph, so a dynamic
+        # graph never sees sizes below its symbol's lower bound.
+        lowest = _lower_bound(placeholders, token) if self.upfront else 2
+        self.upfront_sizes = sorted((b for b in ladder.sizes if b >= lowest), reverse=True)
+
     def _context(self, args) -> tuple[context.ForwardContext, int | None]:
         if self._token_getter is None:
             key = tuple(g(args) for g in self._key_getters)
@@ -141,6 +175,11 @@ class PiecewiseRunner:
         return context.ForwardContext(n, bucket, key), bucket
 
     def __call__(self, *args):
+        if self.upfront:
+            rest = tuple(g(args) for g in self._key_getters)
+            if rest not in self._captured_keys:
+                self._captured_keys.add(rest)
+                self._capture_every_bucket(args, rest)
         ctx, bucket = self._context(args)
         if bucket is not None and bucket != ctx.num_tokens:
             args = self._pad(list(args), bucket)
@@ -158,11 +197,35 @@ class PiecewiseRunner:
                 outs[j] = o.clone()
         return outs[0] if self.single_output else tuple(outs)
 
-    def _pad(self, args: list, bucket: int) -> list:
+    def _pad(self, args: list, bucket: int, resize=pad_dims) -> list:
         env = [g(args) for g in self._env_getters]
         for i, fn in self.sym_plan:
             args[i] = bucket if fn is None else fn(bucket, env)
         for plan in self.pad_plan:
             sizes = {d: (bucket if fn is None else fn(bucket, env)) for d, fn in plan.dims.items()}
-            args[plan.index] = pad_dims(args[plan.index], sizes)
+            args[plan.index] = resize(args[plan.index], sizes)
         return args
+
+    def _capture_every_bucket(self, args, rest: tuple) -> None:
+        """Capture all buckets for one key, largest first, on the caller's inputs fitted to each bucket."""
+        start = time.perf_counter()
+        captured, memory = STATS.cuda_graphs_captured, STATS.graph_memory_bytes
+        bar = tqdm(self.upfront_sizes, desc=f"pcg: capturing {self.name}", unit="bucket",
+                   disable=not self.progress, leave=False)
+        for bucket in bar:
+            fitted = self._pad(list(args), bucket, resize=fit_dims)
+            ctx = context.ForwardContext(bucket, bucket, (bucket, *rest), warmup=True)
+            with context.forward_context(ctx):
+                self.module(*fitted)
+        torch.cuda.synchronize()
+        graphs = STATS.cuda_graphs_captured - captured
+        pieces = sum(isinstance(m, CudaGraphPiece) for m in self.module.children())
+        summary = (
+            f"{self.name}: captured {graphs} CUDA graphs ({pieces} pieces x {len(self.upfront_sizes)} buckets "
+            f"{self.upfront_sizes[-1]}..{self.upfront_sizes[0]}, largest first"
+            f"{', key ' + str(rest) if rest else ''}) in {time.perf_counter() - start:.1f} s, "
+            f"{(STATS.graph_memory_bytes - memory) / 2**20:.0f} MiB of graph memory"
+        )
+        STATS.note(summary)
+        if self.progress:
+            tqdm.write(f"pcg: {summary}")

@@ -112,21 +112,58 @@ def _mutated_args(node) -> list[torch.fx.Node]:
         return []
     if node.target is operator.setitem:
         return [node.args[0]]
-    target = node.target
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        target = target.default
-    if isinstance(target, torch._ops.OpOverload):
-        out = []
-        for i, arg in enumerate(target._schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                val = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-                if isinstance(val, torch.fx.Node):
-                    out.append(val)
-        return out
+    op_args = _op_arguments(node)
+    if op_args:
+        return [val for arg, val in op_args
+                if arg.alias_info is not None and arg.alias_info.is_write and isinstance(val, torch.fx.Node)]
     name = _target_name(node)
     if name.endswith("_") and not name.startswith("_") and node.args and isinstance(node.args[0], torch.fx.Node):
         return [node.args[0]]
     return []
+
+
+def _op_arguments(node):
+    """(schema argument, value) pairs of a call to an OpOverload; empty for anything else."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = target.default
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return []
+    return [(arg, node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
+            for i, arg in enumerate(target._schema.arguments)]
+
+
+def _placeholder_index(sub: torch.fx.GraphModule) -> dict[str, int]:
+    return {n.name: i for i, n in enumerate(n for n in sub.graph.nodes if n.op == "placeholder")}
+
+
+def op_argument_names(sub: torch.fx.GraphModule) -> dict[int, str]:
+    """Piece input index -> the schema name of the op argument it feeds (for error messages)."""
+    index = _placeholder_index(sub)
+    names: dict[int, str] = {}
+    for node in sub.graph.nodes:
+        for arg, val in _op_arguments(node):
+            if isinstance(val, torch.fx.Node) and val.name in index:
+                names.setdefault(index[val.name], arg.name)
+    return names
+
+
+def written_inputs(sub: torch.fx.GraphModule) -> dict[int, str]:
+    """Inputs of a piece that it writes in place: placeholder index -> the argument's name.
+
+    Used for the up-front capture forwards, which must not touch model state:
+    those inputs are replaced by private copies there.
+    """
+    roots = _input_roots(sub)
+    index = _placeholder_index(sub)
+    names = op_argument_names(sub)
+    out: dict[int, str] = {}
+    for node in sub.graph.nodes:
+        for arg in _mutated_args(node):
+            if arg in roots:
+                i = index[roots[arg]]
+                out.setdefault(i, names.get(i, roots[arg]))
+    return out
 
 
 def _input_roots(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:

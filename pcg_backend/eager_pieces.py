@@ -1,0 +1,85 @@
+"""Pieces that run without a CUDA graph: split ops, and pieces that cannot be captured.
+
+Both kinds share one duty during the up-front capture (`runtime.py`): those
+forwards run at every bucket on the caller's real inputs, and their results
+are thrown away, so a piece that writes a graph input in place (a split op's
+state write, a KV-cache `index_copy_`) gets a private copy of that input
+instead. Model state is therefore exactly what the caller's own forwards made it.
+
+A split op is also checked on its first call: an argument its schema does not
+declare as written must not change (its version counter must not move). pcg
+relies on the schema to know what it may pad, copy or capture, so an
+undeclared write is an error, not a warning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import context
+from .stats import STATS
+
+
+def _private_copies(args: tuple, written: dict[int, str]) -> tuple:
+    args = list(args)
+    for i in written:
+        if isinstance(args[i], torch.Tensor):
+            args[i] = args[i].clone()
+    return tuple(args)
+
+
+class EagerPiece(torch.nn.Module):
+    """A piece that runs without a CUDA graph; every run is counted with its reason."""
+
+    def __init__(self, runnable, reason: str | None, written: dict[int, str] | None = None):
+        super().__init__()
+        self.runnable = runnable
+        self.reason = reason
+        self.written = written or {}
+
+    def forward(self, *args):
+        ctx = context.current()
+        if ctx is not None and ctx.warmup:
+            return self.runnable(*_private_copies(args, self.written))
+        reason = self.reason
+        if reason is None:
+            reason = ctx.eager_reason if ctx is not None else "called outside a pcg forward"
+        STATS.eager(reason)
+        return self.runnable(*args)
+
+
+class UndeclaredWriteError(RuntimeError):
+    """A split op wrote a tensor argument that its schema does not mark as written."""
+
+
+class SplitOpPiece(torch.nn.Module):
+    """A split op's piece: runs eagerly on the real kernels, and is checked once for undeclared writes."""
+
+    def __init__(self, runnable, op_name: str, written: dict[int, str], arg_names: dict[int, str]):
+        super().__init__()
+        self.runnable = runnable
+        self.op_name = op_name
+        self.written = written
+        self.arg_names = arg_names
+        self.checked = False
+
+    def forward(self, *args):
+        ctx = context.current()
+        if ctx is not None and ctx.warmup:
+            args = _private_copies(args, self.written)
+        if self.checked:
+            return self.runnable(*args)
+        read_only = [(i, a, a._version) for i, a in enumerate(args)
+                     if isinstance(a, torch.Tensor) and i not in self.written]
+        out = self.runnable(*args)
+        for i, tensor, version in read_only:
+            if tensor._version != version:
+                name = self.arg_names.get(i, f"input {i}")
+                raise UndeclaredWriteError(
+                    f"split op {self.op_name} wrote its argument '{name}' in place, but its schema does not "
+                    f"declare the write. pcg pads, copies and captures tensors by what the schema says, so "
+                    f"this would corrupt state: add '{name}' to mutates_args in torch.library.custom_op "
+                    f"(or mark it Tensor(a!) in the schema)."
+                )
+        self.checked = True
+        return out
