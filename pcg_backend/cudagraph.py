@@ -35,13 +35,25 @@ def weak_alias(t: torch.Tensor) -> torch.Tensor:
     )
 
 
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    # One capture stream per device for the process, kept across pool
+    # releases: libraries cache per-stream state (cuBLAS workspaces) that
+    # would otherwise pile up with every new pool.
+    if device.index not in _STREAMS:
+        _STREAMS[device.index] = torch.cuda.Stream(device=device)
+    return _STREAMS[device.index]
+
+
 class GraphPool:
     """The one memory pool and capture stream shared by all pieces on a device."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.handle = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device=device)
+        self.stream = _capture_stream(device)
         self._storages: set[int] = set()
 
     def remember(self, t: torch.Tensor) -> None:

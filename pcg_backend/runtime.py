@@ -5,7 +5,8 @@ call of a paddable graph captures every bucket before it returns, largest
 bucket first, so that each smaller capture reuses the pool memory the larger
 one left free (DESIGN.md lesson 6); each of those forwards runs on the
 caller's inputs padded or cut to the bucket, with `warmup` set in the context
-so that no model state is written. Graphs that only run at exact sizes (no
+so that no model state is written (split ops get private copies of what they
+write, `eager_pieces.py`). Graphs that only run at exact sizes (no
 token dim, or inputs written in place along it) capture lazily, one key at a
 time, since pcg cannot make inputs of other sizes for them.
 
@@ -197,7 +198,8 @@ class PiecewiseRunner:
                 outs[j] = o.clone()
         return outs[0] if self.single_output else tuple(outs)
 
-    def _pad(self, args: list, bucket: int, resize=pad_dims) -> list:
+    def _pad(self, args: list, bucket: int, resize=None) -> list:
+        resize = resize or pad_dims
         env = [g(args) for g in self._env_getters]
         for i, fn in self.sym_plan:
             args[i] = bucket if fn is None else fn(bucket, env)
@@ -212,9 +214,13 @@ class PiecewiseRunner:
         captured, memory = STATS.cuda_graphs_captured, STATS.graph_memory_bytes
         bar = tqdm(self.upfront_sizes, desc=f"pcg: capturing {self.name}", unit="bucket",
                    disable=not self.progress, leave=False)
+        n = self._token_getter(args)
         for bucket in bar:
             fitted = self._pad(list(args), bucket, resize=fit_dims)
-            ctx = context.ForwardContext(bucket, bucket, (bucket, *rest), warmup=True)
+            # Split ops see the caller's own real count (cut to the bucket), so
+            # their work is what a real call would do: e.g. a static KV cache
+            # is never asked to hold more rows than the caller's call writes.
+            ctx = context.ForwardContext(min(n, bucket), bucket, (bucket, *rest), warmup=True)
             with context.forward_context(ctx):
                 self.module(*fitted)
         torch.cuda.synchronize()
@@ -227,5 +233,6 @@ class PiecewiseRunner:
             f"{(STATS.graph_memory_bytes - memory) / 2**20:.0f} MiB of graph memory"
         )
         STATS.note(summary)
+        STATS.capture_summaries.append(summary)
         if self.progress:
             tqdm.write(f"pcg: {summary}")

@@ -232,6 +232,30 @@ def find_token_symbol(gm: torch.fx.GraphModule):
     return token, all_syms
 
 
+def _hoist_views_of_written_inputs(gm: torch.fx.GraphModule, roots: dict, mutated: set[str]) -> set:
+    """Move views of written graph inputs (`state[i]`) to the top of the graph, out of captured pieces.
+
+    A captured piece reads its inputs from static copies, so a view it made of
+    a graph input would point at the copy, and a split op writing through it
+    would never reach the caller's tensor. Views cost nothing to run eagerly,
+    and hoisting them keeps them from splitting a captured piece in two.
+    """
+    anchor = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            anchor = node
+    hoisted: set = set()
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder" or node not in roots or roots[node] not in mutated:
+            continue
+        if anchor is None or not all(a.op == "placeholder" or a in hoisted for a in node.all_input_nodes):
+            continue
+        anchor.append(node)
+        anchor = node
+        hoisted.add(node)
+    return hoisted
+
+
 def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
     """Return ({node: (Kind|None, reason)}, mutated placeholder names, token-mixing node names).
 
@@ -240,17 +264,24 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
     must not be padded; the runtime turns padding off for it.
     """
     roots = _input_roots(gm)
+    mutated = {roots[a] for node in gm.graph.nodes for a in _mutated_args(node) if a in roots}
+    hoisted = _hoist_views_of_written_inputs(gm, roots, mutated)
     kinds: dict[torch.fx.Node, tuple[Kind | None, str]] = {}
-    mutated: set[str] = set()
     mixing: list[str] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         name = split_op_name(node.target) if node.op == "call_function" else None
         writes = [roots[a] for a in _mutated_args(node) if a in roots]
-        mutated.update(writes)
         if name:
             kinds[node] = (Kind.SPLIT, name)
+            continue
+        if node in hoisted:
+            kinds[node] = (Kind.HOST, "")
+            continue
+        if node in roots and roots[node] in mutated:
+            kinds[node] = (Kind.DYNAMIC, f"views graph input {roots[node]}, which is written in place; "
+                                         f"inside a CUDA graph the view would point at a static copy")
             continue
         value = node_value(node)
         if node.op == "get_attr" or not any(True for _ in _tensors(value)):

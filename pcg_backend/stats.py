@@ -47,6 +47,7 @@ class Stats:
         self.eager_reasons: collections.Counter[str] = collections.Counter()
         self.graphs: list[GraphRecord] = []
         self.routing: list[str] = []
+        self.capture_summaries: list[str] = []
         self._logged: set[str] = set()
 
     def eager(self, reason: str, count: int = 1) -> None:
@@ -75,6 +76,7 @@ class Stats:
             "eager_runs": self.eager_runs,
             "eager_reasons": dict(self.eager_reasons),
             "routing": list(self.routing),
+            "capture_summaries": list(self.capture_summaries),
         }
 
     def report(self) -> str:
@@ -82,7 +84,7 @@ class Stats:
         lines = ["pcg report", "=========="]
         width = max(len(k) for k in d)
         for key, value in d.items():
-            if key in ("eager_reasons", "routing"):
+            if key in ("eager_reasons", "routing", "capture_summaries"):
                 continue
             lines.append(f"{key:<{width}}  {value}")
         lines.append("")
@@ -95,6 +97,10 @@ class Stats:
                 f"{g.split_op_nodes} split ops, token symbol {g.token_symbol}, padding {g.padding}"
             )
             lines.extend(f"    - {n}" for n in g.notes)
+        if self.capture_summaries:
+            lines.append("")
+            lines.append("up-front captures:")
+            lines.extend(f"  {c}" for c in self.capture_summaries)
         lines.append("")
         lines.append("runs without CUDA graphs (reason: count):")
         if not self.eager_reasons:

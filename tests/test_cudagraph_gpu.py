@@ -5,6 +5,7 @@ import torch
 
 import pcg_backend
 from conftest import requires_cuda
+from pcg_backend.cudagraph import CudaGraphPiece
 from toy_models import NoSplitModel, ToyModel, compile_toy
 
 pytestmark = requires_cuda
@@ -18,26 +19,54 @@ def _model(cls=ToyModel, **kw):
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
-def test_captures_once_per_bucket_then_replays(compiler):
+def test_first_call_captures_every_bucket_then_only_replays(compiler):
     layers = 3
     model = _model(layers=layers)
     compiled = compile_toy(model, capture_sizes=SIZES, compiler=compiler)
     dynamic_sizes = [s for s in SIZES if s > 1]  # n=1 is Dynamo's own static graph
-    for n in dynamic_sizes:
-        x = torch.randn(n, 16, device="cuda")
-        torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
+    x = torch.randn(3, 16, device="cuda")
+    torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
     s = pcg_backend.stats()
     assert s["graphs_compiled"] == 1
-    assert s["cuda_graphs_captured"] == len(dynamic_sizes) * (layers + 1)
-    assert s["cuda_graph_replays"] == 0
-    # second pass, including in-between sizes: replays only, no new captures
+    assert s["cuda_graphs_captured"] == len(dynamic_sizes) * (layers + 1)   # all buckets, up front
+    assert s["cuda_graph_replays"] == layers + 1                             # the call itself
+    # every bucket and sizes in between: replays only, no new captures
     for n in [2, 3, 4, 5, 7, 8, 9, 16]:
         x = torch.randn(n, 16, device="cuda")
         torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
     s = pcg_backend.stats()
     assert s["cuda_graphs_captured"] == len(dynamic_sizes) * (layers + 1)
-    assert s["cuda_graph_replays"] == 8 * (layers + 1)
+    assert s["cuda_graph_replays"] == 9 * (layers + 1)
     assert s["eager_runs"] == 0
+
+
+def test_upfront_capture_goes_largest_first(monkeypatch):
+    order = []
+    original = CudaGraphPiece._capture
+
+    def spy(self, key, args):
+        order.append(key[0])
+        return original(self, key, args)
+
+    monkeypatch.setattr(CudaGraphPiece, "_capture", spy)
+    model = _model(layers=2)
+    compiled = compile_toy(model, capture_sizes=SIZES)
+    compiled(torch.randn(3, 16, device="cuda"))
+    assert order == [b for b in (16, 8, 4, 2) for _ in range(3)]
+    assert any("captured 12 CUDA graphs (3 pieces x 4 buckets 2..16, largest first)" in r
+               for r in pcg_backend.stats()["capture_summaries"])
+
+
+def test_lazy_capture_takes_only_the_buckets_it_sees():
+    layers = 2
+    model = _model(layers=layers)
+    compiled = compile_toy(model, capture_sizes=SIZES, capture="lazy")
+    for n in [3, 4, 9, 3]:
+        x = torch.randn(n, 16, device="cuda")
+        torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    assert s["cuda_graphs_captured"] == 2 * (layers + 1)      # buckets 4 and 16
+    assert s["cuda_graph_replays"] == 2 * (layers + 1)        # the second 3 and the 4 after the 3
 
 
 def test_one_token_and_above_the_largest_bucket():
@@ -47,7 +76,8 @@ def test_one_token_and_above_the_largest_bucket():
         x = torch.randn(n, 16, device="cuda")
         torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
     s = pcg_backend.stats()
-    assert s["cuda_graphs_captured"] == 3  # the static n=1 graph, once
+    # the static n=1 graph captures its one shape; the dynamic graph captures buckets 2..16 up front
+    assert s["cuda_graphs_captured"] == 3 + 4 * 3
     assert s["cuda_graph_replays"] == 3
     assert s["eager_reasons"] == {"token count above the largest bucket 16": 2 * 3}
 
@@ -72,7 +102,7 @@ def test_functional_split_op_inputs_are_copied_into_static_buffers():
         x = torch.randn(n, 16, device="cuda")
         torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
     s = pcg_backend.stats()
-    assert s["cuda_graphs_captured"] == 2 * 3 and s["cuda_graph_replays"] == 3 * 3
+    assert s["cuda_graphs_captured"] == 4 * 3 and s["cuda_graph_replays"] == 5 * 3
 
 
 def test_graph_without_split_op_is_captured_per_bucket():
@@ -83,7 +113,7 @@ def test_graph_without_split_op_is_captured_per_bucket():
         torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
     s = pcg_backend.stats()
     assert (s["pieces"], s["capturable_pieces"]) == (1, 1)
-    assert s["cuda_graphs_captured"] == 3 and s["cuda_graph_replays"] == 1
+    assert s["cuda_graphs_captured"] == 4 and s["cuda_graph_replays"] == 4
 
 
 def test_piece_that_cannot_be_captured_falls_back_alone():
@@ -106,3 +136,89 @@ def test_piece_that_cannot_be_captured_falls_back_alone():
     assert s["eager_runs"] >= 3
     assert any("CPU" in r or "cpu" in r for r in s["eager_reasons"]), s["eager_reasons"]
     assert s["cuda_graphs_captured"] >= 2  # the piece after the split op is still captured per bucket
+
+
+def test_ten_thousand_replays_do_not_grow_memory():
+    layers = 2
+    model = _model(layers=layers)
+    compiled = compile_toy(model, capture_sizes=SIZES, progress=False)
+    xs = {n: torch.randn(n, 16, device="cuda") for n in (2, 3, 5, 8, 13, 16)}
+    for x in xs.values():
+        compiled(x)
+    torch.cuda.synchronize()
+    before_replays = pcg_backend.stats()["cuda_graph_replays"]
+    allocated = torch.cuda.memory_allocated()
+    calls = 10_000 // (layers + 1) + 1
+    for i in range(calls):
+        compiled(xs[(2, 3, 5, 8, 13, 16)[i % 6]])
+    torch.cuda.synchronize()
+    replays = pcg_backend.stats()["cuda_graph_replays"] - before_replays
+    assert replays >= 10_000
+    assert torch.cuda.memory_allocated() == allocated
+    print(f"{replays} replays, allocated before {allocated} B, after {torch.cuda.memory_allocated()} B "
+          f"({torch.cuda.get_device_name()})")
+
+
+def test_two_models_never_share_captures():
+    a, b = _model(layers=2), _model(layers=2)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(-1.5)
+    ca, cb = compile_toy(a, capture_sizes=SIZES), compile_toy(b, capture_sizes=SIZES)
+    for n in [3, 5, 8, 3, 16, 5]:
+        x = torch.randn(n, 16, device="cuda")
+        ya, yb = ca(x), cb(x)
+        torch.testing.assert_close(ya, a(x), atol=ATOL, rtol=0)
+        torch.testing.assert_close(yb, b(x), atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    assert s["graphs_compiled"] == 2 and s["cuda_graphs_captured"] == 2 * 4 * 3
+
+
+def test_dynamo_reset_frees_the_graphs_and_their_pool():
+    import gc
+
+    def settle():
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved()
+
+    model = _model(hidden=1024, layers=4)
+    x = torch.randn(100, 1024, device="cuda")
+    # A first cycle creates what lives for the process (capture stream, cuBLAS workspaces).
+    compile_toy(model, capture_sizes=[2, 64, 256, 1024], progress=False)(x)
+    torch._dynamo.reset()
+    baseline = settle()
+    pcg_backend.reset_stats()
+    compiled = compile_toy(model, capture_sizes=[2, 64, 256, 1024], progress=False)
+    compiled(x)
+    held = settle() - baseline
+    assert pcg_backend.stats()["cuda_graphs_captured"] == 4 * 5 and held > 4 * 2**20, held
+    torch._dynamo.reset()
+    del compiled
+    after = settle() - baseline
+    print(f"graph memory held {held / 2**20:.1f} MiB, after torch._dynamo.reset() {after / 2**20:.1f} MiB "
+          f"({torch.cuda.get_device_name()})")
+    assert after <= 0, after
+
+
+def test_host_sync_piece_falls_back_alone(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
+    lin = torch.nn.Linear(16, 16).cuda()
+
+    def f(x):
+        y = lin(x)
+        out = torch.empty_like(y)
+        torch.ops.pcg_toy.mix(y, out)
+        scale = lin.bias[0].item()     # a device-to-host sync: not allowed while capturing
+        return lin(out) * scale
+
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES, "progress": False}, dynamic=True)
+    for n in [3, 4, 3]:
+        x = torch.randn(n, 16, device="cuda")
+        torch.testing.assert_close(compiled(x), f(x), atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    refused = [r for r in s["eager_reasons"] if "capture failed" in r]
+    assert refused and s["eager_runs"] >= 3, s["eager_reasons"]
+    assert "capture failed" in pcg_backend.report()
+    assert s["cuda_graphs_captured"] >= 4      # the piece before the split op is still captured per bucket

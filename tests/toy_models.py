@@ -28,6 +28,25 @@ class ToyModel(torch.nn.Module):
         return x
 
 
+class StatefulToyModel(torch.nn.Module):
+    """Two toy recurrent layers whose state is a graph input written in place (like an SSM cache)."""
+
+    def __init__(self, hidden: int = 16, layers: int = 2):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(layers + 1))
+
+    def new_state(self, device="cpu"):
+        return torch.zeros(len(self.blocks) - 1, self.blocks[0].out_features, device=device)
+
+    def forward(self, x, state):
+        x = self.blocks[0](x)
+        for i, block in enumerate(self.blocks[1:]):
+            mixed = torch.empty_like(x)
+            torch.ops.pcg_toy.running_sum(x, state[i], mixed)
+            x = torch.tanh(block(mixed)) + x
+        return x
+
+
 class NoSplitModel(torch.nn.Module):
     """A plain MLP: no split op at all, so the whole graph is one bucketed piece."""
 

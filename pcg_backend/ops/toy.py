@@ -4,6 +4,11 @@
 `out`. It mixes tokens, so padding rows would corrupt it: it reads the real
 token count from pcg's context, computes on those rows only, and zeroes the
 padded rows of `out`. It also counts its calls, for exact assertions.
+
+`pcg_toy::running_sum(x, state, out)` is the stateful one, a miniature of a
+recurrent layer: `out` gets `state` plus the running sum of the real rows,
+and `state` (written in place, like an SSM state) advances by their sum.
+Prefill is a call with many rows, decode a call with one.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 from .. import context
 from .registry import register_split_op
 
-CALLS = {"mix": 0, "mix_functional": 0}
+CALLS = {"mix": 0, "mix_functional": 0, "running_sum": 0}
 
 
 @register_split_op
@@ -41,3 +46,13 @@ def mix_functional(x: torch.Tensor) -> torch.Tensor:
 @mix_functional.register_fake
 def _(x):
     return torch.empty_like(x)
+
+
+@register_split_op
+@torch.library.custom_op("pcg_toy::running_sum", mutates_args=["state", "out"])
+def running_sum(x: torch.Tensor, state: torch.Tensor, out: torch.Tensor) -> None:
+    CALLS["running_sum"] += 1
+    n = context.real_tokens(x.shape[0])
+    out[:n] = state + x[:n].cumsum(0)
+    out[n:] = 0
+    state.add_(x[:n].sum(0))
