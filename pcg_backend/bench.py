@@ -23,6 +23,7 @@ import torch
 PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
 KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
 VARIANTS = ("eager", "compile", "reduce-overhead", "pcg-eager", "pcg-inductor")
+FIRST_CALL_TOKENS = 16  # the first call is a 16-token prefill: compile, plus capture for pcg
 
 
 def nano9b_config(layers: int | None = None):
@@ -86,7 +87,10 @@ def install_variant(model, variant: str):
     elif variant == "reduce-overhead":
         model.forward = torch.compile(model.forward, mode="reduce-overhead")
     elif variant.startswith("pcg-"):
-        model.forward = torch.compile(model.forward, backend="pcg", options={"compiler": variant[4:]})
+        # dynamic=True marks the token dim dynamic up front (DESIGN.md lesson 4), so the
+        # first call compiles the one prefill graph and captures every bucket.
+        model.forward = torch.compile(model.forward, backend="pcg", dynamic=True,
+                                      options={"compiler": variant[4:]})
 
 
 def profile_decode(model, path: str) -> None:
@@ -111,7 +115,7 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
     result: dict = {"variant": variant, "prefill_ms": {}, "decode_ms": {}, "decode_tok_s": {}}
     vocab = model.config.vocab_size
     with torch.no_grad():
-        first = torch.randint(2, vocab, (1, prefill_sizes[0]), device="cuda")
+        first = torch.randint(2, vocab, (1, FIRST_CALL_TOKENS), device="cuda")
         start = time.perf_counter()
         model(first)
         torch.cuda.synchronize()
@@ -140,6 +144,7 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
         s = pcg_backend.stats()
         result["graph_memory_mib"] = s["graph_memory_bytes"] / 2**20
         result["pcg_stats"] = {k: v for k, v in s.items() if k != "routing"}
+        print("\n".join(f"  {variant:>16} {line}" for line in s["capture_summaries"]), flush=True)
     return result
 
 
@@ -154,7 +159,10 @@ def table(results, floor_ms: float) -> str:
         for name, ms, ref in rows:
             speed = f"{ref / ms:8.2f}" if ref else f"{'-':>8}"
             lines.append(f"{r['variant']:>16} {name:>16} {ms:9.2f} {speed} {ms / floor_ms:8.2f}")
-        extra = f"first call {r['first_call_s']:.1f} s"
+        if "failed" in r:
+            lines.append(f"{r['variant']:>16} FAILED: {r['failed']}")
+            continue
+        extra = f"first call ({FIRST_CALL_TOKENS} tokens) {r['first_call_s']:.1f} s"
         if "graph_memory_mib" in r:
             extra += f", graph memory {r['graph_memory_mib']:.0f} MiB"
         lines.append(f"{r['variant']:>16} {extra}")
@@ -211,14 +219,24 @@ def main(argv=None):
           f"{weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.2f} ms", flush=True)
     results = []
     for v in variants:
-        results.append(run_variant(model, v, prefill, batches, new_tokens, repeats, args.out if args.profile else None))
+        try:
+            results.append(run_variant(model, v, prefill, batches, new_tokens, repeats,
+                                       args.out if args.profile else None))
+        except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
+            message = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"  {v:>16} FAILED: {message}", flush=True)
+            results.append({"variant": v, "failed": message, "prefill_ms": {}, "decode_ms": {}, "decode_tok_s": {}})
+        torch.cuda.empty_cache()
     text = table(results, floor_ms)
     print(f"\n{device}\n{text}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump({"device": device, "floor_ms": floor_ms, "weight_bytes": weight_bytes,
                    "bandwidth_bytes_s": bandwidth, "results": results}, f, indent=1, default=str)
-    plot(results, floor_ms, os.path.join(args.out, "bench.png"))
+    try:
+        plot(results, floor_ms, os.path.join(args.out, "bench.png"))
+    except ImportError:
+        print("matplotlib is not installed: no bench.png (pip install .[bench])")
 
 
 if __name__ == "__main__":
