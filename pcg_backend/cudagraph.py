@@ -36,6 +36,8 @@ def weak_alias(t: torch.Tensor) -> torch.Tensor:
 
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
+# Graphs kept per capture key for different static-input addresses (models sharing compiled code).
+MAX_VERSIONS_PER_KEY = 4
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -89,6 +91,17 @@ def _is_static_address(t: torch.Tensor) -> bool:
     return isinstance(t, torch.nn.Parameter) or hasattr(t, "_dynamo_static_input_type")
 
 
+def _recover_from_failed_capture(pool: GraphPool) -> None:
+    # torch's capture_end raises before it tells the allocator that the capture
+    # is over; without this, later allocations on the capture stream would keep
+    # landing in the graph pool.
+    try:
+        torch._C._cuda_endAllocateToPool(pool.device.index, pool.handle)
+    except RuntimeError:
+        pass  # capture_end got that far itself
+    torch.cuda.synchronize(pool.device)
+
+
 @dataclasses.dataclass
 class _Entry:
     graph: torch.cuda.CUDAGraph
@@ -113,7 +126,9 @@ class CudaGraphPiece(torch.nn.Module):
         self.runnable = runnable
         self.name = name
         self.pool = pool
-        self.entries: dict[tuple, _Entry] = {}
+        # Per key, one entry per set of static-input addresses: two models
+        # sharing Dynamo's compiled code each get their own graphs.
+        self.entries: dict[tuple, list[_Entry]] = {}
         self.refused: str | None = None
         CudaGraphPiece._live.add(self)
 
@@ -133,14 +148,15 @@ class CudaGraphPiece(torch.nn.Module):
         if self.refused is not None:
             STATS.eager(self.refused)
             return self.runnable(*args)
-        entry = self.entries.get(key)
-        if entry is not None:
-            for i, ptr in entry.fixed:
-                if args[i].data_ptr() != ptr:
-                    STATS.note(f"{self.name}: a parameter moved since capture; recapturing key {key}")
-                    entry = None
-                    break
+        entry = None
+        for candidate in self.entries.get(key, ()):
+            if all(args[i].data_ptr() == ptr for i, ptr in candidate.fixed):
+                entry = candidate
+                break
         if entry is None:
+            if key in self.entries:
+                STATS.note(f"{self.name}: weights or state at new addresses (a second model sharing this "
+                           f"compiled code, or moved weights); capturing another graph for key {key}")
             return self._capture(key, args)
         for i, static in entry.copies:
             arg = args[i]
@@ -186,7 +202,7 @@ class CudaGraphPiece(torch.nn.Module):
                 finally:
                     graph.capture_end()
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this piece eagerly
-            torch.cuda.synchronize(self.pool.device)
+            _recover_from_failed_capture(self.pool)
             self.refused = f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
             STATS.eager(self.refused)
             return self.runnable(*args)
@@ -204,12 +220,17 @@ class CudaGraphPiece(torch.nn.Module):
                 weak_outputs.append(o)
         for _, buf in buffers:
             self.pool.remember(buf)
-        self.entries[key] = _Entry(
+        versions = self.entries.setdefault(key, [])
+        if len(versions) >= MAX_VERSIONS_PER_KEY:
+            versions.pop(0)
+            STATS.note(f"{self.name}: more than {MAX_VERSIONS_PER_KEY} address sets for key {key}; "
+                       f"dropping the oldest graph")
+        versions.append(_Entry(
             graph,
             [(i, weak_alias(t)) for i, t in copies],
             fixed,
             weak_outputs[0] if single else tuple(weak_outputs),
-        )
+        ))
         # The replay right after capture is part of the capture, not counted as a replay.
         STATS.cuda_graphs_captured += 1
         STATS.capture_seconds += time.perf_counter() - start

@@ -152,6 +152,7 @@ class PiecewiseRunner:
         self.upfront = (opts.capture == "upfront" and cuda_graphs and self._token_getter is not None
                         and not self.unpaddable)
         self._captured_keys: set[tuple] = set()
+        self._param_index: int | None = None
         # Dynamo gives a token count of 1 its own static graph, so a dynamic
         # graph never sees sizes below its symbol's lower bound.
         lowest = _lower_bound(placeholders, token) if self.upfront else 2
@@ -178,8 +179,11 @@ class PiecewiseRunner:
     def __call__(self, *args):
         if self.upfront:
             rest = tuple(g(args) for g in self._key_getters)
-            if rest not in self._captured_keys:
-                self._captured_keys.add(rest)
+            # Keyed on the weights' address too: a second model that shares this
+            # compiled code gets its own up-front capture (see CudaGraphPiece.entries).
+            weights = self._weights_address(args)
+            if (rest, weights) not in self._captured_keys:
+                self._captured_keys.add((rest, weights))
                 self._capture_every_bucket(args, rest)
         ctx, bucket = self._context(args)
         if bucket is not None and bucket != ctx.num_tokens:
@@ -197,6 +201,11 @@ class PiecewiseRunner:
             if isinstance(o, torch.Tensor) and any_pool_owns(o):
                 outs[j] = o.clone()
         return outs[0] if self.single_output else tuple(outs)
+
+    def _weights_address(self, args) -> int | None:
+        if self._param_index is None:
+            self._param_index = next((i for i, a in enumerate(args) if isinstance(a, torch.nn.Parameter)), -1)
+        return args[self._param_index].data_ptr() if self._param_index >= 0 else None
 
     def _pad(self, args: list, bucket: int, resize=None) -> list:
         resize = resize or pad_dims

@@ -48,7 +48,8 @@ _VIEW_NAMES = {
 
 
 # Ops that read only the metadata (dtype, device) of a tensor argument, never its rows.
-_DATA_FREE = {"new_empty", "new_zeros", "new_ones", "new_full", "new_empty_strided", "size", "dim", "stride"}
+_DATA_FREE = {"new_empty", "new_zeros", "new_ones", "new_full", "new_empty_strided", "size", "dim", "stride",
+              "sym_size", "sym_stride", "sym_numel", "numel", "sym_storage_offset", "storage_offset", "len"}
 
 
 @dataclasses.dataclass
@@ -180,13 +181,18 @@ def _input_roots(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
 
 
 def _row_symbol(shape):
-    """The innermost symbolic dim that is not the feature (last) dim; else the last dim if symbolic."""
-    symbolic = [d.node.expr if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol) else None
-                for d in shape]
-    for expr in reversed(symbolic[:-1]):
-        if expr is not None:
-            return expr
-    return symbolic[-1] if symbolic else None
+    """The symbol of the row dim: the one before the features (dim -2), or dim 0 of a 1-D tensor.
+
+    Only that dim: in a decode step (B, 1, H) the batch B is symbolic but it is
+    not a token count. Padding it would mean padding the per-sequence state
+    that split ops read, so B is keyed exactly instead.
+    """
+    if len(shape) == 0:
+        return None
+    dim = shape[-2] if len(shape) >= 2 else shape[0]
+    if isinstance(dim, torch.SymInt) and isinstance(dim.node.expr, sympy.Symbol):
+        return dim.node.expr
+    return None
 
 
 def find_token_symbol(gm: torch.fx.GraphModule):
@@ -230,6 +236,15 @@ def find_token_symbol(gm: torch.fx.GraphModule):
             if token is None:
                 token = _row_symbol(val.shape)
     return token, all_syms
+
+
+def _reads_tensor_on_host(node) -> bool:
+    """A node that turns tensor data into a Python value (`.item()`, `.tolist()`): a device sync."""
+    if node.op not in ("call_method", "call_function") or _target_name(node) in _DATA_FREE:
+        return False
+    if not isinstance(node_value(node), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return False
+    return any(isinstance(node_value(a), torch.Tensor) for a in node.all_input_nodes)
 
 
 def _hoist_views_of_written_inputs(gm: torch.fx.GraphModule, roots: dict, mutated: set[str]) -> set:
@@ -285,6 +300,10 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
             continue
         value = node_value(node)
         if node.op == "get_attr" or not any(True for _ in _tensors(value)):
+            if _reads_tensor_on_host(node):
+                kinds[node] = (Kind.DYNAMIC, f"{_target_name(node)}() reads a tensor's value on the host, "
+                                             f"a sync that a CUDA graph cannot hold")
+                continue
             # SymInt arithmetic, getattr on shapes, constants: cheap host work.
             kinds[node] = (None, "")
             continue

@@ -20,3 +20,15 @@ def fresh_pcg():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cuda_kernels_installed() -> bool:
+    from pcg_backend.ops.mamba2 import KERNELS_AVAILABLE
+
+    return KERNELS_AVAILABLE
+
+
+# With mamba-ssm installed, HF binds its CUDA kernels at import, and they cannot run on CPU tensors.
+requires_reference_kernels = pytest.mark.skipif(
+    _cuda_kernels_installed(), reason="mamba-ssm is installed: HF models use its CUDA kernels, not the CPU reference"
+)

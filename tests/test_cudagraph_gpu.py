@@ -171,7 +171,10 @@ def test_two_models_never_share_captures():
         torch.testing.assert_close(ya, a(x), atol=ATOL, rtol=0)
         torch.testing.assert_close(yb, b(x), atol=ATOL, rtol=0)
     s = pcg_backend.stats()
-    assert s["graphs_compiled"] == 2 and s["cuda_graphs_captured"] == 2 * 4 * 3
+    # Dynamo shares one graph between instances of a class (weights are graph inputs);
+    # pcg keeps one set of captures per weight address, each captured up front once.
+    assert s["graphs_compiled"] == 1 and s["cuda_graphs_captured"] == 2 * 4 * 3
+    assert s["cuda_graph_replays"] == 2 * 6 * 3
 
 
 def test_dynamo_reset_frees_the_graphs_and_their_pool():
@@ -199,7 +202,7 @@ def test_dynamo_reset_frees_the_graphs_and_their_pool():
     after = settle() - baseline
     print(f"graph memory held {held / 2**20:.1f} MiB, after torch._dynamo.reset() {after / 2**20:.1f} MiB "
           f"({torch.cuda.get_device_name()})")
-    assert after <= 0, after
+    assert after <= 0, f"{after} bytes still reserved after reset"
 
 
 def test_host_sync_piece_falls_back_alone(monkeypatch):

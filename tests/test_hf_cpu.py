@@ -4,10 +4,12 @@ import pytest
 import torch
 
 import pcg_backend
+from conftest import requires_reference_kernels
 from hf_checks import PREFILL_SIZES, generate_matches, prefill_logits
 from hf_models import FAMILIES, tiny_model
 
 ATOL = 1e-4  # fp32 on CPU, as the issue asks
+pytestmark = requires_reference_kernels
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -166,3 +166,30 @@ def test_reduction_over_tokens_outside_a_split_op_turns_padding_off():
     s = pcg_backend.stats()
     assert s["padded_calls"] == 0
     assert "mix tokens outside a split op" in pcg_backend.report()
+
+
+def test_host_read_of_a_tensor_value_runs_eagerly(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
+    lin = torch.nn.Linear(4, 4)
+
+    def f(x):
+        y = lin(x)
+        out = torch.empty_like(y)
+        torch.ops.pcg_toy.mix(y, out)
+        return lin(out) * lin.bias[0].item()
+
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
+    for n in [3, 5]:
+        x = torch.randn(n, 4)
+        torch.testing.assert_close(compiled(x), f(x), atol=ATOL, rtol=0)
+    assert "item() reads a tensor's value on the host" in pcg_backend.report()
+
+
+def test_decode_batch_is_keyed_not_padded():
+    # (B, 1, H): the symbolic batch is not a token count; the state it indexes cannot be padded.
+    from pcg_backend.split import _row_symbol
+
+    b = torch.fx.experimental.symbolic_shapes.ShapeEnv().create_unbacked_symint()
+    assert _row_symbol((b, 1, 16)) is None
+    assert _row_symbol((1, b, 16)) == b.node.expr
+    assert _row_symbol((b, 16)) == b.node.expr

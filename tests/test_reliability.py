@@ -16,10 +16,13 @@ import torch
 import pcg_backend
 from pcg_backend import buckets, runtime
 from pcg_backend.cudagraph import CudaGraphPiece
+from conftest import requires_reference_kernels
 from hf_models import tiny_model
 from toy_models import StatefulToyModel
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# HF models on CPU need the torch reference kernels (see conftest.requires_reference_kernels).
+HF_DEVICES = [pytest.param("cpu", marks=requires_reference_kernels)] + (["cuda"] if torch.cuda.is_available() else [])
 TOY_SIZES = [1, 2, 4, 8, 16, 24, 32]
 FUZZ_CALLS = 500
 
@@ -37,7 +40,7 @@ def _nan_pad(t, sizes):
 def _poison_static_buffers():
     """Fill every captured piece's static input buffers with NaN: a replay must overwrite what it reads."""
     for piece in list(CudaGraphPiece._live):
-        for entry in piece.entries.values():
+        for entry in (e for versions in piece.entries.values() for e in versions):
             for _, static in entry.copies:
                 if static.is_floating_point():
                     static.fill_(float("nan"))
@@ -160,7 +163,7 @@ class _HFDriver:
             torch.testing.assert_close(g, r, atol=self.atol, rtol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", HF_DEVICES)
 def test_hf_fuzz_500_prefill_and_decode_calls(device):
     driver = _HFDriver(device)
     sizes = buckets.default_ladder(64)
@@ -177,7 +180,7 @@ def test_hf_fuzz_500_prefill_and_decode_calls(device):
     assert after["cuda_graphs_captured"] == before["cuda_graphs_captured"], "recaptured on live traffic"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", HF_DEVICES)
 def test_hf_nan_padding_never_reaches_logits_or_state(device, monkeypatch):
     monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
     driver = _HFDriver(device)
@@ -240,7 +243,7 @@ def test_mixed_devices_through_torch_compile():
 # ---------------------------------------------------------------- no aliasing
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", HF_DEVICES)
 def test_outputs_and_cache_writes_survive_later_calls(device):
     """Call k's logits and the cache it wrote are unchanged by calls k+1, k+2 at the same and other buckets."""
     driver = _HFDriver(device)
