@@ -89,7 +89,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     name = f"graph{STATS.graphs_compiled}"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     check_one_device(gm)
-    split = split_graph(gm)
+    split = split_graph(gm, opts.capture_split_ops)
     off_reason = _cuda_graphs_off_reason(opts, split)
     if off_reason:
         STATS.note(f"{name}: {off_reason}")
@@ -115,9 +115,14 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
             continue
         capturable += 1
         runnable = _compile_piece(sub, opts.compiler)
-        wrapper = CudaGraphPiece(runnable, f"{name}.{piece.name}", pool) if pool else EagerPiece(runnable, None)
+        written = written_inputs(sub)
+        wrapper = (CudaGraphPiece(runnable, f"{name}.{piece.name}", pool, written) if pool
+                   else EagerPiece(runnable, None, written))
         setattr(split.module, piece.name, wrapper)
 
+    if split.fused_split_ops:
+        notes.append(f"{split.fused_split_ops} cudagraph-safe split op(s) captured inside pieces: the graph "
+                     f"always runs at its exact size ({split.exact_reason or 'no token dim'})")
     if split.split_op_nodes == 0:
         notes.append("no split op in this graph: it is one bucketed piece")
     padding = "off (static shapes)" if split.token_symbol is None else f"to buckets {opts.capture_sizes[0]}..{opts.largest}"
@@ -131,6 +136,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     STATS.pieces += len(split.pieces)
     STATS.capturable_pieces += capturable
     STATS.split_op_nodes += split.split_op_nodes
+    STATS.split_ops_in_graphs += split.fused_split_ops
     STATS.graphs.append(GraphRecord(
         name, len(split.pieces), capturable, split.split_op_nodes,
         None if split.token_symbol is None else str(split.token_symbol), padding, notes,

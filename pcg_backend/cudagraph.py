@@ -121,11 +121,15 @@ class CudaGraphPiece(torch.nn.Module):
     # even if a caller still holds a compiled function.
     _live: "weakref.WeakSet[CudaGraphPiece]" = weakref.WeakSet()
 
-    def __init__(self, runnable, name: str, pool: GraphPool):
+    def __init__(self, runnable, name: str, pool: GraphPool, written: dict[int, str] | None = None):
         super().__init__()
         self.runnable = runnable
         self.name = name
         self.pool = pool
+        # Inputs the piece writes in place (state written by a captured split
+        # op): captured at their own address, never through a static copy,
+        # because the write must reach the caller's tensor.
+        self.written = frozenset(written or ())
         # Per key, one entry per set of static-input addresses: two models
         # sharing Dynamo's compiled code each get their own graphs.
         self.entries: dict[tuple, list[_Entry]] = {}
@@ -155,8 +159,9 @@ class CudaGraphPiece(torch.nn.Module):
                 break
         if entry is None:
             if key in self.entries:
-                STATS.note(f"{self.name}: weights or state at new addresses (a second model sharing this "
-                           f"compiled code, or moved weights); capturing another graph for key {key}")
+                STATS.new_address_captures += 1
+                STATS.note(f"{self.name}: weights or written state at new addresses (a second model sharing "
+                           f"this compiled code, moved weights, or a new cache); capturing another graph for key {key}")
             return self._capture(key, args)
         for i, static in entry.copies:
             arg = args[i]
@@ -173,8 +178,9 @@ class CudaGraphPiece(torch.nn.Module):
                 STATS.eager(self.refused)
                 return self.runnable(*args)
         # Warm up outside the capture: lazy inits (cuBLAS handles, Triton
-        # autotuning) must not happen while the stream is capturing.
-        self.runnable(*args)
+        # autotuning) must not happen while the stream is capturing. Written
+        # inputs get private copies there, or the state would advance twice.
+        self.runnable(*(a.clone() if i in self.written else a for i, a in enumerate(args)))
         start = time.perf_counter()
         reserved = torch.cuda.memory_reserved(self.pool.device)
         graph = torch.cuda.CUDAGraph()
@@ -189,7 +195,7 @@ class CudaGraphPiece(torch.nn.Module):
                     for i, a in enumerate(args):
                         if not isinstance(a, torch.Tensor):
                             continue
-                        if _is_static_address(a):
+                        if _is_static_address(a) or i in self.written:
                             fixed.append((i, a.data_ptr()))
                             continue
                         if not self.pool.owns(a):

@@ -26,6 +26,7 @@ class PcgOptions:
     cuda_graphs: bool = True
     capture: str = "upfront"
     progress: bool = True
+    capture_split_ops: bool = True
 
     @property
     def largest(self) -> int:
@@ -39,6 +40,7 @@ _DEFAULTS: dict[str, Any] = {
     "cuda_graphs": True,
     "capture": "upfront",
     "progress": True,
+    "capture_split_ops": True,
 }
 
 
@@ -88,7 +90,7 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
     compiler = merged["compiler"]
     if compiler not in COMPILERS:
         raise ValueError(f"pcg option compiler must be one of {COMPILERS}, got {compiler!r}")
-    for flag in ("cuda_graphs", "progress"):
+    for flag in ("cuda_graphs", "progress", "capture_split_ops"):
         if not isinstance(merged[flag], bool):
             raise ValueError(f"pcg option {flag} must be True or False, got {merged[flag]!r}")
     if merged["capture"] not in CAPTURE_POLICIES:
@@ -101,4 +103,5 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
         cuda_graphs=merged["cuda_graphs"],
         capture=merged["capture"],
         progress=merged["progress"],
+        capture_split_ops=merged["capture_split_ops"],
     )

@@ -102,7 +102,6 @@ class PiecewiseRunner:
         # Which inputs get padded, and how.
         self.pad_plan: list[_DimPlan] = []
         self.sym_plan: list[tuple[int, object]] = []
-        self.unpaddable: str | None = None
         for i, node in enumerate(placeholders):
             val = node_value(node)
             if token is None:
@@ -117,18 +116,8 @@ class PiecewiseRunner:
                     if isinstance(size, torch.SymInt) and token in size.node.expr.free_symbols
                 }
                 if dims:
-                    if node.name in split.mutated_placeholders:
-                        self.unpaddable = (
-                            f"graph input {node.name} is written in place and has the token dim, so it "
-                            f"cannot be replaced by a padded copy; only exact bucket sizes use CUDA graphs"
-                        )
                     self.pad_plan.append(_DimPlan(i, dims))
-
-        if token is not None and split.token_mixing_nodes and not self.unpaddable:
-            self.unpaddable = (
-                f"node(s) {', '.join(split.token_mixing_nodes[:3])} mix tokens outside a split op (a reduction "
-                f"or index over the token dim) and would see padded rows; only exact bucket sizes use CUDA graphs"
-            )
+        self.unpaddable = split.exact_reason
 
         # Which outputs get sliced back to the real size.
         output_node = next(n for n in reversed(graph.nodes) if n.op == "output")

@@ -28,7 +28,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import free_symbols
 from torch.fx.passes.split_module import split_module
 
-from .ops.registry import split_op_name
+from .ops.registry import is_cudagraph_safe, split_op_name
 
 
 class Kind(enum.Enum):
@@ -74,6 +74,8 @@ class SplitResult:
     split_op_nodes: int
     on_cuda: bool
     token_mixing_nodes: list[str]
+    exact_reason: str | None = None   # why only exact bucket sizes may use CUDA graphs, if so
+    fused_split_ops: int = 0          # cudagraph-safe split ops captured inside pieces
 
 
 def node_value(node):
@@ -308,15 +310,12 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
             kinds[node] = (None, "")
             continue
         out_syms = _symbols(value)
-        syms = set(out_syms)
         for arg in node.all_input_nodes:
             arg_val = node_value(arg)
-            arg_syms = _symbols(arg_val)
-            syms |= arg_syms
-            if (token is not None and token in arg_syms and token not in out_syms
+            if (token is not None and token in _symbols(arg_val) and token not in out_syms
                     and isinstance(arg_val, torch.Tensor) and _target_name(node) not in _DATA_FREE):
                 mixing.append(node.name)
-        foreign = sorted(str(s) for s in syms - keyed)
+        foreign = _foreign_symbols(node, keyed)
         if foreign:
             kinds[node] = (Kind.DYNAMIC, f"shape depends on dynamic size(s) {', '.join(foreign)} that are not the token count")
         elif writes:
@@ -328,6 +327,43 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
     return kinds, mutated, mixing
 
 
+def _foreign_symbols(node, keyed: set) -> list[str]:
+    """Symbols in a node's inputs or output that captures are not keyed on (e.g. a KV length)."""
+    syms = _symbols(node_value(node))
+    for arg in node.all_input_nodes:
+        syms |= _symbols(node_value(arg))
+    return sorted(str(s) for s in syms - keyed)
+
+
+def exact_size_reason(gm: torch.fx.GraphModule, token, mutated: set[str], mixing: list[str]) -> str | None:
+    """Why this graph must run at exact bucket sizes (never padded), or None if it can be padded."""
+    if token is None:
+        return None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in mutated and token in _symbols(node_value(node)):
+            return (f"graph input {node.name} is written in place and has the token dim, so it "
+                    f"cannot be replaced by a padded copy; only exact bucket sizes use CUDA graphs")
+    if mixing:
+        return (f"node(s) {', '.join(mixing[:3])} mix tokens outside a split op (a reduction "
+                f"or index over the token dim) and would see padded rows; only exact bucket sizes use CUDA graphs")
+    return None
+
+
+def _fuse_safe_split_ops(kinds: dict, keyed: set) -> int:
+    """In a graph that always runs at its exact size, capture cudagraph-safe split ops with their neighbours.
+
+    Nothing is padded there, so the op sees exactly the rows it would see
+    eagerly, and its launches can live in the graph. Ops whose shapes move
+    with another symbol (attention over a growing KV cache) stay eager.
+    """
+    fused = 0
+    for node, (kind, name) in list(kinds.items()):
+        if kind is Kind.SPLIT and is_cudagraph_safe(name) and not _foreign_symbols(node, keyed):
+            kinds[node] = (Kind.STATIC, "")
+            fused += 1
+    return fused
+
+
 def graph_device_is_cuda(gm: torch.fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -337,11 +373,16 @@ def graph_device_is_cuda(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
-def split_graph(gm: torch.fx.GraphModule) -> SplitResult:
+def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> SplitResult:
     """Cut `gm` at split ops and at changes of node kind, keeping the original order."""
     on_cuda = graph_device_is_cuda(gm)
     token, keyed = find_token_symbol(gm)
     kinds, mutated, mixing = classify(gm, keyed, token, on_cuda)
+    split_nodes = sum(1 for k, _ in kinds.values() if k is Kind.SPLIT)
+    exact_reason = exact_size_reason(gm, token, mutated, mixing)
+    fused = 0
+    if capture_split_ops and (token is None or exact_reason):
+        fused = _fuse_safe_split_ops(kinds, keyed)
 
     piece_of: dict[torch.fx.Node, int] = {}
     pieces: list[PieceInfo] = []
@@ -373,5 +414,5 @@ def split_graph(gm: torch.fx.GraphModule) -> SplitResult:
     split = split_module(gm, None, lambda n: piece_of.get(n, 0), keep_original_order=True)
     present = {name for name, _ in split.named_children()}
     pieces = [p for p in pieces if p.name in present]
-    split_nodes = sum(1 for k, _ in kinds.values() if k is Kind.SPLIT)
-    return SplitResult(split, pieces, token, sorted(keyed, key=str), mutated, split_nodes, on_cuda, mixing)
+    return SplitResult(split, pieces, token, sorted(keyed, key=str), mutated, split_nodes, on_cuda, mixing,
+                       exact_reason, fused)

@@ -38,8 +38,10 @@ class Stats:
         self.pieces = 0
         self.capturable_pieces = 0
         self.split_op_nodes = 0
+        self.split_ops_in_graphs = 0
         self.cuda_graphs_captured = 0
         self.cuda_graph_replays = 0
+        self.new_address_captures = 0
         self.capture_seconds = 0.0
         self.graph_memory_bytes = 0
         self.padded_calls = 0
@@ -68,8 +70,10 @@ class Stats:
             "pieces": self.pieces,
             "capturable_pieces": self.capturable_pieces,
             "split_op_nodes": self.split_op_nodes,
+            "split_ops_in_graphs": self.split_ops_in_graphs,
             "cuda_graphs_captured": self.cuda_graphs_captured,
             "cuda_graph_replays": self.cuda_graph_replays,
+            "new_address_captures": self.new_address_captures,
             "capture_seconds": round(self.capture_seconds, 3),
             "graph_memory_bytes": self.graph_memory_bytes,
             "padded_calls": self.padded_calls,

@@ -225,3 +225,27 @@ def test_host_sync_piece_falls_back_alone(monkeypatch):
     assert refused and s["eager_runs"] >= 3, s["eager_reasons"]
     assert "capture failed" in pcg_backend.report()
     assert s["cuda_graphs_captured"] >= 4      # the piece before the split op is still captured per bucket
+
+
+def test_safe_split_ops_are_captured_at_exact_size_and_state_advances_once():
+    from toy_models import StatefulToyModel
+
+    pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum, cudagraph_safe=True)
+    try:
+        torch.manual_seed(0)
+        model = StatefulToyModel(layers=2).cuda()
+        compiled = torch.compile(model, backend="pcg", options={"capture_sizes": SIZES})
+        for cache in range(2):                   # a second "cache" sits at new addresses
+            s_pcg, s_ref = model.new_state("cuda"), model.new_state("cuda")
+            keep = s_pcg                         # hold it, so the next one cannot reuse its memory
+            for _ in range(4):                   # decode-like steps: Dynamo's static n=1 graph
+                x = torch.randn(1, 16, device="cuda")
+                torch.testing.assert_close(compiled(x, s_pcg), model(x, s_ref), atol=ATOL, rtol=0)
+                torch.testing.assert_close(s_pcg, s_ref, atol=ATOL, rtol=0)
+            s = pcg_backend.stats()
+            assert s["split_ops_in_graphs"] == 2 and s["eager_runs"] == 0
+            assert s["cuda_graphs_captured"] == cache + 1 and s["new_address_captures"] == cache
+            assert s["cuda_graph_replays"] == 3 * (cache + 1)
+        del keep
+    finally:
+        pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum)

@@ -193,3 +193,34 @@ def test_decode_batch_is_keyed_not_padded():
     assert _row_symbol((b, 1, 16)) is None
     assert _row_symbol((1, b, 16)) == b.node.expr
     assert _row_symbol((b, 16)) == b.node.expr
+
+
+@pytest.mark.parametrize("capture_split_ops", [True, False])
+def test_cudagraph_safe_split_ops_join_pieces_only_at_exact_sizes(capture_split_ops):
+    from toy_models import StatefulToyModel
+
+    pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum, cudagraph_safe=True)
+    try:
+        torch.manual_seed(0)
+        model = StatefulToyModel(layers=2)
+        compiled = torch.compile(model, backend="pcg", options={"capture_sizes": SIZES,
+                                                               "capture_split_ops": capture_split_ops})
+        s_pcg, s_ref = model.new_state(), model.new_state()
+        for n in [1, 1, 1]:                      # decode-like steps: Dynamo's static n=1 graph
+            x = torch.randn(n, 16)
+            torch.testing.assert_close(compiled(x, s_pcg), model(x, s_ref), atol=ATOL, rtol=0)
+            torch.testing.assert_close(s_pcg, s_ref, atol=ATOL, rtol=0)
+        s = pcg_backend.stats()
+        if capture_split_ops:
+            # the state views, then one piece holding both split ops
+            assert (s["pieces"], s["capturable_pieces"], s["split_ops_in_graphs"]) == (2, 1, 2)
+            assert "2 cudagraph-safe split op(s) captured inside pieces" in pcg_backend.report()
+        else:
+            assert (s["pieces"], s["capturable_pieces"], s["split_ops_in_graphs"]) == (6, 3, 0)
+        assert s["split_op_nodes"] == 2
+        # a padded graph keeps its split ops eager whatever the flag
+        x = torch.randn(5, 16)
+        torch.testing.assert_close(compiled(x, s_pcg), model(x, s_ref), atol=ATOL, rtol=0)
+        assert pcg_backend.stats()["split_ops_in_graphs"] == s["split_ops_in_graphs"]
+    finally:
+        pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum)

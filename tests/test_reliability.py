@@ -133,10 +133,10 @@ class _HFDriver:
 
     OPTIONS = {"max_capture_size": 64, "progress": False}
 
-    def __init__(self, device):
+    def __init__(self, device, **options):
         self.device = device
         self.model = tiny_model("nemotron_h", device=device)
-        self.compiled = torch.compile(self.model, backend="pcg", options=self.OPTIONS)
+        self.compiled = torch.compile(self.model, backend="pcg", options={**self.OPTIONS, **options})
         self.atol = 1e-4 if device == "cpu" else 1e-3
         self.cache_pcg = self.cache_ref = self.next = None
         self.gen = torch.Generator().manual_seed(0)
@@ -164,8 +164,9 @@ class _HFDriver:
 
 
 @pytest.mark.parametrize("device", HF_DEVICES)
-def test_hf_fuzz_500_prefill_and_decode_calls(device):
-    driver = _HFDriver(device)
+@pytest.mark.parametrize("capture_split_ops", [True, False])
+def test_hf_fuzz_500_prefill_and_decode_calls(device, capture_split_ops):
+    driver = _HFDriver(device, capture_split_ops=capture_split_ops)
     sizes = buckets.default_ladder(64)
     for n in [*sizes, 3, 100, 128]:                      # the first pass over the buckets
         driver.step("prefill", n)
@@ -177,7 +178,14 @@ def test_hf_fuzz_500_prefill_and_decode_calls(device):
     driver.check_states()
     after = pcg_backend.stats()
     assert after["graphs_compiled"] == before["graphs_compiled"], "recompiled on live traffic"
-    assert after["cuda_graphs_captured"] == before["cuda_graphs_captured"], "recaptured on live traffic"
+    # Every prefill here starts a new cache. With split ops captured in the decode graph,
+    # a cache at new addresses gets its own decode graph (counted); nothing else is captured.
+    new = after["cuda_graphs_captured"] - before["cuda_graphs_captured"]
+    assert new == after["new_address_captures"] - before["new_address_captures"], "recaptured on live traffic"
+    if not capture_split_ops:
+        assert new == 0
+    print(f"{device}, capture_split_ops={capture_split_ops}: {FUZZ_CALLS} calls, "
+          f"{after['cuda_graph_replays'] - before['cuda_graph_replays']} replays, {new} captures for new cache addresses")
 
 
 @pytest.mark.parametrize("device", HF_DEVICES)

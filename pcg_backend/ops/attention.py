@@ -21,7 +21,7 @@ from .registry import register_split_op
 ORIGINAL_ATTENTION: dict[str, object] = {}
 
 
-@register_split_op
+@register_split_op(cudagraph_safe=True)
 @torch.library.custom_op("pcg::kv_append", mutates_args=())
 def kv_append(new: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     n = context.real_tokens(new.shape[-2])
@@ -38,7 +38,7 @@ def _(new, cache):
     return new.new_empty((*new.shape[:-2], cache.shape[-2] + new.shape[-2], new.shape[-1]))
 
 
-@register_split_op
+@register_split_op(cudagraph_safe=True)
 @torch.library.custom_op("pcg::kv_write_static", mutates_args=["keys", "values", "cumulative_length"])
 def kv_write_static(
     key_states: torch.Tensor,
@@ -54,7 +54,7 @@ def kv_write_static(
     values.index_copy_(2, positions, value_states[..., :n, :])
 
 
-@register_split_op
+@register_split_op(cudagraph_safe=True)
 @torch.library.custom_op("pcg::attention", mutates_args=["out"])
 def attention(
     query: torch.Tensor,

@@ -24,7 +24,7 @@ from .. import context
 from .registry import register_split_op
 
 
-@register_split_op
+@register_split_op(cudagraph_safe=True)
 @torch.library.custom_op("pcg::mamba2_core", mutates_args=["conv_state", "ssm_state", "out"])
 def mamba2_core(
     xBC: torch.Tensor,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 _SPLIT_OPS: set[str] = set()
+_CUDAGRAPH_SAFE: set[str] = set()
 
 
 def _qualname(op) -> str:
@@ -40,14 +41,35 @@ def _qualname(op) -> str:
     )
 
 
-def register_split_op(op):
-    """Register `op` as a split op and return it unchanged (so it also works as a decorator)."""
-    _SPLIT_OPS.add(_qualname(op))
+def register_split_op(op=None, *, cudagraph_safe: bool = False):
+    """Register `op` as a split op and return it unchanged (so it also works as a decorator).
+
+    `cudagraph_safe=True` promises that the op can be captured in a CUDA graph
+    when it runs at a fixed shape: no host syncs, no allocations whose address
+    must survive the call, no shape-dependent host logic beyond the shapes
+    themselves. pcg then captures it together with its neighbours in graphs
+    that always run at their exact size (decode steps; see README). Without
+    the promise it always runs eagerly. Use `@register_split_op(cudagraph_safe=True)`
+    as a decorator.
+    """
+    if op is None:
+        return lambda real_op: register_split_op(real_op, cudagraph_safe=cudagraph_safe)
+    name = _qualname(op)
+    _SPLIT_OPS.add(name)
+    if cudagraph_safe:
+        _CUDAGRAPH_SAFE.add(name)
+    else:
+        _CUDAGRAPH_SAFE.discard(name)
     return op
 
 
 def unregister_split_op(op) -> None:
     _SPLIT_OPS.discard(_qualname(op))
+    _CUDAGRAPH_SAFE.discard(_qualname(op))
+
+
+def is_cudagraph_safe(name: str) -> bool:
+    return name in _CUDAGRAPH_SAFE
 
 
 def registered_split_ops() -> frozenset[str]:
