@@ -107,6 +107,7 @@ class _Entry:
     graph: torch.cuda.CUDAGraph
     copies: list[tuple[int, torch.Tensor]]   # arg index -> captured address (copied into if it differs)
     fixed: list[tuple[int, int]]             # arg index -> data_ptr that must not change
+    scalars: list[tuple[int, object]]        # arg index -> Python value baked into the graph
     outputs: tuple
 
 
@@ -154,14 +155,16 @@ class CudaGraphPiece(torch.nn.Module):
             return self.runnable(*args)
         entry = None
         for candidate in self.entries.get(key, ()):
-            if all(args[i].data_ptr() == ptr for i, ptr in candidate.fixed):
+            if (all(args[i].data_ptr() == ptr for i, ptr in candidate.fixed)
+                    and all(args[i] == value for i, value in candidate.scalars)):
                 entry = candidate
                 break
         if entry is None:
             if key in self.entries:
                 STATS.new_address_captures += 1
                 STATS.note(f"{self.name}: weights or written state at new addresses (a second model sharing "
-                           f"this compiled code, moved weights, or a new cache); capturing another graph for key {key}")
+                           f"this compiled code, moved weights, or a new cache), or a scalar input changed; "
+                           f"capturing another graph for key {key}")
             return self._capture(key, args)
         for i, static in entry.copies:
             arg = args[i]
@@ -235,6 +238,7 @@ class CudaGraphPiece(torch.nn.Module):
             graph,
             [(i, weak_alias(t)) for i, t in copies],
             fixed,
+            [(i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor)],
             weak_outputs[0] if single else tuple(weak_outputs),
         ))
         # The replay right after capture is part of the capture, not counted as a replay.

@@ -83,9 +83,14 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
     elif isinstance(sizes, str):
         raise ValueError(f"pcg option capture_sizes must be 'auto' or a list of ints, got {sizes!r}")
     else:
-        sizes = tuple(s for s in _check_sizes(sizes) if s <= max_size)
-        if not sizes:
-            raise ValueError(f"pcg option capture_sizes has no size <= max_capture_size={max_size}")
+        sizes = _check_sizes(sizes)
+        if "max_capture_size" not in options:
+            max_size = sizes[-1]  # an explicit ladder sets its own largest bucket
+        elif sizes[-1] > max_size:
+            raise ValueError(
+                f"pcg option capture_sizes has sizes above max_capture_size={max_size}: "
+                f"{[s for s in sizes if s > max_size]}; drop them or raise max_capture_size"
+            )
 
     compiler = merged["compiler"]
     if compiler not in COMPILERS:

@@ -249,13 +249,19 @@ def _reads_tensor_on_host(node) -> bool:
     return any(isinstance(node_value(a), torch.Tensor) for a in node.all_input_nodes)
 
 
-def _hoist_views_of_written_inputs(gm: torch.fx.GraphModule, roots: dict, mutated: set[str]) -> set:
-    """Move views of written graph inputs (`state[i]`) to the top of the graph, out of captured pieces.
+def _hoist_to_prologue(gm: torch.fx.GraphModule, roots: dict, mutated: set[str], keyed: set) -> set:
+    """Move two kinds of input-only nodes to the top of the graph, into an eager prologue piece.
 
-    A captured piece reads its inputs from static copies, so a view it made of
-    a graph input would point at the copy, and a split op writing through it
-    would never reach the caller's tensor. Views cost nothing to run eagerly,
-    and hoisting them keeps them from splitting a captured piece in two.
+    * Views of written graph inputs (`state[i]`). A captured piece reads its
+      inputs from static copies, so a view it made would point at the copy,
+      and a split op writing through it would never reach the caller's tensor.
+    * Size reads of graph inputs with an unkeyed dynamic size (`keys.shape[-2]`
+      of a growing KV cache), and arithmetic on such sizes. Inside a captured
+      piece they would make that tensor a piece input, copied into a buffer of
+      its capture-time size, and bake the size into the graph.
+
+    Both cost nothing eagerly, and hoisting them keeps them from cutting a
+    captured piece in two.
     """
     anchor = None
     for node in gm.graph.nodes:
@@ -263,9 +269,18 @@ def _hoist_views_of_written_inputs(gm: torch.fx.GraphModule, roots: dict, mutate
             anchor = node
     hoisted: set = set()
     for node in list(gm.graph.nodes):
-        if node.op == "placeholder" or node not in roots or roots[node] not in mutated:
+        if node.op == "placeholder" or anchor is None:
             continue
-        if anchor is None or not all(a.op == "placeholder" or a in hoisted for a in node.all_input_nodes):
+        view_of_written = node in roots and roots[node] in mutated
+        unkeyed_size_math = (
+            node.op in ("call_function", "call_method")
+            and not any(True for _ in _tensors(node_value(node)))
+            and not _reads_tensor_on_host(node)
+            and bool(_foreign_symbols(node, keyed))
+        )
+        if not (view_of_written or unkeyed_size_math):
+            continue
+        if not all(a.op == "placeholder" or a in hoisted for a in node.all_input_nodes):
             continue
         anchor.append(node)
         anchor = node
@@ -282,7 +297,7 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
     """
     roots = _input_roots(gm)
     mutated = {roots[a] for node in gm.graph.nodes for a in _mutated_args(node) if a in roots}
-    hoisted = _hoist_views_of_written_inputs(gm, roots, mutated)
+    hoisted = _hoist_to_prologue(gm, roots, mutated, keyed)
     kinds: dict[torch.fx.Node, tuple[Kind | None, str]] = {}
     mixing: list[str] = []
     for node in gm.graph.nodes:
@@ -306,8 +321,9 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
                 kinds[node] = (Kind.DYNAMIC, f"{_target_name(node)}() reads a tensor's value on the host, "
                                              f"a sync that a CUDA graph cannot hold")
                 continue
-            # SymInt arithmetic, getattr on shapes, constants: cheap host work.
-            kinds[node] = (None, "")
+            # SymInt arithmetic, getattr on shapes, constants: cheap host work. Math on
+            # an unkeyed size stays out of captured pieces (it would be baked in).
+            kinds[node] = (Kind.HOST if _foreign_symbols(node, keyed) else None, "")
             continue
         out_syms = _symbols(value)
         for arg in node.all_input_nodes:
@@ -364,6 +380,21 @@ def _fuse_safe_split_ops(kinds: dict, keyed: set) -> int:
     return fused
 
 
+def _refuse_unkeyed_inputs(piece: PieceInfo, sub: torch.fx.GraphModule, keyed: set) -> None:
+    """A captured piece must not take an input whose size moves with an unkeyed symbol.
+
+    Its static copy would have the capture-time size. The prologue hoisting
+    avoids the common case; this catches the rest and runs the piece eagerly.
+    """
+    for node in sub.graph.nodes:
+        if node.op == "placeholder":
+            foreign = sorted(str(x) for x in _symbols(node_value(node)) - keyed)
+            if foreign:
+                piece.kind = Kind.DYNAMIC
+                piece.reason = f"input {node.name} has dynamic size(s) {', '.join(foreign)} that are not the token count"
+                return
+
+
 def graph_device_is_cuda(gm: torch.fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -414,5 +445,8 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     split = split_module(gm, None, lambda n: piece_of.get(n, 0), keep_original_order=True)
     present = {name for name, _ in split.named_children()}
     pieces = [p for p in pieces if p.name in present]
+    for piece in pieces:
+        if piece.kind is Kind.STATIC:
+            _refuse_unkeyed_inputs(piece, getattr(split, piece.name), keyed)
     return SplitResult(split, pieces, token, sorted(keyed, key=str), mutated, split_nodes, on_cuda, mixing,
                        exact_reason, fused)

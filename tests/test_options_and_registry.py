@@ -44,8 +44,11 @@ def test_mode_keyword_is_accepted():
         parse_options(None, "turbo")
 
 
-def test_max_capture_size_clips_explicit_sizes():
-    assert parse_options({"capture_sizes": [1, 8, 64, 1024], "max_capture_size": 64}).capture_sizes == (1, 8, 64)
+def test_explicit_sizes_set_the_largest_bucket_and_never_drop_silently():
+    assert parse_options({"capture_sizes": [1, 8, 64, 1024]}).max_capture_size == 1024
+    assert parse_options({"capture_sizes": [1, 8, 64], "max_capture_size": 64}).capture_sizes == (1, 8, 64)
+    with pytest.raises(ValueError, match=r"above max_capture_size=64: \[1024\]"):
+        parse_options({"capture_sizes": [1, 8, 64, 1024], "max_capture_size": 64})
 
 
 def test_default_ladder_covers_1_to_512_with_bounded_waste():
