@@ -92,14 +92,17 @@ def _is_static_address(t: torch.Tensor) -> bool:
 
 
 def _recover_from_failed_capture(pool: GraphPool) -> None:
-    # torch's capture_end raises before it tells the allocator that the capture
-    # is over; without this, later allocations on the capture stream would keep
-    # landing in the graph pool.
+    # Only for a capture_end that raised (CUDA invalidated the capture, e.g. a
+    # host sync): torch raises before it tells the allocator that the capture
+    # is over, and later allocations on the capture stream would keep landing
+    # in the graph pool. Calling this after a capture_end that succeeded would
+    # release the pool twice. The CUDA RNG is not restored in that case; pcg
+    # avoids such captures up front (split.py sends host syncs and host-to-device
+    # copies to eager pieces), so this is a last resort.
     try:
         torch._C._cuda_endAllocateToPool(pool.device.index, pool.handle)
     except RuntimeError:
-        pass  # capture_end got that far itself
-    torch.cuda.synchronize(pool.device)
+        pass
 
 
 @dataclasses.dataclass
@@ -191,6 +194,7 @@ class CudaGraphPiece(torch.nn.Module):
         copies, fixed, buffers = [], [], []
         stream = self.pool.stream
         stream.wait_stream(torch.cuda.current_stream())
+        ended = False
         try:
             with torch.cuda.stream(stream):
                 graph.capture_begin(pool=self.pool.handle)
@@ -210,8 +214,11 @@ class CudaGraphPiece(torch.nn.Module):
                     outputs = self.runnable(*static_args)
                 finally:
                     graph.capture_end()
+                    ended = True
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this piece eagerly
-            _recover_from_failed_capture(self.pool)
+            if not ended:
+                _recover_from_failed_capture(self.pool)
+            torch.cuda.synchronize(self.pool.device)
             self.refused = f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
             STATS.eager(self.refused)
             return self.runnable(*args)

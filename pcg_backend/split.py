@@ -249,6 +249,15 @@ def _reads_tensor_on_host(node) -> bool:
     return any(isinstance(node_value(a), torch.Tensor) for a in node.all_input_nodes)
 
 
+def _copies_host_to_device(node) -> bool:
+    """A CUDA result made from host data: `cpu_tensor.to("cuda")`, `torch.tensor([...], device="cuda")`."""
+    if not any(t.device.type == "cuda" for t in _tensors(node_value(node))):
+        return False
+    if _target_name(node) in ("tensor", "as_tensor", "from_numpy"):
+        return True
+    return any(t.device.type == "cpu" for a in node.all_input_nodes for t in _tensors(node_value(a)))
+
+
 def _hoist_to_prologue(gm: torch.fx.GraphModule, roots: dict, mutated: set[str], keyed: set) -> set:
     """Move two kinds of input-only nodes to the top of the graph, into an eager prologue piece.
 
@@ -338,6 +347,9 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
             kinds[node] = (Kind.DYNAMIC, f"writes graph input {writes[0]} in place")
         elif on_cuda and any(t.device.type == "cpu" for t in _tensors(value)):
             kinds[node] = (Kind.DYNAMIC, "produces a CPU tensor inside a CUDA graph")
+        elif on_cuda and _copies_host_to_device(node):
+            kinds[node] = (Kind.DYNAMIC, f"{_target_name(node)}() copies host memory to the GPU, "
+                                         f"which a CUDA graph cannot capture from pageable memory")
         else:
             kinds[node] = (Kind.STATIC, "")
     return kinds, mutated, mixing

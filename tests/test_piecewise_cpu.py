@@ -224,3 +224,23 @@ def test_cudagraph_safe_split_ops_join_pieces_only_at_exact_sizes(capture_split_
         assert pcg_backend.stats()["split_ops_in_graphs"] == s["split_ops_in_graphs"]
     finally:
         pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum)
+
+
+def test_host_to_device_copies_are_found_before_capture():
+    # A capture that fails half-way leaves torch's CUDA state damaged, so pcg finds
+    # host-to-device copies in the graph and runs them eagerly instead of trying.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pcg_backend.split import _copies_host_to_device
+
+    with FakeTensorMode():
+        on_gpu, on_host = torch.empty(3, device="cuda"), torch.empty(3)
+    gm = torch.fx.symbolic_trace(lambda x, y: x.to("cuda") + y)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(output):
+        gm.graph.call_function(torch.tensor, ([1.0, 2.0, 3.0],), {"device": "cuda"})
+    values = {"x": on_host, "y": on_gpu}
+    for node in gm.graph.nodes:
+        node.meta["val"] = values.get(node.name, on_gpu)
+    found = {n.name: _copies_host_to_device(n) for n in gm.graph.nodes if n.op.startswith("call")}
+    assert found == {"to": True, "add": False, "tensor": True}, found
