@@ -17,6 +17,7 @@ drive `CUDAGraph.capture_begin/capture_end` ourselves.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import weakref
 
@@ -81,6 +82,32 @@ def release_pools() -> None:
     _POOLS.clear()
 
 
+_forward = threading.local()
+
+
+def begin_forward(late: bool) -> None:
+    """Tell the pieces whether this forward's key was seen before (see `_capture_pool`)."""
+    _forward.late = late
+    _forward.fresh_handle = None
+
+
+def _capture_pool(pool: GraphPool):
+    """The pool a capture allocates from.
+
+    Captures of a key's first forward go to the shared pool: every piece is
+    captured in order, each one's outputs held while the next is captured, so
+    replays reproduce a consistent layout. A capture in a *later* forward of the
+    same key (weights or state at new addresses) sits between pieces that
+    replay, whose outputs the allocator sees as free (weak aliases): in the
+    shared pool it could land on them. It gets a fresh pool, one per forward.
+    """
+    if not getattr(_forward, "late", False):
+        return pool.handle
+    if _forward.fresh_handle is None:
+        _forward.fresh_handle = torch.cuda.graph_pool_handle()
+    return _forward.fresh_handle
+
+
 def any_pool_owns(t: torch.Tensor) -> bool:
     return any(p.owns(t) for p in _POOLS.values())
 
@@ -91,7 +118,7 @@ def _is_static_address(t: torch.Tensor) -> bool:
     return isinstance(t, torch.nn.Parameter) or hasattr(t, "_dynamo_static_input_type")
 
 
-def _recover_from_failed_capture(pool: GraphPool) -> None:
+def _recover_from_failed_capture(device: torch.device, handle) -> None:
     # Only for a capture_end that raised (CUDA invalidated the capture, e.g. a
     # host sync): torch raises before it tells the allocator that the capture
     # is over, and later allocations on the capture stream would keep landing
@@ -100,7 +127,7 @@ def _recover_from_failed_capture(pool: GraphPool) -> None:
     # avoids such captures up front (split.py sends host syncs and host-to-device
     # copies to eager pieces), so this is a last resort.
     try:
-        torch._C._cuda_endAllocateToPool(pool.device.index, pool.handle)
+        torch._C._cuda_endAllocateToPool(device.index, handle)
     except RuntimeError:
         pass
 
@@ -197,7 +224,8 @@ class CudaGraphPiece(torch.nn.Module):
         ended = False
         try:
             with torch.cuda.stream(stream):
-                graph.capture_begin(pool=self.pool.handle)
+                handle = _capture_pool(self.pool)
+                graph.capture_begin(pool=handle)
                 try:
                     for i, a in enumerate(args):
                         if not isinstance(a, torch.Tensor):
@@ -217,7 +245,7 @@ class CudaGraphPiece(torch.nn.Module):
                     ended = True
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this piece eagerly
             if not ended:
-                _recover_from_failed_capture(self.pool)
+                _recover_from_failed_capture(self.pool.device, handle)
             torch.cuda.synchronize(self.pool.device)
             self.refused = f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
             STATS.eager(self.refused)

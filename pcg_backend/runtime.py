@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import context
 from .buckets import Ladder, fit_dims, pad_dims, slice_dims
-from .cudagraph import CudaGraphPiece, any_pool_owns
+from .cudagraph import CudaGraphPiece, any_pool_owns, begin_forward
 from .options import PcgOptions
 from .split import SplitResult, node_value
 from .stats import STATS
@@ -141,6 +141,7 @@ class PiecewiseRunner:
         self.upfront = (opts.capture == "upfront" and cuda_graphs and self._token_getter is not None
                         and not self.unpaddable)
         self._captured_keys: set[tuple] = set()
+        self._seen_keys: set[tuple] = set()   # capture keys that have had a forward (cudagraph.begin_forward)
         self._param_index: int | None = None
         # Dynamo gives a token count of 1 its own static graph, so a dynamic
         # graph never sees sizes below its symbol's lower bound.
@@ -178,6 +179,9 @@ class PiecewiseRunner:
         if bucket is not None and bucket != ctx.num_tokens:
             args = self._pad(list(args), bucket)
             STATS.padded_calls += 1
+        if ctx.capture_key is not None:
+            begin_forward(late=ctx.capture_key in self._seen_keys)
+            self._seen_keys.add(ctx.capture_key)
         with context.forward_context(ctx):
             outs = self.module(*args)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
@@ -219,6 +223,8 @@ class PiecewiseRunner:
             # their work is what a real call would do: e.g. a static KV cache
             # is never asked to hold more rows than the caller's call writes.
             ctx = context.ForwardContext(min(n, bucket), bucket, (bucket, *rest), warmup=True)
+            begin_forward(late=ctx.capture_key in self._seen_keys)
+            self._seen_keys.add(ctx.capture_key)
             with context.forward_context(ctx):
                 self.module(*fitted)
         torch.cuda.synchronize()
