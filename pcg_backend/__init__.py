@@ -5,19 +5,22 @@
 
 Importing this package registers the "pcg" backend; after `pip install .`
 the `torch_dynamo_backends` entry point registers it without an import.
-Reading order: backend -> split -> runtime -> cudagraph, with buckets,
-context and stats beside them; split ops live in `ops/`, HF routing in `hf/`.
+Reading order: backend -> split -> runtime -> cudagraph (captured pieces) and
+eager_pieces (split ops and pieces that cannot be captured), with options,
+buckets, context and stats beside them; split ops live in `ops/`, HF routing
+in `hf/`, the benchmark in `bench.py`.
 """
 
 from __future__ import annotations
 
 from . import context
 from .backend import pcg_backend
+from .eager_pieces import UndeclaredWriteError
 from .ops.registry import is_split_op, register_split_op, unregister_split_op
 from .stats import STATS
 
 __all__ = [
-    "context", "pcg_backend", "register_split_op", "unregister_split_op", "is_split_op",
+    "context", "pcg_backend", "register_split_op", "unregister_split_op", "is_split_op", "UndeclaredWriteError",
     "stats", "reset_stats", "report",
 ]
 __version__ = "0.1.0"

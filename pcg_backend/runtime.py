@@ -110,11 +110,7 @@ class PiecewiseRunner:
                 if token in val.node.expr.free_symbols:
                     self.sym_plan.append((i, _size_fn(val.node.expr, token, self.other_symbols)))
             elif isinstance(val, torch.Tensor):
-                dims = {
-                    d: _size_fn(size.node.expr, token, self.other_symbols)
-                    for d, size in enumerate(val.shape)
-                    if isinstance(size, torch.SymInt) and token in size.node.expr.free_symbols
-                }
+                dims = self._token_dims(val)
                 if dims:
                     self.pad_plan.append(_DimPlan(i, dims))
         self.unpaddable = split.exact_reason
@@ -128,11 +124,7 @@ class PiecewiseRunner:
         for j, out in enumerate(flat):
             val = node_value(out) if isinstance(out, torch.fx.Node) else None
             if token is not None and isinstance(val, torch.Tensor):
-                dims = {
-                    d: _size_fn(size.node.expr, token, self.other_symbols)
-                    for d, size in enumerate(val.shape)
-                    if isinstance(size, torch.SymInt) and token in size.node.expr.free_symbols
-                }
+                dims = self._token_dims(val)
                 if dims:
                     self.out_plan.append(_DimPlan(j, dims))
         if self.unpaddable:
@@ -194,6 +186,14 @@ class PiecewiseRunner:
             if isinstance(o, torch.Tensor) and any_pool_owns(o):
                 outs[j] = o.clone()
         return outs[0] if self.single_output else tuple(outs)
+
+    def _token_dims(self, value: torch.Tensor) -> dict:
+        """dim -> size function (None: the token count itself) for every dim that grows with tokens."""
+        return {
+            d: _size_fn(size.node.expr, self.token, self.other_symbols)
+            for d, size in enumerate(value.shape)
+            if isinstance(size, torch.SymInt) and self.token in size.node.expr.free_symbols
+        }
 
     def _weights_address(self, args) -> int | None:
         if self._param_index is None:
