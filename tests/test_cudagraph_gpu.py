@@ -205,8 +205,8 @@ def test_dynamo_reset_frees_the_graphs_and_their_pool():
     assert after <= 0, f"{after} bytes still reserved after reset"
 
 
-def test_host_sync_piece_falls_back_alone(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
+@torch._dynamo.config.patch(capture_scalar_outputs=True)   # monkeypatch would delete the config key on undo
+def test_host_sync_piece_falls_back_alone():
     lin = torch.nn.Linear(16, 16).cuda()
 
     def f(x):

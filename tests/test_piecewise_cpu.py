@@ -168,8 +168,8 @@ def test_reduction_over_tokens_outside_a_split_op_turns_padding_off():
     assert "mix tokens outside a split op" in pcg_backend.report()
 
 
-def test_host_read_of_a_tensor_value_runs_eagerly(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
+@torch._dynamo.config.patch(capture_scalar_outputs=True)   # monkeypatch would delete the config key on undo
+def test_host_read_of_a_tensor_value_runs_eagerly():
     lin = torch.nn.Linear(4, 4)
 
     def f(x):
