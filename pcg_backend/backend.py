@@ -18,7 +18,9 @@ from .buckets import Ladder
 from .cudagraph import CudaGraphPiece, pool_for, release_pools
 from .eager_pieces import EagerPiece, SplitOpPiece
 from .options import parse_options
-from .split import Kind, node_value, op_argument_names, split_graph, written_inputs
+from .fx_facts import node_value, op_argument_names, written_inputs
+from .node_kinds import Kind
+from .split import split_graph
 from .stats import STATS, GraphRecord
 
 log = logging.getLogger("pcg_backend")

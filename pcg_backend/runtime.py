@@ -30,7 +30,8 @@ from . import context
 from .buckets import Ladder, fit_dims, pad_dims, slice_dims
 from .cudagraph import CudaGraphPiece, any_pool_owns, begin_forward
 from .options import PcgOptions
-from .split import SplitResult, node_value
+from .fx_facts import node_value
+from .split import SplitResult
 from .stats import STATS
 
 

@@ -187,7 +187,7 @@ def test_host_read_of_a_tensor_value_runs_eagerly():
 
 def test_decode_batch_is_keyed_not_padded():
     # (B, 1, H): the symbolic batch is not a token count; the state it indexes cannot be padded.
-    from pcg_backend.split import _row_symbol
+    from pcg_backend.token_dim import _row_symbol
 
     b = torch.fx.experimental.symbolic_shapes.ShapeEnv().create_unbacked_symint()
     assert _row_symbol((b, 1, 16)) is None
@@ -231,7 +231,7 @@ def test_host_to_device_copies_are_found_before_capture():
     # host-to-device copies in the graph and runs them eagerly instead of trying.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from pcg_backend.split import _copies_host_to_device
+    from pcg_backend.node_kinds import _copies_host_to_device
 
     with FakeTensorMode():
         on_gpu, on_host = torch.empty(3, device="cuda"), torch.empty(3)

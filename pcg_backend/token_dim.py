@@ -1,0 +1,90 @@
+"""Which dim of a graph is the token count, and whether the graph may be padded along it.
+
+The token dim is the row dim (dim -2) of each split op's first argument: `S`
+in `(B, S, H)`, `T` in `(T, H)`. A graph whose split ops all see a static row
+dim (a decode step, `(B, 1, H)`) has no token dim: its other symbols are keyed
+exactly, since the per-sequence state they index cannot be padded.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import sympy
+import torch
+import torch.fx
+
+from .fx_facts import symbols_of, node_value
+from .ops.registry import split_op_name
+
+
+def _row_symbol(shape):
+    """The symbol of the row dim: the one before the features (dim -2), or dim 0 of a 1-D tensor.
+
+    Only that dim: in a decode step (B, 1, H) the batch B is symbolic but it is
+    not a token count. Padding it would mean padding the per-sequence state
+    that split ops read, so B is keyed exactly instead.
+    """
+    if len(shape) == 0:
+        return None
+    dim = shape[-2] if len(shape) >= 2 else shape[0]
+    if isinstance(dim, torch.SymInt) and isinstance(dim.node.expr, sympy.Symbol):
+        return dim.node.expr
+    return None
+
+
+def find_token_symbol(gm: torch.fx.GraphModule):
+    """Pick the symbol to pad and the symbols captures are keyed on.
+
+    The token dim is the innermost symbolic non-feature dim of each split op's
+    first tensor argument (its activation, features last): S in (B, S, H), T
+    in (T, H). Other symbols of
+    that activation (a dynamic batch) are keyed exactly. Symbols that never
+    reach a split op's activation (a KV length) make their nodes DYNAMIC.
+    """
+    votes: collections.Counter = collections.Counter()
+    keyed: set = set()
+    has_split_ops = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and split_op_name(node.target):
+            has_split_ops = True
+            first = next((a for a in node.args if isinstance(a, torch.fx.Node)
+                          and isinstance(node_value(a), torch.Tensor)), None)
+            if first is None:
+                continue
+            row = _row_symbol(node_value(first).shape)
+            if row is not None:
+                votes[row] += 1
+            keyed |= symbols_of(node_value(first))
+    if votes:
+        return votes.most_common(1)[0][0], keyed
+    if has_split_ops:
+        # Split ops with static activations (a decode step): nothing to pad, and
+        # any symbol in the graph (a KV length) is not a token count.
+        return None, keyed
+    # No split op with a dynamic activation: use the first dynamic graph input.
+    all_syms: set = set()
+    token = None
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node_value(node)
+        if isinstance(val, torch.Tensor) and not isinstance(val, torch.nn.Parameter):
+            all_syms |= symbols_of(val)
+            if token is None:
+                token = _row_symbol(val.shape)
+    return token, all_syms
+
+
+def exact_size_reason(gm: torch.fx.GraphModule, token, mutated: set[str], mixing: list[str]) -> str | None:
+    """Why this graph must run at exact bucket sizes (never padded), or None if it can be padded."""
+    if token is None:
+        return None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in mutated and token in symbols_of(node_value(node)):
+            return (f"graph input {node.name} is written in place and has the token dim, so it "
+                    f"cannot be replaced by a padded copy; only exact bucket sizes use CUDA graphs")
+    if mixing:
+        return (f"node(s) {', '.join(mixing[:3])} mix tokens outside a split op (a reduction "
+                f"or index over the token dim) and would see padded rows; only exact bucket sizes use CUDA graphs")
+    return None
