@@ -222,9 +222,9 @@ class CudaGraphPiece(torch.nn.Module):
         stream = self.pool.stream
         stream.wait_stream(torch.cuda.current_stream())
         ended = False
+        handle = _capture_pool(self.pool)
         try:
             with torch.cuda.stream(stream):
-                handle = _capture_pool(self.pool)
                 graph.capture_begin(pool=handle)
                 try:
                     for i, a in enumerate(args):
