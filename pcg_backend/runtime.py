@@ -228,7 +228,8 @@ class PiecewiseRunner:
             self._seen_keys.add(ctx.capture_key)
             with context.forward_context(ctx):
                 self.module(*fitted)
-        torch.cuda.synchronize()
+        if self.cuda_graphs:
+            torch.cuda.synchronize()
         graphs = STATS.cuda_graphs_captured - captured
         pieces = sum(isinstance(m, CudaGraphPiece) for m in self.module.children())
         summary = (

@@ -244,3 +244,44 @@ def test_host_to_device_copies_are_found_before_capture():
         node.meta["val"] = values.get(node.name, on_gpu)
     found = {n.name: _copies_host_to_device(n) for n in gm.graph.nodes if n.op.startswith("call")}
     assert found == {"to": True, "add": False, "tensor": True}, found
+
+
+def test_upfront_capture_forwards_leave_model_state_alone(monkeypatch):
+    # The up-front capture's forwards, driven by hand on CPU (where pcg never starts them itself):
+    # every bucket runs on the caller's inputs fitted to it, split ops see the caller's real count
+    # cut to the bucket, and the state they write is a private copy.
+    from pcg_backend import backend
+    from toy_models import StatefulToyModel
+
+    runners = []
+
+    def recording_backend(gm, example_inputs, **kw):
+        runner = backend.pcg_backend(gm, example_inputs, options={"capture_sizes": SIZES, "progress": False})
+
+        def call(*args):
+            runners.append((runner, args))
+            return runner(*args)
+
+        return call
+
+    torch.manual_seed(0)
+    model = StatefulToyModel(layers=2)
+    compiled = torch.compile(model, backend=recording_backend, dynamic=True)
+    state = model.new_state()
+    compiled(torch.randn(5, 16), state)
+    runner, args = runners[-1]
+    kept = state.clone()
+    seen = []
+    original = context.forward_context
+
+    def spy(ctx):
+        seen.append((ctx.padded_tokens, ctx.num_tokens, ctx.warmup))
+        return original(ctx)
+
+    monkeypatch.setattr(context, "forward_context", spy)
+    before = toy.CALLS["running_sum"]
+    runner._capture_every_bucket(args, ())
+    assert torch.equal(state, kept)                                   # model state untouched
+    assert seen == [(16, 5, True), (8, 5, True), (4, 4, True), (2, 2, True)]
+    assert toy.CALLS["running_sum"] - before == 2 * 4                 # both layers, at every bucket
+    assert "captured 0 CUDA graphs (0 pieces x 4 buckets 2..16" in pcg_backend.stats()["capture_summaries"][-1]
