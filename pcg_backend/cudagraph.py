@@ -140,6 +140,16 @@ class _Entry:
     scalars: list[tuple[int, object]]        # arg index -> Python value baked into the graph
     outputs: tuple
 
+    def matches(self, args) -> bool:
+        """True if this graph may replay for `args` (plain loops: this runs on every replay)."""
+        for i, ptr in self.fixed:
+            if args[i].data_ptr() != ptr:
+                return False
+        for i, value in self.scalars:
+            if args[i] != value:
+                return False
+        return True
+
 
 class CaptureRefused(RuntimeError):
     """A piece whose inputs make capture impossible (e.g. a CPU tensor)."""
@@ -185,8 +195,7 @@ class CudaGraphPiece(torch.nn.Module):
             return self.runnable(*args)
         entry = None
         for candidate in self.entries.get(key, ()):
-            if (all(args[i].data_ptr() == ptr for i, ptr in candidate.fixed)
-                    and all(args[i] == value for i, value in candidate.scalars)):
+            if candidate.matches(args):
                 entry = candidate
                 break
         if entry is None:

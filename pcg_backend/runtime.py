@@ -173,8 +173,7 @@ class PiecewiseRunner:
             args = self._pad(list(args), bucket)
             STATS.padded_calls += 1
         if ctx.capture_key is not None:
-            begin_forward(late=ctx.capture_key in self._seen_keys)
-            self._seen_keys.add(ctx.capture_key)
+            self._begin_forward(ctx.capture_key)
         with context.forward_context(ctx):
             outs = self.module(*args)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
@@ -187,6 +186,12 @@ class PiecewiseRunner:
             if isinstance(o, torch.Tensor) and any_pool_owns(o):
                 outs[j] = o.clone()
         return outs[0] if self.single_output else tuple(outs)
+
+    def _begin_forward(self, key: tuple) -> None:
+        late = key in self._seen_keys
+        if not late:
+            self._seen_keys.add(key)
+        begin_forward(late)
 
     def _token_dims(self, value: torch.Tensor) -> dict:
         """dim -> size function (None: the token count itself) for every dim that grows with tokens."""
@@ -224,8 +229,7 @@ class PiecewiseRunner:
             # their work is what a real call would do: e.g. a static KV cache
             # is never asked to hold more rows than the caller's call writes.
             ctx = context.ForwardContext(min(n, bucket), bucket, (bucket, *rest), warmup=True)
-            begin_forward(late=ctx.capture_key in self._seen_keys)
-            self._seen_keys.add(ctx.capture_key)
+            self._begin_forward(ctx.capture_key)
             with context.forward_context(ctx):
                 self.module(*fitted)
         if self.cuda_graphs:
