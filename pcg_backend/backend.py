@@ -17,9 +17,9 @@ import torch
 from .buckets import Ladder
 from .cudagraph import CudaGraphPiece, pool_for, release_pools
 from .eager_pieces import EagerPiece, SplitOpPiece
-from .options import parse_options
 from .fx_facts import node_value, op_argument_names, written_inputs
 from .node_kinds import Kind
+from .options import parse_options
 from .split import split_graph
 from .stats import STATS, GraphRecord
 
@@ -149,6 +149,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
 
 
 from .runtime import PiecewiseRunner  # noqa: E402  (runtime imports nothing from here; kept last for reading order)
+
 
 def reset() -> None:
     """Called by `torch._dynamo.reset()`: destroy every captured graph and drop the shared pools.

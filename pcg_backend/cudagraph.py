@@ -24,6 +24,7 @@ import weakref
 import torch
 
 from . import context
+from .eager_pieces import private_copies
 from .stats import STATS
 
 
@@ -225,7 +226,7 @@ class CudaGraphPiece(torch.nn.Module):
         # Warm up outside the capture: lazy inits (cuBLAS handles, Triton
         # autotuning) must not happen while the stream is capturing. Written
         # inputs get private copies there, or the state would advance twice.
-        self.runnable(*(a.clone() if i in self.written else a for i, a in enumerate(args)))
+        self.runnable(*private_copies(args, self.written))
         start = time.perf_counter()
         reserved = torch.cuda.memory_reserved(self.pool.device)
         graph = torch.cuda.CUDAGraph()

@@ -20,7 +20,8 @@ from . import context
 from .stats import STATS
 
 
-def _private_copies(args: tuple, written: dict[int, str]) -> tuple:
+def private_copies(args: tuple, written) -> tuple:
+    """`args` with a clone in place of every tensor at an index in `written`."""
     args = list(args)
     for i in written:
         if isinstance(args[i], torch.Tensor):
@@ -40,7 +41,7 @@ class EagerPiece(torch.nn.Module):
     def forward(self, *args):
         ctx = context.current()
         if ctx is not None and ctx.warmup:
-            return self.runnable(*_private_copies(args, self.written))
+            return self.runnable(*private_copies(args, self.written))
         reason = self.reason
         if reason is None:
             reason = ctx.eager_reason if ctx is not None else "called outside a pcg forward"
@@ -69,7 +70,7 @@ class SplitOpPiece(torch.nn.Module):
     def forward(self, *args):
         ctx = context.current()
         if ctx is not None and ctx.warmup:
-            args = _private_copies(args, self.written)
+            args = private_copies(args, self.written)
         if self.checked:
             return self.runnable(*args)
         read_only = [(i, a, a._version) for i, a in enumerate(args)

@@ -28,7 +28,7 @@ class Kind(enum.Enum):
     SPLIT = "split"
     STATIC = "static"
     DYNAMIC = "dynamic"
-    HOST = "host"  # only SymInt arithmetic between two split ops: nothing to capture
+    HOST = "host"  # size arithmetic and views of inputs: runs as is, nothing to capture
 
 
 def _reads_tensor_on_host(node) -> bool:

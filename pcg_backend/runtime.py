@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from . import context
 from .buckets import Ladder, fit_dims, pad_dims, slice_dims
 from .cudagraph import CudaGraphPiece, any_pool_owns, begin_forward
-from .options import PcgOptions
 from .fx_facts import node_value
+from .options import PcgOptions
 from .split import SplitResult
 from .stats import STATS
 

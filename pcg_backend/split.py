@@ -38,12 +38,10 @@ class SplitResult:
     pieces: list[PieceInfo]
     token_symbol: sympy.Symbol | None
     keyed_symbols: list[sympy.Symbol]
-    mutated_placeholders: set[str]
     split_op_nodes: int
     on_cuda: bool
-    token_mixing_nodes: list[str]
-    exact_reason: str | None = None   # why only exact bucket sizes may use CUDA graphs, if so
-    fused_split_ops: int = 0          # cudagraph-safe split ops captured inside pieces
+    exact_reason: str | None   # why only exact bucket sizes may use CUDA graphs, if so
+    fused_split_ops: int       # cudagraph-safe split ops captured inside pieces
 
 
 def _refuse_unkeyed_inputs(piece: PieceInfo, sub: torch.fx.GraphModule, keyed: set) -> None:
@@ -114,5 +112,4 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     for piece in pieces:
         if piece.kind is Kind.STATIC:
             _refuse_unkeyed_inputs(piece, getattr(split, piece.name), keyed)
-    return SplitResult(split, pieces, token, sorted(keyed, key=str), mutated, split_nodes, on_cuda, mixing,
-                       exact_reason, fused)
+    return SplitResult(split, pieces, token, sorted(keyed, key=str), split_nodes, on_cuda, exact_reason, fused)
