@@ -51,12 +51,26 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[device.index]
 
 
+def _owned_pool(device: torch.device) -> torch.cuda.MemPool:
+    """A graph memory pool that lives as long as this object, not as long as its graphs.
+
+    With a bare `graph_pool_handle()` the allocator creates the pool on the
+    first capture and drops it when the last graph using it is destroyed. If
+    that first capture fails (a host sync hidden inside an opaque op), its
+    graph dies, the pool goes with it, and every later capture into the same
+    handle trips an allocator assert. A `MemPool` holds its own reference.
+    """
+    with torch.cuda.device(device):
+        return torch.cuda.MemPool()
+
+
 class GraphPool:
     """The one memory pool and capture stream shared by all pieces on a device."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.handle = torch.cuda.graph_pool_handle()
+        self._mempool = _owned_pool(device)
+        self.handle = self._mempool.id
         self.stream = _capture_stream(device)
         self._storages: set[int] = set()
 
@@ -81,6 +95,7 @@ def pool_for(device: torch.device) -> GraphPool:
 def release_pools() -> None:
     """Drop every pool (after `torch._dynamo.reset()` the graphs that used them are gone)."""
     _POOLS.clear()
+    _forward.fresh = None
 
 
 _forward = threading.local()
@@ -89,7 +104,7 @@ _forward = threading.local()
 def begin_forward(late: bool) -> None:
     """Tell the pieces whether this forward's key was seen before (see `_capture_pool`)."""
     _forward.late = late
-    _forward.fresh_handle = None
+    _forward.fresh = None
 
 
 def _capture_pool(pool: GraphPool):
@@ -104,9 +119,9 @@ def _capture_pool(pool: GraphPool):
     """
     if not getattr(_forward, "late", False):
         return pool.handle
-    if _forward.fresh_handle is None:
-        _forward.fresh_handle = torch.cuda.graph_pool_handle()
-    return _forward.fresh_handle
+    if getattr(_forward, "fresh", None) is None:
+        _forward.fresh = _owned_pool(pool.device)
+    return _forward.fresh.id
 
 
 def any_pool_owns(t: torch.Tensor) -> bool:

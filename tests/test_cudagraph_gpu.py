@@ -228,6 +228,49 @@ def test_host_sync_piece_falls_back_alone():
     assert s["cuda_graphs_captured"] >= 4      # the piece before the split op is still captured per bucket
 
 
+@torch.library.custom_op("pcg_test::hidden_host_sync", mutates_args=())
+def _hidden_host_sync(x: torch.Tensor) -> torch.Tensor:
+    # Like HF's MoE `grouped_mm_fallback`: an opaque op that reads device values on the host.
+    scale = float(sum(x[:1, :1].abs().flatten().tolist()) > -1.0)
+    return x * scale
+
+
+@_hidden_host_sync.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_failed_first_capture_leaves_the_pool_usable():
+    # The sync is invisible in the FX graph, so only the capture finds it. It is
+    # the very first capture into a fresh pool; before pools were owned by pcg,
+    # that failure dropped the pool and every later capture hit an allocator assert.
+    lin = torch.nn.Linear(16, 16).cuda()
+
+    def f(x):
+        y = torch.ops.pcg_test.hidden_host_sync(lin(x))
+        out = torch.empty_like(y)
+        torch.ops.pcg_toy.mix(y, out)
+        return lin(out) * 2
+
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES, "progress": False}, dynamic=True)
+    calls = [3, 4, 16, 9]
+    for n in calls:
+        x = torch.randn(n, 16, device="cuda")
+        torch.testing.assert_close(compiled(x), f(x), atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    failed = [r for r in s["eager_reasons"] if "CUDA graph capture failed" in r]
+    assert len(failed) == 1 and "submod_0" in failed[0], s["eager_reasons"]
+    dynamic_buckets = [b for b in SIZES if b > 1]
+    # the piece after the split op: every bucket, up front, then one replay per call
+    assert s["cuda_graphs_captured"] == len(dynamic_buckets), pcg_backend.report()
+    assert s["cuda_graph_replays"] == len(calls)
+    # a second graph afterwards (static shapes: one capture) uses the same pool as usual
+    g = torch.compile(lambda x: lin(x).relu() + 1, backend="pcg", options={"capture_sizes": SIZES})
+    x = torch.randn(8, 16, device="cuda")
+    torch.testing.assert_close(g(x), lin(x).relu() + 1, atol=ATOL, rtol=0)
+    assert pcg_backend.stats()["cuda_graphs_captured"] == len(dynamic_buckets) + 1
+
+
 def test_safe_split_ops_are_captured_at_exact_size_and_state_advances_once():
     from toy_models import StatefulToyModel
 
