@@ -118,11 +118,14 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
         capturable += 1
         runnable = _compile_piece(sub, opts.compiler)
         written = written_inputs(sub)
-        wrapper = (CudaGraphPiece(runnable, f"{name}.{piece.name}", pool, written) if pool
-                   else EagerPiece(runnable, None, written))
+        wrapper = (CudaGraphPiece(runnable, f"{name}.{piece.name}", pool, written, write_back=split.paddable)
+                   if pool else EagerPiece(runnable, None, written))
         setattr(split.module, piece.name, wrapper)
 
-    if split.fused_split_ops:
+    if split.fused_split_ops and split.paddable:
+        notes.append(f"{split.fused_split_ops} padding-safe split op(s) captured inside pieces at every bucket "
+                     f"(they read the real token count on the device)")
+    elif split.fused_split_ops:
         notes.append(f"{split.fused_split_ops} cudagraph-safe split op(s) captured inside pieces: the graph "
                      f"always runs at its exact size ({split.exact_reason or 'no token dim'})")
     if split.split_op_nodes == 0:

@@ -4,6 +4,11 @@ Split ops receive activations padded to the bucket size. They call
 `current()` to learn the real token count, slice their inputs to it, and
 zero the padded rows of their outputs. Outside a pcg forward (plain eager),
 `current()` returns None and `real_tokens(default)` returns the default.
+
+Split ops captured inside padded graphs (registered `padding_safe`) cannot
+slice on the host: the captured graph replays for every count in its bucket.
+For them pcg also publishes the count on the device, in one buffer per device
+whose address never changes (`device_token_count`), refilled before each forward.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+
+import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +37,7 @@ class ForwardContext:
     capture_key: tuple | None = None
     eager_reason: str = ""
     warmup: bool = False
+    device_count: torch.Tensor | None = None   # holds num_tokens, for padding-safe ops captured in pieces
 
     @property
     def is_padded(self) -> bool:
@@ -50,6 +58,28 @@ def real_tokens(padded: int) -> int:
     if ctx is None or ctx.num_tokens is None or ctx.padded_tokens != padded:
         return padded
     return ctx.num_tokens
+
+
+def device_token_count(padded: int) -> torch.Tensor | None:
+    """The real token count as a 1-element int64 tensor on the device, if pcg published one for `padded` rows.
+
+    None means: slice on the host with `real_tokens` (plain eager, or a split
+    op that runs eagerly between pieces).
+    """
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None or ctx.device_count is None or ctx.padded_tokens != padded:
+        return None
+    return ctx.device_count
+
+
+_COUNT_BUFFERS: dict[torch.device, torch.Tensor] = {}
+
+
+def count_buffer(device: torch.device) -> torch.Tensor:
+    """The per-device buffer behind `device_token_count` (captured graphs read it at this address)."""
+    if device not in _COUNT_BUFFERS:
+        _COUNT_BUFFERS[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return _COUNT_BUFFERS[device]
 
 
 @contextlib.contextmanager

@@ -155,6 +155,7 @@ class _Entry:
     fixed: list[tuple[int, int]]             # arg index -> data_ptr that must not change
     scalars: list[tuple[int, object]]        # arg index -> Python value baked into the graph
     outputs: tuple
+    written_back: list[tuple[int, torch.Tensor]]  # written inputs captured in a static buffer: copied back
 
     def matches(self, args) -> bool:
         """True if this graph may replay for `args` (plain loops: this runs on every replay)."""
@@ -178,15 +179,22 @@ class CudaGraphPiece(torch.nn.Module):
     # even if a caller still holds a compiled function.
     _live: "weakref.WeakSet[CudaGraphPiece]" = weakref.WeakSet()
 
-    def __init__(self, runnable, name: str, pool: GraphPool, written: dict[int, str] | None = None):
+    def __init__(self, runnable, name: str, pool: GraphPool, written: dict[int, str] | None = None,
+                 write_back: bool = False):
         super().__init__()
         self.runnable = runnable
         self.name = name
         self.pool = pool
         # Inputs the piece writes in place (state written by a captured split
-        # op): captured at their own address, never through a static copy,
-        # because the write must reach the caller's tensor.
+        # op). In graphs at exact sizes (decode) they are captured at their
+        # own address: a cache keeps its state tensors from step to step, so
+        # that costs no copies. In padded graphs (prefill, `write_back`) they
+        # go through a static buffer like any input, and are copied back
+        # after the replay: each prefill may bring a new cache, and a graph
+        # per cache address would mean recapturing on live traffic.
         self.written = frozenset(written or ())
+        self.write_back = write_back
+        self._fixed_written = frozenset() if write_back else self.written
         # Per key, one entry per set of static-input addresses: two models
         # sharing Dynamo's compiled code each get their own graphs.
         self.entries: dict[tuple, list[_Entry]] = {}
@@ -226,8 +234,16 @@ class CudaGraphPiece(torch.nn.Module):
             if arg.data_ptr() != static.data_ptr():
                 static.copy_(arg)
         entry.graph.replay()
+        if entry.written_back and not ctx.warmup:
+            self._write_back(entry.written_back, args)
         STATS.cuda_graph_replays += 1
         return entry.outputs
+
+    @staticmethod
+    def _write_back(written_back, args) -> None:
+        for i, static in written_back:
+            if args[i].data_ptr() != static.data_ptr():
+                args[i].copy_(static)
 
     # Called once per piece per forward: skip nn.Module.__call__'s hook machinery.
     __call__ = forward
@@ -258,7 +274,7 @@ class CudaGraphPiece(torch.nn.Module):
                     for i, a in enumerate(args):
                         if not isinstance(a, torch.Tensor):
                             continue
-                        if _is_static_address(a) or i in self.written:
+                        if _is_static_address(a) or i in self._fixed_written:
                             fixed.append((i, a.data_ptr()))
                             continue
                         if not self.pool.owns(a):
@@ -282,6 +298,10 @@ class CudaGraphPiece(torch.nn.Module):
         for i, buf in buffers:
             buf.copy_(args[i])
         graph.replay()
+        written_back = [(i, t) for i, t in copies if i in self.written]
+        # An up-front capture forward must leave the caller's state as it was.
+        if written_back and not context.current().warmup:
+            self._write_back(written_back, args)
         single = not isinstance(outputs, (tuple, list))
         weak_outputs = []
         for o in ([outputs] if single else outputs):
@@ -303,6 +323,7 @@ class CudaGraphPiece(torch.nn.Module):
             fixed,
             [(i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor)],
             weak_outputs[0] if single else tuple(weak_outputs),
+            [(i, weak_alias(t)) for i, t in written_back],
         ))
         # The replay right after capture is part of the capture, not counted as a replay.
         STATS.cuda_graphs_captured += 1

@@ -21,7 +21,7 @@ import torch.fx
 
 from .fx_facts import (DATA_FREE, input_roots, written_args, symbols_of, target_name, tensors_in,
                        node_value)
-from .ops.registry import is_cudagraph_safe, split_op_name
+from .ops.registry import is_cudagraph_safe, is_padding_safe, split_op_name
 
 
 class Kind(enum.Enum):
@@ -154,16 +154,20 @@ def _foreign_symbols(node, keyed: set) -> list[str]:
     return sorted(str(s) for s in syms - keyed)
 
 
-def _fuse_safe_split_ops(kinds: dict, keyed: set) -> int:
-    """In a graph that always runs at its exact size, capture cudagraph-safe split ops with their neighbours.
+def _fuse_safe_split_ops(kinds: dict, keyed: set, padded: bool) -> int:
+    """Capture safe split ops together with their neighbours; return how many.
 
-    Nothing is padded there, so the op sees exactly the rows it would see
-    eagerly, and its launches can live in the graph. Ops whose shapes move
-    with another symbol (attention over a growing KV cache) stay eager.
+    In a graph that always runs at its exact size (`padded=False`) nothing is
+    padded, so a `cudagraph_safe` op sees exactly the rows it would see
+    eagerly, and its launches can live in the graph. In a padded graph only
+    `padding_safe` ops qualify: they read the real count from the device.
+    Ops whose shapes move with another symbol (attention over a growing KV
+    cache) stay eager either way.
     """
+    safe = is_padding_safe if padded else is_cudagraph_safe
     fused = 0
     for node, (kind, name) in list(kinds.items()):
-        if kind is Kind.SPLIT and is_cudagraph_safe(name) and not _foreign_symbols(node, keyed):
+        if kind is Kind.SPLIT and safe(name) and not _foreign_symbols(node, keyed):
             kinds[node] = (Kind.STATIC, "")
             fused += 1
     return fused

@@ -115,6 +115,11 @@ class PiecewiseRunner:
                 if dims:
                     self.pad_plan.append(_DimPlan(i, dims))
         self.unpaddable = split.exact_reason
+        # Padding-safe split ops inside pieces read the real count from this buffer.
+        self.count = None
+        if split.needs_device_count:
+            device = next(node_value(n).device for n in placeholders if isinstance(node_value(n), torch.Tensor))
+            self.count = context.count_buffer(device)
 
         # Which outputs get sliced back to the real size.
         output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
@@ -149,15 +154,23 @@ class PiecewiseRunner:
             return context.ForwardContext(None, None, ("static", *key)), None
         n = self._token_getter(args)
         bucket = self.ladder.bucket(n)
+        count = self._publish_count(n)
         if bucket is None:
             reason = f"token count above the largest bucket {self.ladder.largest}"
-            return context.ForwardContext(n, n, None, reason), None
+            return context.ForwardContext(n, n, None, reason, device_count=count), None
         if self.unpaddable and bucket != n:
             return context.ForwardContext(n, n, None, f"{self.name}: token count is not a bucket size and the graph cannot be padded"), None
         if not self.cuda_graphs:
-            return context.ForwardContext(n, bucket, None, self.off_reason), bucket
+            return context.ForwardContext(n, bucket, None, self.off_reason, device_count=count), bucket
         key = (bucket, *(g(args) for g in self._key_getters))
-        return context.ForwardContext(n, bucket, key), bucket
+        return context.ForwardContext(n, bucket, key, device_count=count), bucket
+
+    def _publish_count(self, n: int) -> torch.Tensor | None:
+        # fill_ launches one tiny kernel, ordered on the stream before this forward's replays.
+        if self.count is None:
+            return None
+        self.count.fill_(n)
+        return self.count
 
     def __call__(self, *args):
         if self.upfront:
@@ -228,7 +241,9 @@ class PiecewiseRunner:
             # Split ops see the caller's own real count (cut to the bucket), so
             # their work is what a real call would do: e.g. a static KV cache
             # is never asked to hold more rows than the caller's call writes.
-            ctx = context.ForwardContext(min(n, bucket), bucket, (bucket, *rest), warmup=True)
+            real = min(n, bucket)
+            ctx = context.ForwardContext(real, bucket, (bucket, *rest), warmup=True,
+                                         device_count=self._publish_count(real))
             self._begin_forward(ctx.capture_key)
             with context.forward_context(ctx):
                 self.module(*fitted)

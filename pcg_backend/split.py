@@ -41,7 +41,17 @@ class SplitResult:
     split_op_nodes: int
     on_cuda: bool
     exact_reason: str | None   # why only exact bucket sizes may use CUDA graphs, if so
-    fused_split_ops: int       # cudagraph-safe split ops captured inside pieces
+    fused_split_ops: int       # safe split ops captured inside pieces
+
+    @property
+    def paddable(self) -> bool:
+        """Calls are padded to buckets (the graph has a token dim and nothing forbids padding it)."""
+        return self.token_symbol is not None and not self.exact_reason
+
+    @property
+    def needs_device_count(self) -> bool:
+        """Padding-safe split ops run inside this padded graph's pieces and read the count on the device."""
+        return self.paddable and self.fused_split_ops > 0
 
 
 def _refuse_unkeyed_inputs(piece: PieceInfo, sub: torch.fx.GraphModule, keyed: set) -> None:
@@ -76,8 +86,8 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     split_nodes = sum(1 for k, _ in kinds.values() if k is Kind.SPLIT)
     exact_reason = exact_size_reason(gm, token, mutated, mixing)
     fused = 0
-    if capture_split_ops and (token is None or exact_reason):
-        fused = _fuse_safe_split_ops(kinds, keyed)
+    if capture_split_ops:
+        fused = _fuse_safe_split_ops(kinds, keyed, padded=token is not None and not exact_reason)
 
     piece_of: dict[torch.fx.Node, int] = {}
     pieces: list[PieceInfo] = []

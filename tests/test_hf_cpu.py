@@ -5,7 +5,7 @@ import torch
 
 import pcg_backend
 from conftest import requires_reference_kernels
-from hf_checks import PREFILL_SIZES, generate_matches, prefill_logits
+from hf_checks import PREFILL_SIZES, _states, generate_matches, prefill_logits
 from hf_models import FAMILIES, tiny_model
 
 ATOL = 1e-4  # fp32 on CPU, as the issue asks
@@ -64,3 +64,36 @@ def test_unroutable_mixer_is_reported(monkeypatch):
     routing = pcg_backend.stats()["routing"]
     assert any("NOT routed, missing pcg_test_attribute" in r for r in routing)
     assert not any("pcg::mamba2_core" in r for r in routing)
+
+
+@pytest.mark.parametrize("capture_split_ops", [True, False])
+def test_mamba_cores_join_padded_pieces(capture_split_ops, monkeypatch):
+    # The Mamba2 core is padding_safe: in a padded prefill graph it runs inside a
+    # piece at the full bucket and takes the real count from the device buffer.
+    import pcg_backend.ops.mamba2 as mamba2
+
+    padded_runs = []
+    real = mamba2._padded_prefill
+    monkeypatch.setattr(mamba2, "_padded_prefill", lambda *a, **k: padded_runs.append(a[1].shape[1]) or real(*a, **k))
+    model = tiny_model("nemotron_h")                       # layers M * M: 2 Mamba cores, 1 attention
+    compiled = torch.compile(model, backend="pcg", options={"capture_sizes": [1, 2, 4, 8, 16],
+                                                           "capture_split_ops": capture_split_ops})
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 4, 5, 16, 17]                            # in a bucket, a bucket, bucket + 1, largest, above it
+    with torch.no_grad():
+        for n in sizes:
+            ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g)
+            torch._dynamo.mark_dynamic(ids, 1)
+            ref, got = model(ids, use_cache=True), compiled(ids, use_cache=True)
+            torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=0, msg=f"{n} tokens")
+            for r, s in zip(_states(ref.past_key_values), _states(got.past_key_values)):
+                torch.testing.assert_close(s, r, atol=ATOL, rtol=0, msg=f"state after {n} tokens")
+    s = pcg_backend.stats()
+    assert s["graphs_compiled"] == 1 and s["split_op_nodes"] == 5   # 2 Mamba cores, 3 attention ops
+    if capture_split_ops:
+        assert s["split_ops_in_graphs"] == 2
+        assert "2 padding-safe split op(s) captured inside pieces at every bucket" in pcg_backend.report()
+        # each core, each call, at the bucket's rows (17 is above the largest bucket: its own size)
+        assert padded_runs == [b for b in [4, 4, 8, 16, 17] for _ in range(2)]
+    else:
+        assert s["split_ops_in_graphs"] == 0 and padded_runs == []

@@ -7,9 +7,16 @@ before it and the gated norm and `out_proj` after it stay in captured pieces.
 
 Kernels are the HF modeling module's own functions, which transformers binds
 to mamba-ssm / causal-conv1d when they import and to the torch reference
-otherwise, so pcg computes exactly what eager computes. Inputs are sliced to
-the real token count, so padding never reaches the conv window or the SSM
-state, and the padded rows of `out` are zeroed.
+otherwise, so pcg computes exactly what eager computes. Run eagerly, the op
+slices its inputs to the real token count, so padding never reaches the conv
+window or the SSM state, and the padded rows of `out` are zeroed.
+
+It is also `padding_safe`: inside a padded graph that pcg captures, the real
+count n is a device tensor, and the op runs at the full bucket instead. Both
+kernels are causal, so padded rows never change a real row's output; the
+state is kept clean by making every padded row an identity step of the SSM
+(dt = 0: no decay, no input; x, B and C zeroed so that NaN padding cannot
+leak in either) and by gathering the conv window at rows n-width..n-1.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from .. import context
 from .registry import register_split_op
 
 
-@register_split_op(cudagraph_safe=True)
+@register_split_op(padding_safe=True)
 @torch.library.custom_op("pcg::mamba2_core", mutates_args=["conv_state", "ssm_state", "out"])
 def mamba2_core(
     xBC: torch.Tensor,
@@ -50,6 +57,12 @@ def mamba2_core(
 ) -> None:
     kernels = sys.modules[kernels_module]
     batch, padded, conv_dim = xBC.shape
+    count = context.device_token_count(padded)
+    if count is not None and not (use_state and padded == 1):
+        _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_weight, conv_bias, A_log, D,
+                        dt_bias, count, n_groups, head_dim, state_size, chunk_size, activation, dt_min, dt_max,
+                        use_state)
+        return
     n = context.real_tokens(padded)
     # contiguous: causal-conv1d's channel-last path needs strides that are multiples of 8
     x = xBC[:, :n].transpose(1, 2).contiguous()
@@ -116,6 +129,56 @@ def mamba2_core(
     out[:, :n] = y
     if n < padded:
         out[:, n:] = 0
+
+
+def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_weight, conv_bias, A_log, D, dt_bias,
+                    count, n_groups, head_dim, state_size, chunk_size, activation, dt_min, dt_max, use_state):
+    """The prefill core at the full bucket, with the real count `count` (a device tensor): capturable."""
+    batch, padded, conv_dim = xBC.shape
+    rows = torch.arange(padded, device=xBC.device)
+    valid = (rows < count)[None, :, None]                     # (1, padded, 1)
+    x = torch.where(valid, xBC, 0).transpose(1, 2)          # (batch, conv_dim, padded)
+
+    # 1. causal conv1d over [previous window | x]: a zero window for a fresh
+    # prefill, which is what the kernel's own left padding would be
+    if conv_state is not None:
+        width = conv_state.shape[-1]
+        window = conv_state if use_state else x.new_zeros(batch, conv_dim, width)
+        full = torch.cat([window.to(x.dtype), x], dim=-1)
+        # the last `width` real columns end at column width + n of `full`
+        conv_state.copy_(full.index_select(-1, count + torch.arange(width, device=x.device)))
+        h = kernels.causal_conv1d_fn(full, conv_weight, conv_bias, activation=activation)[..., width:]
+    else:
+        h = kernels.causal_conv1d_fn(x.contiguous(), conv_weight, conv_bias, activation=activation)
+    h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
+    h = torch.where(valid, h, 0)
+    groups_state = n_groups * state_size
+    hs, B, C = torch.split(h, [conv_dim - 2 * groups_state, groups_state, groups_state], dim=-1)
+
+    # 2. the chunked scan, with dt computed here so that padded rows get dt = 0
+    # exactly whatever the time-step limits (the kernels would clamp it up to dt_min)
+    dt = F.softplus(dt.float() + dt_bias.float()).clamp(dt_min, dt_max)
+    dt = torch.where(valid, dt, 0.0)
+    result = kernels.mamba2_chunk_scan(
+        hs.reshape(batch, padded, -1, head_dim),
+        dt,
+        -torch.exp(A_log.float()),
+        B.reshape(batch, padded, n_groups, -1),
+        C.reshape(batch, padded, n_groups, -1),
+        chunk_size=chunk_size,
+        D=D,
+        z=None,
+        return_final_states=ssm_state is not None,
+        dt_bias=None,
+        dt_softplus=False,
+        initial_states=ssm_state if use_state else None,
+    )
+    if ssm_state is not None:
+        y, final = result
+        ssm_state.copy_(final)
+    else:
+        y = result
+    out.copy_(torch.where(valid, y.reshape(batch, padded, -1), 0))
 
 
 # Decided once at import: importing inside a traced function is a graph break.

@@ -12,6 +12,7 @@ import torch
 
 _SPLIT_OPS: set[str] = set()
 _CUDAGRAPH_SAFE: set[str] = set()
+_PADDING_SAFE: set[str] = set()
 
 
 def _qualname(op) -> str:
@@ -41,7 +42,7 @@ def _qualname(op) -> str:
     )
 
 
-def register_split_op(op=None, *, cudagraph_safe: bool = False):
+def register_split_op(op=None, *, cudagraph_safe: bool = False, padding_safe: bool = False):
     """Register `op` as a split op and return it unchanged (so it also works as a decorator).
 
     `cudagraph_safe=True` promises that the op can be captured in a CUDA graph
@@ -51,25 +52,38 @@ def register_split_op(op=None, *, cudagraph_safe: bool = False):
     that always run at their exact size (decode steps; see README). Without
     the promise it always runs eagerly. Use `@register_split_op(cudagraph_safe=True)`
     as a decorator.
+
+    `padding_safe=True` (implies `cudagraph_safe`) promises more: when
+    `context.device_token_count(padded)` returns a tensor, the op reads the
+    real token count from it on the device, instead of slicing on the host,
+    so one captured graph is right for every count in its bucket, and padded
+    rows never reach its state. pcg then captures the op inside padded graphs
+    (prefill) as well.
     """
     if op is None:
-        return lambda real_op: register_split_op(real_op, cudagraph_safe=cudagraph_safe)
+        return lambda real_op: register_split_op(real_op, cudagraph_safe=cudagraph_safe, padding_safe=padding_safe)
     name = _qualname(op)
     _SPLIT_OPS.add(name)
-    if cudagraph_safe:
-        _CUDAGRAPH_SAFE.add(name)
-    else:
-        _CUDAGRAPH_SAFE.discard(name)
+    for flag, names in ((cudagraph_safe or padding_safe, _CUDAGRAPH_SAFE), (padding_safe, _PADDING_SAFE)):
+        if flag:
+            names.add(name)
+        else:
+            names.discard(name)
     return op
 
 
 def unregister_split_op(op) -> None:
     _SPLIT_OPS.discard(_qualname(op))
     _CUDAGRAPH_SAFE.discard(_qualname(op))
+    _PADDING_SAFE.discard(_qualname(op))
 
 
 def is_cudagraph_safe(name: str) -> bool:
     return name in _CUDAGRAPH_SAFE
+
+
+def is_padding_safe(name: str) -> bool:
+    return name in _PADDING_SAFE
 
 
 def registered_split_ops() -> frozenset[str]:
