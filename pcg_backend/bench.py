@@ -90,19 +90,28 @@ def install_variant(model, variant: str):
         model.forward = torch.compile(model.forward, backend="pcg", options={"compiler": variant[4:]})
 
 
-def profile_decode(model, path: str) -> None:
-    """Write the top CPU and CUDA ops of a batch-1 greedy generate of 8 tokens (a profile, not a timing)."""
+def profile_runs(model, path: str) -> None:
+    """Write the top CPU and CUDA ops of a batch-1 greedy generate of 8 tokens, then of one
+    16-token prefill (profiles, not timings)."""
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(2, model.config.vocab_size, (1, 16), device="cuda")
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                       pad_token_id=0)
-        torch.cuda.synchronize()
+    runs = {
+        "generate, batch 1, 8 new tokens": lambda: model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+            pad_token_id=0),
+        "prefill of 16 tokens": lambda: model(ids),
+    }
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-        f.write("\n")
-        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+        for title, run in runs.items():
+            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+            f.write(f"== {title}\n")
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            f.write("\n")
+            f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+            f.write("\n")
 
 
 def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, repeats: int, profile_dir=None) -> dict:
@@ -141,7 +150,7 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             print(f"  {variant:>16} decode b={b:>3}: {1e3 * step:8.2f} ms/step", flush=True)
     if variant.startswith("pcg"):
         if profile_dir:
-            profile_decode(model, os.path.join(profile_dir, f"profile_{variant}.txt"))
+            profile_runs(model, os.path.join(profile_dir, f"profile_{variant}.txt"))
         s = pcg_backend.stats()
         result["graph_memory_mib"] = s["graph_memory_bytes"] / 2**20
         result["pcg_stats"] = {k: v for k, v in s.items() if k != "routing"}
@@ -198,7 +207,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under 5 minutes on an H100)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--profile", action="store_true", help="profile one batch-1 decode step of each pcg variant")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile a batch-1 generate and a 16-token prefill of each pcg variant")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
@@ -228,12 +238,12 @@ def main(argv=None):
             print(f"  {v:>16} FAILED: {message}", flush=True)
             results.append({"variant": v, "failed": message, "prefill_ms": {}, "decode_ms": {}, "decode_tok_s": {}})
         torch.cuda.empty_cache()
+        # Written after every variant, so a run cut short keeps what it measured.
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump({"device": device, "floor_ms": floor_ms, "weight_bytes": weight_bytes,
+                       "bandwidth_bytes_s": bandwidth, "results": results}, f, indent=1, default=str)
     text = table(results, floor_ms)
     print(f"\n{device}\n{text}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"device": device, "floor_ms": floor_ms, "weight_bytes": weight_bytes,
-                   "bandwidth_bytes_s": bandwidth, "results": results}, f, indent=1, default=str)
     try:
         plot(results, floor_ms, os.path.join(args.out, "bench.png"))
     except ImportError:
