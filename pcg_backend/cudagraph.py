@@ -148,6 +148,27 @@ def _recover_from_failed_capture(device: torch.device, handle) -> None:
         pass
 
 
+def _host_sync_in(fn) -> str | None:
+    """Run `fn` with CUDA sync debugging set to raise; the message if it synchronized with the host.
+
+    A sync hidden inside an opaque op (HF's MoE `grouped_mm_fallback` calls
+    `.tolist()`) is invisible in the FX graph, and finding it by a failed
+    capture is too late: the failed capture leaves torch's CUDA RNG in
+    capture mode for the rest of the process.
+    """
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as e:
+        if "synchronizing CUDA operation" not in str(e):
+            raise
+        return str(e).splitlines()[0][:160]
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return None
+
+
 @dataclasses.dataclass
 class _Entry:
     graph: torch.cuda.CUDAGraph
@@ -199,6 +220,10 @@ class CudaGraphPiece(torch.nn.Module):
         # sharing Dynamo's compiled code each get their own graphs.
         self.entries: dict[tuple, list[_Entry]] = {}
         self.refused: str | None = None
+        self._probed = False   # run once under sync debugging before the first capture
+        # A graph whose capture failed still holds the pool (device and pinned
+        # host memory); dropping it could release the pool under live graphs.
+        self._failed: list[torch.cuda.CUDAGraph] = []
         CudaGraphPiece._live.add(self)
 
     @classmethod
@@ -206,6 +231,7 @@ class CudaGraphPiece(torch.nn.Module):
         """Destroy every captured graph; their pool memory becomes free for `empty_cache`."""
         for piece in list(cls._live):
             piece.entries.clear()
+            piece._failed.clear()
             piece.refused = "its CUDA graphs were released by torch._dynamo.reset()"
 
     def forward(self, *args):
@@ -258,6 +284,16 @@ class CudaGraphPiece(torch.nn.Module):
         # autotuning) must not happen while the stream is capturing. Written
         # inputs get private copies there, or the state would advance twice.
         self.runnable(*private_copies(args, self.written))
+        if not self._probed:
+            # Once per piece, after the warm-up above did the lazy inits (Triton
+            # autotuning synchronizes), which must not count as the piece's syncs.
+            self._probed = True
+            sync = _host_sync_in(lambda: self.runnable(*private_copies(args, self.written)))
+            if sync:
+                self.refused = (f"{self.name}: synchronizes with the host ({sync}), which a CUDA graph cannot "
+                                f"hold; found in a trial run before capture")
+                STATS.eager(self.refused)
+                return self.runnable(*args)
         start = time.perf_counter()
         reserved = torch.cuda.memory_reserved(self.pool.device)
         graph = torch.cuda.CUDAGraph()
@@ -290,6 +326,7 @@ class CudaGraphPiece(torch.nn.Module):
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this piece eagerly
             if not ended:
                 _recover_from_failed_capture(self.pool.device, handle)
+            self._failed.append(graph)
             torch.cuda.synchronize(self.pool.device)
             self.refused = f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
             STATS.eager(self.refused)
