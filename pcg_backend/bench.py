@@ -206,6 +206,8 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="use only the first N layers of the pattern")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under 5 minutes on an H100)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--prefill", default=None, help="comma-separated prefill token counts (overrides --quick)")
+    parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (overrides --quick)")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--profile", action="store_true",
                         help="profile a batch-1 generate and a 16-token prefill of each pcg variant")
@@ -219,6 +221,10 @@ def main(argv=None):
 
     prefill = [1, 16, 128] if args.quick else [1, 16, 128, 512, 2048]
     batches = [1, 8] if args.quick else [1, 8, 32]
+    if args.prefill:
+        prefill = [int(n) for n in args.prefill.split(",")]
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
     new_tokens, repeats = (16, 3) if args.quick else (32, 5)
     device = torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
