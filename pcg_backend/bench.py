@@ -90,27 +90,30 @@ def install_variant(model, variant: str):
         model.forward = torch.compile(model.forward, backend="pcg", options={"compiler": variant[4:]})
 
 
-def profile_runs(model, path: str) -> None:
+def profile_runs(model, path: str, prefill_sizes) -> None:
     """Write the top CPU and CUDA ops of a batch-1 greedy generate of 8 tokens, then of one
-    16-token prefill (profiles, not timings)."""
+    prefill per size in `prefill_sizes` (profiles, not timings)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids = torch.randint(2, model.config.vocab_size, (1, 16), device="cuda")
+    vocab = model.config.vocab_size
+    ids = torch.randint(2, vocab, (1, 16), device="cuda")
     runs = {
         "generate, batch 1, 8 new tokens": lambda: model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
             pad_token_id=0),
-        "prefill of 16 tokens": lambda: model(ids),
     }
+    for n in prefill_sizes:
+        prompt = torch.randint(2, vocab, (1, n), device="cuda")
+        runs[f"prefill of {n} tokens"] = lambda prompt=prompt: model(prompt)
     with open(path, "w") as f:
         for title, run in runs.items():
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 run()
                 torch.cuda.synchronize()
             f.write(f"== {title}\n")
-            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
             f.write("\n")
-            f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+            f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
             f.write("\n")
 
 
@@ -148,9 +151,9 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             result["decode_ms"][b] = 1e3 * step
             result["decode_tok_s"][b] = b / step
             print(f"  {variant:>16} decode b={b:>3}: {1e3 * step:8.2f} ms/step", flush=True)
+    if profile_dir:
+        profile_runs(model, os.path.join(profile_dir, f"profile_{variant}.txt"), prefill_sizes)
     if variant.startswith("pcg"):
-        if profile_dir:
-            profile_runs(model, os.path.join(profile_dir, f"profile_{variant}.txt"))
         s = pcg_backend.stats()
         result["graph_memory_mib"] = s["graph_memory_bytes"] / 2**20
         result["pcg_stats"] = {k: v for k, v in s.items() if k != "routing"}
@@ -210,7 +213,7 @@ def main(argv=None):
     parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (overrides --quick)")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--profile", action="store_true",
-                        help="profile a batch-1 generate and a 16-token prefill of each pcg variant")
+                        help="profile a batch-1 generate and one prefill per size of each variant")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
