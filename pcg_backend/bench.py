@@ -26,10 +26,24 @@ VARIANTS = ("eager", "compile", "reduce-overhead", "pcg-eager", "pcg-inductor")
 FIRST_CALL_TOKENS = 16  # the first call is a 16-token prefill: compile, plus capture for pcg
 
 
+def short_pattern(layers: int | None) -> str:
+    """The first `layers` layers of the pattern; if that holds no attention layer, the last Mamba
+    layer becomes one (HF's hybrid cache needs an attention layer to count the sequence length)."""
+    if not layers:
+        return PATTERN
+    if layers < 2:
+        raise ValueError("--layers must be at least 2 (one Mamba and one attention layer)")
+    pattern = PATTERN[:layers]
+    if "*" not in pattern:
+        last = pattern.rindex("M")
+        pattern = pattern[:last] + "*" + pattern[last + 1:]
+    return pattern
+
+
 def nano9b_config(layers: int | None = None):
     from transformers import NemotronHConfig
 
-    pattern = PATTERN[:layers] if layers else PATTERN
+    pattern = short_pattern(layers)
     return NemotronHConfig(
         vocab_size=131072, hidden_size=4480, intermediate_size=15680, mlp_hidden_act="relu2",
         num_attention_heads=40, num_key_value_heads=8, head_dim=128,
@@ -191,11 +205,14 @@ def plot(results, floor_ms: float, path: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
+        if "failed" in r:
+            continue
         a.plot(list(r["prefill_ms"]), list(r["prefill_ms"].values()), marker="o", label=r["variant"])
         b.plot(list(r["decode_ms"]), list(r["decode_ms"].values()), marker="o", label=r["variant"])
     for ax, title, xlabel in ((a, "prefill latency", "tokens"), (b, "decode step", "batch")):
         ax.axhline(floor_ms, color="gray", linestyle="--", label="weight-read floor")
-        ax.set_xscale("log", base=2)
+        if ax.get_lines():   # no lines: every variant failed, and an empty axis cannot be log-scaled
+            ax.set_xscale("log", base=2)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ms")
@@ -235,6 +252,7 @@ def main(argv=None):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * weight_bytes / bandwidth
+    print(f"pattern: {short_pattern(args.layers)}", flush=True)
     print(f"device: {device}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
           f"{weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.2f} ms", flush=True)
     results = []
