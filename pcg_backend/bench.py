@@ -210,9 +210,9 @@ def plot(results, floor_ms: float, path: str) -> None:
         a.plot(list(r["prefill_ms"]), list(r["prefill_ms"].values()), marker="o", label=r["variant"])
         b.plot(list(r["decode_ms"]), list(r["decode_ms"].values()), marker="o", label=r["variant"])
     for ax, title, xlabel in ((a, "prefill latency", "tokens"), (b, "decode step", "batch")):
-        ax.axhline(floor_ms, color="gray", linestyle="--", label="weight-read floor")
         if ax.get_lines():   # no lines: every variant failed, and an empty axis cannot be log-scaled
             ax.set_xscale("log", base=2)
+        ax.axhline(floor_ms, color="gray", linestyle="--", label="weight-read floor")
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ms")
