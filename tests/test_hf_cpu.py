@@ -93,7 +93,8 @@ def test_mamba_cores_join_padded_pieces(capture_split_ops, monkeypatch):
     if capture_split_ops:
         assert s["split_ops_in_graphs"] == 2
         assert "2 padding-safe split op(s) captured inside pieces at every bucket" in pcg_backend.report()
-        # each core, each call, at the bucket's rows (17 is above the largest bucket: its own size)
+        # each core, each call, at the bucket's rows (17 is above the largest bucket: its own size;
+        # on CPU the device count is published there too, see runtime._context)
         assert padded_runs == [b for b in [4, 4, 8, 16, 17] for _ in range(2)]
     else:
         assert s["split_ops_in_graphs"] == 0 and padded_runs == []
