@@ -104,3 +104,25 @@ def test_entry_point_is_declared_when_installed():
         pytest.skip("pcg_backend is not pip-installed here")
     eps = [ep for ep in dist.entry_points if ep.group == "torch_dynamo_backends"]
     assert [ep.name for ep in eps] == ["pcg"] and eps[0].load() is pcg_backend.pcg_backend
+
+
+def test_padding_safe_implies_cudagraph_safe_and_unregisters_cleanly():
+    from pcg_backend.ops.registry import is_cudagraph_safe, is_padding_safe
+
+    @torch.library.custom_op("pcg_test::scaled", mutates_args=())
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        return x * 3
+
+    name = "pcg_test::scaled"
+    pcg_backend.register_split_op(scaled, padding_safe=True)
+    assert is_padding_safe(name) and is_cudagraph_safe(name)
+    pcg_backend.register_split_op(scaled, cudagraph_safe=True)   # re-registering narrows the promise
+    assert not is_padding_safe(name) and is_cudagraph_safe(name)
+    pcg_backend.register_split_op(scaled)
+    assert not is_padding_safe(name) and not is_cudagraph_safe(name)
+    pcg_backend.register_split_op(padding_safe=True)(scaled)       # decorator form
+    assert is_padding_safe(name)
+    pcg_backend.unregister_split_op(scaled)
+    assert not is_padding_safe(name) and not is_cudagraph_safe(name) and not pcg_backend.is_split_op(torch.ops.pcg_test.scaled.default)
+    # pcg's own Mamba2 core reads the device count; attention cannot (it writes the KV cache per real row)
+    assert is_padding_safe("pcg::mamba2_core") and not is_padding_safe("pcg::attention")
