@@ -105,27 +105,8 @@ def mamba2_core(
             dt_softplus=True,
         ).view(batch, 1, -1)
     else:
-        result = kernels.mamba2_chunk_scan(
-            hs.view(batch, n, -1, head_dim),
-            dt,
-            A,
-            B.view(batch, n, n_groups, -1),
-            C.view(batch, n, n_groups, -1),
-            chunk_size=chunk_size,
-            D=D,
-            z=None,
-            return_final_states=ssm_state is not None,
-            dt_bias=dt_bias,
-            dt_softplus=True,
-            initial_states=ssm_state if use_state else None,
-            dt_limit=(dt_min, dt_max),
-        )
-        if ssm_state is not None:
-            y, final = result
-            ssm_state.copy_(final)
-        else:
-            y = result
-        y = y.reshape(batch, n, -1)
+        y = _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size,
+                        dt_bias=dt_bias, dt_softplus=True, dt_limit=(dt_min, dt_max))
     out[:, :n] = y
     if n < padded:
         out[:, n:] = 0
@@ -159,26 +140,31 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
     # exactly whatever the time-step limits (the kernels would clamp it up to dt_min)
     dt = F.softplus(dt.float() + dt_bias.float()).clamp(dt_min, dt_max)
     dt = torch.where(valid, dt, 0.0)
+    y = _chunk_scan(kernels, hs, dt, -torch.exp(A_log.float()), B, C, D, ssm_state, use_state, n_groups, head_dim,
+                    chunk_size, dt_bias=None, dt_softplus=False)
+    out.copy_(torch.where(valid, y, 0))
+
+
+def _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size, **dt_args):
+    """The SSD chunk scan over all rows of `hs` (batch, rows, heads * head_dim); writes the final state."""
+    batch, rows, _ = hs.shape
     result = kernels.mamba2_chunk_scan(
-        hs.reshape(batch, padded, -1, head_dim),
+        hs.reshape(batch, rows, -1, head_dim),
         dt,
-        -torch.exp(A_log.float()),
-        B.reshape(batch, padded, n_groups, -1),
-        C.reshape(batch, padded, n_groups, -1),
+        A,
+        B.reshape(batch, rows, n_groups, -1),
+        C.reshape(batch, rows, n_groups, -1),
         chunk_size=chunk_size,
         D=D,
         z=None,
         return_final_states=ssm_state is not None,
-        dt_bias=None,
-        dt_softplus=False,
         initial_states=ssm_state if use_state else None,
+        **dt_args,
     )
     if ssm_state is not None:
-        y, final = result
+        result, final = result
         ssm_state.copy_(final)
-    else:
-        y = result
-    out.copy_(torch.where(valid, y.reshape(batch, padded, -1), 0))
+    return result.reshape(batch, rows, -1)
 
 
 # Decided once at import: importing inside a traced function is a graph break.
