@@ -139,9 +139,10 @@ def _recover_from_failed_capture(device: torch.device, handle) -> None:
     # host sync): torch raises before it tells the allocator that the capture
     # is over, and later allocations on the capture stream would keep landing
     # in the graph pool. Calling this after a capture_end that succeeded would
-    # release the pool twice. The CUDA RNG is not restored in that case; pcg
-    # avoids such captures up front (split.py sends host syncs and host-to-device
-    # copies to eager pieces), so this is a last resort.
+    # end the pool's allocation twice. The CUDA RNG is not restored in that
+    # case; pcg avoids such captures up front (node_kinds.py sends host syncs
+    # and host-to-device copies it can see to eager pieces, `_host_sync_in`
+    # finds the hidden ones), so this is a last resort.
     try:
         torch._C._cuda_endAllocateToPool(device.index, handle)
     except RuntimeError:
@@ -214,7 +215,6 @@ class CudaGraphPiece(torch.nn.Module):
         # after the replay: each prefill may bring a new cache, and a graph
         # per cache address would mean recapturing on live traffic.
         self.written = frozenset(written or ())
-        self.write_back = write_back
         self._fixed_written = frozenset() if write_back else self.written
         # Per key, one entry per set of static-input addresses: two models
         # sharing Dynamo's compiled code each get their own graphs.
