@@ -118,7 +118,9 @@ class PiecewiseRunner:
         # Padding-safe split ops inside pieces read the real count from this buffer.
         self.count = None
         if split.needs_device_count:
-            device = next(node_value(n).device for n in placeholders if isinstance(node_value(n), torch.Tensor))
+            # The device of the graph's GPU inputs: a leading 0-dim CPU scalar input must not pick it.
+            tensors = [node_value(n) for n in placeholders if isinstance(node_value(n), torch.Tensor)]
+            device = next((t.device for t in tensors if t.device.type == "cuda"), tensors[0].device)
             self.count = context.count_buffer(device)
 
         # Which outputs get sliced back to the real size.
