@@ -28,6 +28,10 @@ DATA_FREE = {"new_empty", "new_zeros", "new_ones", "new_full", "new_empty_stride
               "sym_size", "sym_stride", "sym_numel", "numel", "sym_storage_offset", "storage_offset", "len"}
 
 
+_OPERATOR_IN_PLACE = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                      "ilshift", "irshift", "imatmul", "iconcat"}
+
+
 def node_value(node):
     return node.meta.get("example_value", node.meta.get("val"))
 
@@ -65,6 +69,9 @@ def written_args(node) -> list[torch.fx.Node]:
         return []
     if node.target is operator.setitem:
         return [node.args[0]]
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        # `operator.and_` is `a & b`, not in place: only the `i*` functions write.
+        return [node.args[0]] if node.target.__name__ in _OPERATOR_IN_PLACE else []
     op_args = op_arguments(node)
     if op_args:
         return [val for arg, val in op_args

@@ -14,7 +14,7 @@ import sympy
 import torch
 import torch.fx
 
-from .fx_facts import symbols_of, node_value
+from .fx_facts import node_value, symbols_of, written_args
 from .ops.registry import split_op_name
 
 
@@ -39,8 +39,9 @@ def find_token_symbol(gm: torch.fx.GraphModule):
     The token dim is the innermost symbolic non-feature dim of each split op's
     first tensor argument (its activation, features last): S in (B, S, H), T
     in (T, H). Other symbols of
-    that activation (a dynamic batch) are keyed exactly. Symbols that never
-    reach a split op's activation (a KV length) make their nodes DYNAMIC.
+    that activation (a dynamic batch) are keyed exactly, and so are those of
+    the state a split op writes. Symbols that reach neither (a KV length)
+    make their nodes DYNAMIC.
     """
     votes: collections.Counter = collections.Counter()
     keyed: set = set()
@@ -56,6 +57,10 @@ def find_token_symbol(gm: torch.fx.GraphModule):
             if row is not None:
                 votes[row] += 1
             keyed |= symbols_of(node_value(first))
+            # State the op writes (SSM and conv state) is per sequence: Dynamo gives
+            # its batch dim a symbol of its own, which is as stable as the batch.
+            for written in written_args(node):
+                keyed |= symbols_of(node_value(written))
     if votes:
         return votes.most_common(1)[0][0], keyed
     if has_split_ops:

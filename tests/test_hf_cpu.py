@@ -98,3 +98,32 @@ def test_mamba_cores_join_padded_pieces(capture_split_ops, monkeypatch):
         assert padded_runs == [b for b in [4, 4, 8, 16, 17] for _ in range(2)]
     else:
         assert s["split_ops_in_graphs"] == 0 and padded_runs == []
+
+
+def test_decode_graphs_are_two_captured_pieces_at_any_batch():
+    # A decode step over a DynamicCache: the attention mask (over the growing KV
+    # length) runs in one eager prologue, the attention output's allocation joins
+    # the captured piece before the KV writes, and both Mamba cores stay inside
+    # the captured pieces even once the batch is symbolic (the cache states carry
+    # batch symbols of their own, which are keyed, not foreign).
+    import copy
+
+    from pcg_backend.stats import STATS
+
+    model = tiny_model("nemotron_h")                       # layers M * M -: 2 Mamba cores, 1 attention
+    compiled = copy.copy(model)
+    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 64})
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for batch in (1, 3):
+            ids = torch.randint(3, model.config.vocab_size, (batch, 9), generator=g)
+            mask = torch.ones_like(ids)
+            assert torch.equal(compiled.generate(ids, attention_mask=mask, **kw),
+                               model.generate(ids, attention_mask=mask, **kw))
+    decode = [r for r in STATS.graphs if r.token_symbol is None and r.split_op_nodes == 5
+              and r.capturable_pieces < r.pieces - 3]       # the KV length is symbolic: attention stays split
+    assert len(decode) == 2, [(r.name, r.pieces, r.capturable_pieces) for r in STATS.graphs]
+    for r in decode:
+        assert r.capturable_pieces == 2, r
+        assert any(n.startswith("2 cudagraph-safe split op(s) captured inside pieces") for n in r.notes), r.notes

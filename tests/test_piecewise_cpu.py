@@ -285,3 +285,58 @@ def test_upfront_capture_forwards_leave_model_state_alone(monkeypatch):
     assert seen == [(16, 5, True), (8, 5, True), (4, 4, True), (2, 2, True)]
     assert toy.CALLS["running_sum"] - before == 2 * 4                 # both layers, at every bucket
     assert "captured 0 CUDA graphs (0 pieces x 4 buckets 2..16" in pcg_backend.stats()["capture_summaries"][-1]
+
+
+def test_input_only_eager_work_moves_to_one_prologue():
+    # `kv.sum(0)` depends on an unkeyed size (like an attention mask over a KV
+    # length): it must run eagerly. It reads only a graph input, so it moves to
+    # the top and the captured work around it becomes one piece.
+    lin, lin2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def f(x, kv):
+        h = lin(x)
+        bias = kv.sum(0)
+        out = torch.empty_like(h)
+        torch.ops.pcg_toy.mix(h, out)
+        return lin2(out) + bias
+
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
+    for n, m in [(3, 5), (5, 7)]:
+        x, kv = torch.randn(n, 16), torch.randn(m, 16)
+        torch.testing.assert_close(compiled(x, kv), f(x, kv), atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    # [kv.sum eager][lin, empty_like][mix][lin2, add]; without the move it was 5 pieces, 3 capturable
+    assert (s["graphs_compiled"], s["pieces"], s["capturable_pieces"]) == (1, 4, 2)
+    prologue = [c for r, c in s["eager_reasons"].items() if "that are not the token count" in r]
+    assert prologue == [2]
+
+
+def test_allocation_between_split_ops_joins_the_captured_piece_before():
+    lin = torch.nn.Linear(16, 16)
+
+    def f(x):
+        h = lin(x)
+        mid = torch.empty_like(h)
+        torch.ops.pcg_toy.mix(h, mid)
+        out = torch.empty_like(mid)       # alone between two split ops: moves up next to `mid`
+        torch.ops.pcg_toy.mix(mid, out)
+        return lin(out)
+
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
+    for n in [3, 5]:
+        x = torch.randn(n, 16)
+        torch.testing.assert_close(compiled(x), f(x), atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    # [lin, empty_like, empty_like][mix][mix][lin]: one piece fewer than in Dynamo's order
+    assert (s["pieces"], s["capturable_pieces"], s["split_op_nodes"]) == (4, 2, 2)
+
+
+def test_bitwise_operator_is_not_an_in_place_write():
+    import operator
+
+    from pcg_backend.fx_facts import written_args
+
+    graph = torch.fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    both, in_place = graph.call_function(operator.and_, (a, b)), graph.call_function(operator.iand, (a, b))
+    assert written_args(both) == [] and written_args(in_place) == [a]
