@@ -78,8 +78,21 @@ def copy_bandwidth() -> float:
     return 2 * (2 << 30) / seconds
 
 
+# CUDA graphs captured inside timed calls (pcg: a new cache's state at new addresses), per variant.
+_CAPTURES_IN_TIMED_CALLS = [0]
+
+
+def _captures_note() -> str:
+    """' (N graphs captured inside timed calls so far)' when N > 0: those timings include capture work."""
+    n = _CAPTURES_IN_TIMED_CALLS[0]
+    return f"  ({n} graphs captured inside timed calls so far)" if n else ""
+
+
 def timed(fn, repeats: int) -> float:
     """Median seconds of `fn()` over `repeats` runs (after the caller's warm-up)."""
+    from pcg_backend.stats import STATS
+
+    captured = STATS.cuda_graphs_captured
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -87,6 +100,7 @@ def timed(fn, repeats: int) -> float:
         fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    _CAPTURES_IN_TIMED_CALLS[0] += STATS.cuda_graphs_captured - captured
     return statistics.median(times)
 
 
@@ -125,6 +139,8 @@ def profile_runs(model, path: str, prefill_sizes) -> None:
         runs[f"prefill of {n} tokens"] = lambda prompt=prompt: model(prompt)
     with open(path, "w") as f:
         for title, run in runs.items():
+            with torch.no_grad():
+                run()   # unprofiled first: a new cache's first decode step may capture graphs (new addresses)
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 run()
                 torch.cuda.synchronize()
@@ -140,6 +156,7 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
     import pcg_backend
 
     install_variant(model, variant, skip_module_guards)
+    _CAPTURES_IN_TIMED_CALLS[0] = 0
     result: dict = {"variant": variant, "prefill_ms": {}, "decode_ms": {}, "decode_tok_s": {}}
     vocab = model.config.vocab_size
     with torch.no_grad():
@@ -156,7 +173,7 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             ids = torch.randint(2, vocab, (1, n), device="cuda")
             model(ids)  # warm-up: compiles or captures this size
             result["prefill_ms"][n] = 1e3 * timed(lambda: model(ids), repeats)
-            print(f"  {variant:>16} prefill {n:>5}: {result['prefill_ms'][n]:8.2f} ms", flush=True)
+            print(f"  {variant:>16} prefill {n:>5}: {result['prefill_ms'][n]:8.2f} ms{_captures_note()}", flush=True)
         for b in batches:
             ids = torch.randint(2, vocab, (b, 16), device="cuda")
             def gen(k):
@@ -169,7 +186,7 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             step = (long - short) / (new_tokens - 1)
             result["decode_ms"][b] = 1e3 * step
             result["decode_tok_s"][b] = b / step
-            print(f"  {variant:>16} decode b={b:>3}: {1e3 * step:8.2f} ms/step", flush=True)
+            print(f"  {variant:>16} decode b={b:>3}: {1e3 * step:8.2f} ms/step{_captures_note()}", flush=True)
     if profile_dir:
         profile_runs(model, os.path.join(profile_dir, f"profile_{variant}.txt"), prefill_sizes)
     if variant.startswith("pcg"):
@@ -179,7 +196,9 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
         print("\n".join(f"  {variant:>16} {line}" for line in s["capture_summaries"]), flush=True)
         # Captures after the first forward of a key (a new cache's state at new addresses) fall inside
         # timed calls: a non-zero count here means some timings include capture work.
-        print(f"  {variant:>16} captures at new addresses: {s['new_address_captures']}, "
+        result["captures_in_timed_calls"] = _CAPTURES_IN_TIMED_CALLS[0]
+        print(f"  {variant:>16} captures at new addresses: {s['new_address_captures']} "
+              f"({_CAPTURES_IN_TIMED_CALLS[0]} graphs captured inside timed calls), "
               f"eager piece runs: {s['eager_runs']}", flush=True)
     return result
 
