@@ -180,7 +180,11 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
                 return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
                                       min_new_tokens=k, do_sample=False, pad_token_id=0)
 
-            gen(new_tokens)  # warm-up: prefill and decode graphs, every cache length
+            # Warm-up: prefill and decode graphs, every cache length. Twice: each generate makes a
+            # new cache, and the allocator may place the second one's state elsewhere (pcg then
+            # captures decode graphs for those addresses once; see "captures at new addresses").
+            gen(new_tokens)
+            gen(new_tokens)
             long = timed(lambda: gen(new_tokens), max(1, repeats // 2))
             short = timed(lambda: gen(1), max(1, repeats // 2))
             step = (long - short) / (new_tokens - 1)
