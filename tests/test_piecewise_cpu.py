@@ -340,3 +340,44 @@ def test_bitwise_operator_is_not_an_in_place_write():
     a, b = graph.placeholder("a"), graph.placeholder("b")
     both, in_place = graph.call_function(operator.and_, (a, b)), graph.call_function(operator.iand, (a, b))
     assert written_args(both) == [] and written_args(in_place) == [a]
+
+
+def test_last_rows_slice_is_padded_not_exact():
+    # `h[-2:]` over the token dim would read padding; pcg rewrites it to pcg::last_rows,
+    # which counts from the real end, so the graph is padded to buckets like any other.
+    lin = torch.nn.Linear(16, 16)
+
+    def f(x):
+        h = lin(x)
+        out = torch.empty_like(h)
+        torch.ops.pcg_toy.mix(h, out)
+        return lin(out[-2:]), lin(out[1:])        # the second slice is left alone: it keeps the token dim
+
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
+    for n in [3, 5, 9]:
+        x = torch.randn(n, 16)
+        for got, want in zip(compiled(x), f(x)):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    assert s["split_op_nodes"] == 2 and s["padded_calls"] == 3          # mix + last_rows; 3->4, 5->8, 9->16
+    assert "mix tokens" not in pcg_backend.report()
+
+
+def test_only_plain_tail_slices_over_the_token_dim_are_rewritten():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from pcg_backend.rewrites import rewrite_last_rows
+
+    def f(x):
+        return x[-1:], x[:-1], x[1:], x[-3:-1], x[-1], x[:, -2:]
+
+    gm = torch.fx.symbolic_trace(f)
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    x = mode.from_tensor(torch.randn(8, 4), symbolic_context=StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC]))
+    FakeTensorProp(gm, mode).propagate(x)
+    assert rewrite_last_rows(gm, x.shape[0].node.expr) == 1     # only x[-1:]; x[:, -2:] slices a feature dim
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.pcg.last_rows.default) == 1
