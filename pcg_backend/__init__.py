@@ -5,7 +5,7 @@
 
 Importing this package registers the "pcg" backend; after `pip install .`
 the `torch_dynamo_backends` entry point registers it without an import.
-Reading order: backend -> split (token_dim, rewrites, node_kinds, schedule, fx_facts) -> runtime
+Reading order: backend -> split (token_dim, node_kinds, schedule, fx_facts) -> runtime
 -> cudagraph (captured pieces) and
 eager_pieces (split ops and pieces that cannot be captured), with options,
 buckets, context and stats beside them; split ops live in `ops/`, HF routing

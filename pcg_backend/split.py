@@ -17,7 +17,6 @@ from torch.fx.passes.split_module import split_module
 
 from .fx_facts import symbols_of, tensors_in, node_value
 from .node_kinds import Kind, _fuse_safe_split_ops, classify
-from .rewrites import rewrite_last_rows
 from .schedule import hoist_uncapturable_inputs, pull_allocations_up
 from .token_dim import exact_size_reason, find_token_symbol
 
@@ -84,8 +83,6 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     """Cut `gm` at split ops and at changes of node kind, keeping the original order."""
     on_cuda = graph_device_is_cuda(gm)
     token, keyed = find_token_symbol(gm)
-    if rewrite_last_rows(gm, token):
-        token, keyed = find_token_symbol(gm)   # the new split ops vote too
     kinds, mutated, mixing = classify(gm, keyed, token, on_cuda)
     split_nodes = sum(1 for k, _ in kinds.values() if k is Kind.SPLIT)
     exact_reason = exact_size_reason(gm, token, mutated, mixing)

@@ -65,32 +65,3 @@ def generate_matches(model, batch, cache_implementation=None, new_tokens=32, dev
     for r, s in zip(ref_states, got_states):
         torch.testing.assert_close(s.float(), r.float(), atol=state_atol, rtol=0)
     assert pcg_backend.stats()["split_op_nodes"] > 0
-
-
-def generate_at_prompt_lengths(model, device="cpu"):
-    """Greedy generate at prompt lengths 9, 11, 13 with buckets 1..16 equals eager, and the prefill is padded.
-
-    HF's logits_to_keep=1 slices h[:, -1:]; pcg::last_rows makes that slice
-    padding-safe, so a prompt length that is not a bucket still runs through
-    the captured pieces. 9 compiles a static graph; 11 recompiles with the
-    token dim dynamic, and 11 and 13 are padded to 16.
-    """
-    from pcg_backend.stats import STATS
-
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options={"capture_sizes": [1, 2, 4, 8, 16]})
-    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n in (9, 11, 13):
-            ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g).to(device)
-            mask = torch.ones_like(ids)
-            assert torch.equal(compiled.generate(ids, attention_mask=mask, **kw),
-                               model.generate(ids, attention_mask=mask, **kw)), n
-    prefill = [r for r in STATS.graphs if r.token_symbol is not None]
-    assert len(prefill) == 1 and prefill[0].padding == "to buckets 1..16", prefill
-    assert prefill[0].split_op_nodes == 6                    # 2 Mamba cores, 3 attention ops, last_rows
-    s = pcg_backend.stats()
-    assert s["padded_calls"] == 2                            # 11 and 13 tokens, both to bucket 16
-    assert not any("not a bucket size" in r for r in s["eager_reasons"]), s["eager_reasons"]
-    return s

@@ -5,7 +5,7 @@ import torch
 
 import pcg_backend
 from conftest import requires_reference_kernels
-from hf_checks import PREFILL_SIZES, _states, generate_at_prompt_lengths, generate_matches, prefill_logits
+from hf_checks import PREFILL_SIZES, _states, generate_matches, prefill_logits
 from hf_models import FAMILIES, tiny_model
 
 ATOL = 1e-4  # fp32 on CPU, as the issue asks
@@ -127,7 +127,3 @@ def test_decode_graphs_are_two_captured_pieces_at_any_batch():
     for r in decode:
         assert r.capturable_pieces == 2, r
         assert any(n.startswith("2 cudagraph-safe split op(s) captured inside pieces") for n in r.notes), r.notes
-
-
-def test_generate_prefill_at_any_prompt_length_is_padded():
-    generate_at_prompt_lengths(tiny_model("nemotron_h"))
