@@ -90,6 +90,7 @@ def exact_size_reason(gm: torch.fx.GraphModule, token, mutated: set[str], mixing
             return (f"graph input {node.name} is written in place and has the token dim, so it "
                     f"cannot be replaced by a padded copy; only exact bucket sizes use CUDA graphs")
     if mixing:
-        return (f"node(s) {', '.join(mixing[:3])} mix tokens outside a split op (a reduction "
-                f"or index over the token dim) and would see padded rows; only exact bucket sizes use CUDA graphs")
+        return (f"node(s) {', '.join(mixing[:3])} mix tokens outside a split op (a reduction or index over the "
+                f"token dim, or the token count meeting another dynamic size such as a mask's KV length) and "
+                f"would see padded rows; only exact bucket sizes use CUDA graphs")
     return None

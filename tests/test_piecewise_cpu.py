@@ -340,3 +340,24 @@ def test_bitwise_operator_is_not_an_in_place_write():
     a, b = graph.placeholder("a"), graph.placeholder("b")
     both, in_place = graph.call_function(operator.and_, (a, b)), graph.call_function(operator.iand, (a, b))
     assert written_args(both) == [] and written_args(in_place) == [a]
+
+
+def test_token_count_meeting_another_dynamic_size_keeps_the_graph_exact():
+    # Like HF 5.17's prefill mask: positions over the token count index a tensor with its
+    # own length symbol. Padded to a bucket, arange(bucket) would index past its end.
+    lin = torch.nn.Linear(16, 16)
+
+    def f(x, m):
+        h = lin(x)
+        out = torch.empty_like(h)
+        torch.ops.pcg_toy.mix(h, out)
+        return out * m[torch.arange(x.shape[0])][:, None]
+
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
+    for n in [3, 5, 8]:
+        x, m = torch.randn(n, 16), torch.randn(n + 2)
+        torch.testing.assert_close(compiled(x, m), f(x, m), atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    assert s["padded_calls"] == 0
+    assert "another dynamic size such as a mask's KV length" in pcg_backend.report()
+    assert sum(c for r, c in s["eager_reasons"].items() if "not a bucket size" in r) > 0
