@@ -17,6 +17,13 @@ def _check(model, compiled, n, hidden=16):
     torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
 
 
+def _compiled_matches(f, calls):
+    """Compile `f` with pcg (dynamic shapes, buckets SIZES) and check it against eager on each argument tuple."""
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
+    for args in calls:
+        torch.testing.assert_close(compiled(*args), f(*args), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("layers", [1, 3])
 @pytest.mark.parametrize("functional", [False, True])
 def test_exact_piece_counts(layers, functional):
@@ -178,10 +185,7 @@ def test_host_read_of_a_tensor_value_runs_eagerly():
         torch.ops.pcg_toy.mix(y, out)
         return lin(out) * lin.bias[0].item()
 
-    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
-    for n in [3, 5]:
-        x = torch.randn(n, 4)
-        torch.testing.assert_close(compiled(x), f(x), atol=ATOL, rtol=0)
+    _compiled_matches(f, [(torch.randn(n, 4),) for n in [3, 5]])
     assert "item() reads a tensor's value on the host" in pcg_backend.report()
 
 
@@ -300,10 +304,7 @@ def test_input_only_eager_work_moves_to_one_prologue():
         torch.ops.pcg_toy.mix(h, out)
         return lin2(out) + bias
 
-    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
-    for n, m in [(3, 5), (5, 7)]:
-        x, kv = torch.randn(n, 16), torch.randn(m, 16)
-        torch.testing.assert_close(compiled(x, kv), f(x, kv), atol=ATOL, rtol=0)
+    _compiled_matches(f, [(torch.randn(n, 16), torch.randn(m, 16)) for n, m in [(3, 5), (5, 7)]])
     s = pcg_backend.stats()
     # [kv.sum eager][lin, empty_like][mix][lin2, add]; without the move it was 5 pieces, 3 capturable
     assert (s["graphs_compiled"], s["pieces"], s["capturable_pieces"]) == (1, 4, 2)
@@ -322,10 +323,7 @@ def test_allocation_between_split_ops_joins_the_captured_piece_before():
         torch.ops.pcg_toy.mix(mid, out)
         return lin(out)
 
-    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
-    for n in [3, 5]:
-        x = torch.randn(n, 16)
-        torch.testing.assert_close(compiled(x), f(x), atol=ATOL, rtol=0)
+    _compiled_matches(f, [(torch.randn(n, 16),) for n in [3, 5]])
     s = pcg_backend.stats()
     # [lin, empty_like, empty_like][mix][mix][lin]: one piece fewer than in Dynamo's order
     assert (s["pieces"], s["capturable_pieces"], s["split_op_nodes"]) == (4, 2, 2)
@@ -353,10 +351,7 @@ def test_token_count_meeting_another_dynamic_size_keeps_the_graph_exact():
         torch.ops.pcg_toy.mix(h, out)
         return out * m[torch.arange(x.shape[0])][:, None]
 
-    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
-    for n in [3, 5, 8]:
-        x, m = torch.randn(n, 16), torch.randn(n + 2)
-        torch.testing.assert_close(compiled(x, m), f(x, m), atol=ATOL, rtol=0)
+    _compiled_matches(f, [(torch.randn(n, 16), torch.randn(n + 2)) for n in [3, 5, 8]])
     s = pcg_backend.stats()
     assert s["padded_calls"] == 0
     assert "another dynamic size such as a mask's KV length" in pcg_backend.report()
