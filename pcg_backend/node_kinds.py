@@ -132,7 +132,9 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
                     and isinstance(arg_val, torch.Tensor) and target_name(node) not in DATA_FREE):
                 mixing.append(node.name)
         foreign = _foreign_symbols(node, keyed)
-        if foreign and token is not None and any(token in symbols_of(node_value(a)) for a in (node, *node.all_input_nodes)):
+        meets_token = token is not None and any(token in symbols_of(node_value(a))
+                                                for a in (node, *node.all_input_nodes))
+        if foreign and meets_token:
             # The token count meets another dynamic size (HF's attention mask over the KV
             # length): padded rows would meet unpadded ones (an index past the mask's end).
             mixing.append(node.name)

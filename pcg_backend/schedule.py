@@ -10,9 +10,9 @@ Two moves remove them, neither of which changes what any node computes:
 
 * `hoist_uncapturable_inputs`: eager work that reads only graph inputs moves
   to the top, with the input-only nodes it needs, into one eager prologue.
-* `pull_allocations_up`: a tensor allocation moves up next to the captured
-  node that last produced one of its inputs, so it joins that piece instead
-  of forming a piece of its own between two split ops.
+* `pull_allocations_up`: a tensor allocation that sits alone between split
+  ops moves up to the nearest captured node below its inputs, so it joins
+  that piece instead of forming a piece of its own.
 """
 
 from __future__ import annotations
