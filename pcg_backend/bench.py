@@ -122,9 +122,10 @@ def install_variant(model, variant: str, skip_module_guards: bool = False):
         model.forward = torch.compile(model.forward, backend="pcg", options={"compiler": variant[4:], **guards})
 
 
-def profile_runs(model, path: str, prefill_sizes) -> None:
+def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None) -> None:
     """Write the top CPU and CUDA ops of a batch-1 greedy generate of 8 tokens, then of one
-    prefill per size in `prefill_sizes` (profiles, not timings)."""
+    prefill per size in `prefill_sizes` (profiles, not timings). With `trace_dir`, also a gzipped
+    Chrome trace per run, and the ops grouped by input shape (to tell which copies are which)."""
     from torch.profiler import ProfilerActivity, profile
 
     vocab = model.config.vocab_size
@@ -141,18 +142,35 @@ def profile_runs(model, path: str, prefill_sizes) -> None:
         for title, run in runs.items():
             with torch.no_grad():
                 run()   # unprofiled first: a new cache's first decode step may capture graphs (new addresses)
-            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                          record_shapes=trace_dir is not None) as prof:
                 run()
                 torch.cuda.synchronize()
             f.write(f"== {title}\n")
+            if trace_dir:
+                _write_trace(prof, os.path.join(trace_dir, f"trace_{len(os.listdir(trace_dir))}.json.gz"), title)
+                f.write(prof.key_averages(group_by_input_shape=True).table(
+                    sort_by="cuda_time_total", row_limit=25, max_name_column_width=40, max_shapes_column_width=90))
+                f.write("\n")
             f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
             f.write("\n")
             f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
             f.write("\n")
 
 
+def _write_trace(prof, path: str, title: str) -> None:
+    import gzip
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as raw:
+        prof.export_chrome_trace(raw.name)
+        with open(raw.name, "rb") as src, gzip.open(path, "wb") as dst:
+            dst.write(src.read())
+    print(f"  trace of {title}: {path}", flush=True)
+
+
 def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, repeats: int, profile_dir=None,
-                skip_module_guards: bool = False) -> dict:
+                skip_module_guards: bool = False, trace: bool = False) -> dict:
     import pcg_backend
 
     install_variant(model, variant, skip_module_guards)
@@ -192,7 +210,10 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             result["decode_tok_s"][b] = b / step
             print(f"  {variant:>16} decode b={b:>3}: {1e3 * step:8.2f} ms/step{_captures_note()}", flush=True)
     if profile_dir:
-        profile_runs(model, os.path.join(profile_dir, f"profile_{variant}.txt"), prefill_sizes)
+        trace_dir = os.path.join(profile_dir, f"traces_{variant}") if trace else None
+        if trace_dir:
+            os.makedirs(trace_dir, exist_ok=True)
+        profile_runs(model, os.path.join(profile_dir, f"profile_{variant}.txt"), prefill_sizes, trace_dir)
     if variant.startswith("pcg"):
         s = pcg_backend.stats()
         result["graph_memory_mib"] = s["graph_memory_bytes"] / 2**20
@@ -265,6 +286,8 @@ def main(argv=None):
                         help="compile every compiled variant with torch.compiler.skip_guard_on_all_nn_modules_unsafe")
     parser.add_argument("--profile", action="store_true",
                         help="profile a batch-1 generate and one prefill per size of each variant")
+    parser.add_argument("--trace", action="store_true",
+                        help="with --profile: also write gzipped Chrome traces and a by-shape table")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
@@ -294,7 +317,7 @@ def main(argv=None):
     for v in variants:
         try:
             results.append(run_variant(model, v, prefill, batches, new_tokens, repeats,
-                                       args.out if args.profile else None, args.skip_module_guards))
+                                       args.out if args.profile else None, args.skip_module_guards, args.trace))
         except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
             message = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"  {v:>16} FAILED: {message}", flush=True)
