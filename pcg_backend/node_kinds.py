@@ -134,7 +134,7 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
         foreign = _foreign_symbols(node, keyed)
         meets_token = token is not None and any(token in symbols_of(node_value(a))
                                                 for a in (node, *node.all_input_nodes))
-        if foreign and meets_token:
+        if meets_token and _foreign_symbols(node, keyed, sizes_only=True):
             # The token count meets another dynamic size (HF's attention mask over the KV
             # length): padded rows would meet unpadded ones (an index past the mask's end).
             mixing.append(node.name)
@@ -152,11 +152,16 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
     return kinds, mutated, mixing
 
 
-def _foreign_symbols(node, keyed: set) -> list[str]:
-    """Symbols in a node's inputs or output that captures are not keyed on (e.g. a KV length)."""
-    syms = symbols_of(node_value(node))
-    for arg in node.all_input_nodes:
-        syms |= symbols_of(node_value(arg))
+def _foreign_symbols(node, keyed: set, sizes_only: bool = False) -> list[str]:
+    """Symbols in a node's inputs or output that captures are not keyed on (e.g. a KV length).
+
+    With `sizes_only`, only symbols of sizes count: a float read from the
+    device (`.item()`) scales values, it never decides which rows meet.
+    """
+    values = [node_value(node), *(node_value(a) for a in node.all_input_nodes)]
+    if sizes_only:
+        values = [v for v in values if not isinstance(v, torch.SymFloat)]
+    syms = set().union(*(symbols_of(v) for v in values))
     return sorted(str(s) for s in syms - keyed)
 
 

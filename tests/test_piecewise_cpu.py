@@ -187,6 +187,9 @@ def test_host_read_of_a_tensor_value_runs_eagerly():
 
     _compiled_matches(f, [(torch.randn(n, 4),) for n in [3, 5]])
     assert "item() reads a tensor's value on the host" in pcg_backend.report()
+    # the float it reads scales values and never decides which rows meet: the graph is still padded
+    assert "mix tokens outside a split op" not in pcg_backend.report()
+    assert pcg_backend.stats()["padded_calls"] == 2
 
 
 def test_decode_batch_is_keyed_not_padded():
