@@ -104,7 +104,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def install_variant(model, variant: str, skip_module_guards: bool = False):
+def install_variant(model, variant: str, skip_module_guards: bool = False, pcg_options: dict | None = None):
     """Compile `model.forward` for `variant`; with `skip_module_guards`, Dynamo does not re-check the
     model's modules and parameters on every call (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`,
     safe when nothing reassigns module attributes between calls)."""
@@ -119,7 +119,8 @@ def install_variant(model, variant: str, skip_module_guards: bool = False):
     elif variant == "reduce-overhead":
         model.forward = torch.compile(model.forward, mode="reduce-overhead", options=guards or None)
     elif variant.startswith("pcg-"):
-        model.forward = torch.compile(model.forward, backend="pcg", options={"compiler": variant[4:], **guards})
+        model.forward = torch.compile(model.forward, backend="pcg",
+                                      options={"compiler": variant[4:], **(pcg_options or {}), **guards})
 
 
 def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None) -> None:
@@ -170,10 +171,10 @@ def _write_trace(prof, path: str, title: str) -> None:
 
 
 def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, repeats: int, profile_dir=None,
-                skip_module_guards: bool = False, trace: bool = False) -> dict:
+                skip_module_guards: bool = False, trace: bool = False, pcg_options: dict | None = None) -> dict:
     import pcg_backend
 
-    install_variant(model, variant, skip_module_guards)
+    install_variant(model, variant, skip_module_guards, pcg_options)
     _CAPTURES_IN_TIMED_CALLS[0] = 0
     result: dict = {"variant": variant, "prefill_ms": {}, "decode_ms": {}, "decode_tok_s": {}}
     vocab = model.config.vocab_size
@@ -288,6 +289,8 @@ def main(argv=None):
                         help="profile a batch-1 generate and one prefill per size of each variant")
     parser.add_argument("--trace", action="store_true",
                         help="with --profile: also write gzipped Chrome traces and a by-shape table")
+    parser.add_argument("--pcg-options", type=json.loads, default={},
+                        help='extra pcg options as JSON for the pcg variants, e.g. \'{"head_piece_nodes": 0}\'')
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
@@ -309,15 +312,16 @@ def main(argv=None):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * weight_bytes / bandwidth
-    print(f"pattern: {short_pattern(args.layers)}; module guards {'skipped' if args.skip_module_guards else 'kept'}",
-          flush=True)
+    print(f"pattern: {short_pattern(args.layers)}; module guards {'skipped' if args.skip_module_guards else 'kept'}; "
+          f"extra pcg options {args.pcg_options}", flush=True)
     print(f"device: {device}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
           f"{weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.2f} ms", flush=True)
     results = []
     for v in variants:
         try:
             results.append(run_variant(model, v, prefill, batches, new_tokens, repeats,
-                                       args.out if args.profile else None, args.skip_module_guards, args.trace))
+                                       args.out if args.profile else None, args.skip_module_guards, args.trace,
+                                       args.pcg_options))
         except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
             message = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"  {v:>16} FAILED: {message}", flush=True)
@@ -327,6 +331,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump({"device": device, "floor_ms": floor_ms, "weight_bytes": weight_bytes,
                        "bandwidth_bytes_s": bandwidth, "skip_module_guards": args.skip_module_guards,
+                       "pcg_options": args.pcg_options,
                        "results": results}, f, indent=1, default=str)
     text = table(results, floor_ms)
     print(f"\n{device}\n{text}")
