@@ -20,7 +20,7 @@ from .eager_pieces import EagerPiece, SplitOpPiece
 from .fx_facts import node_value, op_argument_names, written_inputs
 from .node_kinds import Kind
 from .options import parse_options
-from .split import graph_device_is_cuda, split_graph
+from .split import split_graph
 from .stats import STATS, GraphRecord
 
 log = logging.getLogger("pcg_backend")
@@ -91,9 +91,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     name = f"graph{STATS.graphs_compiled}"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     check_one_device(gm)
-    # Launch chunks only pay off where pieces are CUDA graphs: elsewhere they would only add pieces.
-    head = opts.head_piece_nodes if opts.cuda_graphs and graph_device_is_cuda(gm) else 0
-    split = split_graph(gm, opts.capture_split_ops, head)
+    split = split_graph(gm, opts.capture_split_ops)
     off_reason = _cuda_graphs_off_reason(opts, split)
     if off_reason:
         STATS.note(f"{name}: {off_reason}")

@@ -290,7 +290,7 @@ def main(argv=None):
     parser.add_argument("--trace", action="store_true",
                         help="with --profile: also write gzipped Chrome traces and a by-shape table")
     parser.add_argument("--pcg-options", type=json.loads, default={},
-                        help='extra pcg options as JSON for the pcg variants, e.g. \'{"head_piece_nodes": 0}\'')
+                        help='extra pcg options as JSON for the pcg variants, e.g. \'{"max_capture_size": 1024}\'')
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]

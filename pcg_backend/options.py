@@ -27,7 +27,6 @@ class PcgOptions:
     capture: str = "upfront"
     progress: bool = True
     capture_split_ops: bool = True
-    head_piece_nodes: int = 16
 
     @property
     def largest(self) -> int:
@@ -42,7 +41,6 @@ _DEFAULTS: dict[str, Any] = {
     "capture": "upfront",
     "progress": True,
     "capture_split_ops": True,
-    "head_piece_nodes": 16,
 }
 
 
@@ -94,10 +92,6 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
                 f"{[s for s in sizes if s > max_size]}; drop them or raise max_capture_size"
             )
 
-    head = merged["head_piece_nodes"]
-    if isinstance(head, bool) or not isinstance(head, int) or head < 0:
-        raise ValueError(f"pcg option head_piece_nodes must be an int >= 0 (0: no launch chunks), got {head!r}")
-
     compiler = merged["compiler"]
     if compiler not in COMPILERS:
         raise ValueError(f"pcg option compiler must be one of {COMPILERS}, got {compiler!r}")
@@ -115,5 +109,4 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
         capture=merged["capture"],
         progress=merged["progress"],
         capture_split_ops=merged["capture_split_ops"],
-        head_piece_nodes=head,
     )

@@ -17,13 +17,6 @@ Two moves remove them, neither of which changes what any node computes:
 The prologue does not stay at the very top: it sinks to the last piece
 boundary before its first consumer, so the GPU starts on captured work while
 the host runs the prologue.
-
-`launch_chunks` then cuts long captured runs for the opposite reason. A CUDA
-graph starts on the GPU only once `cudaGraphLaunch` returns, and that call
-costs about a microsecond of host time per kernel (0.2 ms for the first
-decode piece of the 9B model, 1.4 ms for its whole-model 1-token prefill, on
-an H100), while the GPU waits. A small first piece starts the GPU at once;
-each later piece is launched while the GPU runs the one before it.
 """
 
 from __future__ import annotations
@@ -60,7 +53,10 @@ def _written_roots(gm: torch.fx.GraphModule) -> tuple[dict, set]:
 
 
 def hoist_uncapturable_inputs(gm: torch.fx.GraphModule, kinds: dict) -> int:
-    """Move DYNAMIC nodes that depend only on graph inputs, and their input-only ancestors, to the top.
+    """Gather DYNAMIC nodes that depend only on graph inputs, and their input-only ancestors, into one block.
+
+    The block goes to the top, then sinks to the last piece boundary before
+    its first consumer (`_sink`).
 
     Only pure nodes move: nothing that writes, and nothing that reads a tensor
     written in place anywhere in the graph (a graph input, or a buffer a split
@@ -132,83 +128,6 @@ def _sink(block: list, kinds: dict) -> int:
     for node in block:
         target.prepend(node)
     return len(block)
-
-
-def launch_chunks(gm: torch.fx.GraphModule, kinds: dict, head: int, growth: int = 4) -> set:
-    """The nodes where a captured run is cut so that the GPU starts early (see the module docstring).
-
-    Walking captured runs in graph order, the first piece holds at most
-    `head` compute nodes and each next one at most `growth` times the one
-    before; a run that fits its budget is not cut. Each cut goes where the
-    fewest tensors cross it (a layer boundary, where only the hidden state
-    does), among the points that fill the budget at least half. `head` 0
-    turns this off.
-    """
-    if head <= 0:
-        return set()
-    order = list(gm.graph.nodes)
-    position = {n: i for i, n in enumerate(order)}
-    starts: set = set()
-    budget = head
-    for run in _captured_runs(order, kinds):
-        work = [_is_compute(n, kinds) for n in run]
-        i = 0
-        while sum(work[i:]) > budget:
-            cut = _best_cut(run, work, i, budget, position)
-            if cut is None:
-                break
-            starts.add(run[cut])
-            i, budget = cut, budget * growth
-        if any(work[i:]):
-            budget *= growth
-    return starts
-
-
-def _captured_runs(order: list, kinds: dict) -> list[list]:
-    runs, current = [], []
-    for node in order:
-        if node.op in ("placeholder", "output"):
-            continue
-        if kinds.get(node, (None,))[0] in (Kind.STATIC, None):
-            current.append(node)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return runs
-
-
-def _is_compute(node, kinds) -> bool:
-    """A node that launches work: a captured op making a tensor, not a view or a metadata read."""
-    if kinds.get(node, (None,))[0] is not Kind.STATIC or target_name(node) in VIEW_NAMES | DATA_FREE:
-        return False
-    return isinstance(node.meta.get("example_value", node.meta.get("val")), torch.Tensor)
-
-
-def _best_cut(run: list, work: list, start: int, budget: int, position: dict) -> int | None:
-    """Index in `run` to start the next piece at, for a piece beginning at `start`."""
-    live = 0
-    dying: dict[int, int] = {}
-    done = 0
-    best, best_crossing = None, None
-    for j in range(start, len(run)):
-        node = run[j]
-        # Tensors made in this piece and still needed at `node` or later cross a cut before `node`.
-        live -= dying.pop(position[node] - 1, 0) if j > start else 0
-        if done >= budget / 2 and j > start and work[j] and (best_crossing is None or live <= best_crossing):
-            best, best_crossing = j, live
-        if done + work[j] > budget:
-            break
-        done += work[j]
-        last_use = max((position[u] for u in node.users), default=-1)
-        if last_use > position[node] and isinstance(node.meta.get("example_value", node.meta.get("val")),
-                                                     torch.Tensor):
-            live += 1
-            dying[last_use] = dying.get(last_use, 0) + 1
-    if best is None or sum(work[best:]) == 0:
-        return None
-    return best
 
 
 def pull_allocations_up(gm: torch.fx.GraphModule, kinds: dict) -> int:

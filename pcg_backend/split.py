@@ -17,7 +17,7 @@ from torch.fx.passes.split_module import split_module
 
 from .fx_facts import symbols_of, tensors_in, node_value
 from .node_kinds import Kind, _fuse_safe_split_ops, classify
-from .schedule import hoist_uncapturable_inputs, launch_chunks, pull_allocations_up
+from .schedule import hoist_uncapturable_inputs, pull_allocations_up
 from .token_dim import exact_size_reason, find_token_symbol
 
 
@@ -79,13 +79,8 @@ def graph_device_is_cuda(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
-def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True, head_piece_nodes: int = 0) -> SplitResult:
-    """Cut `gm` at split ops and at changes of node kind, keeping the original order.
-
-    With `head_piece_nodes` > 0, long captured runs are also cut so that the
-    first piece is small (`schedule.launch_chunks`); the backend asks for
-    that only when the pieces become CUDA graphs.
-    """
+def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> SplitResult:
+    """Cut `gm` at split ops and at changes of node kind, keeping the original order."""
     on_cuda = graph_device_is_cuda(gm)
     token, keyed = find_token_symbol(gm)
     kinds, mutated, mixing = classify(gm, keyed, token, on_cuda)
@@ -96,7 +91,6 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True, head_p
         fused = _fuse_safe_split_ops(kinds, keyed, padded=token is not None and not exact_reason)
     hoist_uncapturable_inputs(gm, kinds)
     pull_allocations_up(gm, kinds)
-    chunk_starts = launch_chunks(gm, kinds, head_piece_nodes)
 
     piece_of: dict[torch.fx.Node, int] = {}
     pieces: list[PieceInfo] = []
@@ -109,7 +103,7 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True, head_p
         if kind is Kind.SPLIT:
             pieces.append(PieceInfo(f"submod_{len(pieces)}", Kind.SPLIT, split_op=reason))
             force_new = True
-        elif force_new or node in chunk_starts or (kind is not None and current is not None and kind is not current):
+        elif force_new or (kind is not None and current is not None and kind is not current):
             pieces.append(PieceInfo(f"submod_{len(pieces)}", kind or Kind.HOST, reason))
             force_new = False
             current = kind

@@ -14,7 +14,6 @@ def test_default_options():
     opts = parse_options(None)
     assert opts.capture_sizes == default_ladder(512)
     assert opts.compiler == "eager" and opts.cuda_graphs is True and opts.max_capture_size == 512
-    assert opts.head_piece_nodes == 16
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -27,8 +26,6 @@ def test_default_options():
     ({"compiler": "tvm"}, "eager"),
     ({"cuda_graphs": "yes"}, "True or False"),
     ({"max_capture_size": 0}, "positive int"),
-    ({"head_piece_nodes": -1}, "int >= 0"),
-    ({"head_piece_nodes": True}, "int >= 0"),
 ])
 def test_bad_options_raise(bad, match):
     with pytest.raises(ValueError, match=match):
