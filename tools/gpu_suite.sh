@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks in one place, for a machine with CUDA: `tools/gpu_suite.sh tests` runs the GPU test
+# files, `tools/gpu_suite.sh bench [bench flags]` the quick benchmark against eager. Logs go to $OUT
+# (default ./gpu_out). Each stage fits a 10-minute call on an H100 (tests about 4 minutes, bench about 6).
+# mamba-ssm / causal-conv1d wheels placed in .whl/ are installed into /tmp/site first, if present.
+set -u
+cd "$(dirname "$0")/.."
+stage=${1:-tests}
+shift || true
+if [ "$stage" != tests ] && [ "$stage" != bench ]; then
+    echo "usage: tools/gpu_suite.sh tests | bench [bench flags]" >&2
+    exit 2
+fi
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
+    export PYTHONPATH="/tmp/site:$PWD"
+fi
+if ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "tools/gpu_suite.sh needs a CUDA GPU; on CPU run: python -m pytest -q tests" >&2
+    exit 2
+fi
+python3 -c "import torch, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee "$OUT/device.txt"
+case "$stage" in
+    tests)
+        timeout 420 python3 -m pytest -q tests/test_hf_gpu.py tests/test_reliability.py tests/test_cudagraph_gpu.py \
+            -p no:cacheprovider > "$OUT/tests.log" 2>&1
+        rc=$?
+        echo "tests rc $rc"
+        grep -E "passed|failed|^FAILED|^ERROR" "$OUT/tests.log" | tail -20
+        ;;
+    bench)
+        timeout 540 python3 -m pcg_backend.bench --quick --variants eager,pcg-inductor --prefill 1,16,128,2048 \
+            --out "$OUT/bench" "$@" > "$OUT/bench.log" 2>&1
+        rc=$?
+        echo "bench rc $rc"
+        grep -v "capturing graph" "$OUT/bench.log" | tail -30
+        ;;
+esac
+exit $rc
