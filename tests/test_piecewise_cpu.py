@@ -294,10 +294,26 @@ def test_upfront_capture_forwards_leave_model_state_alone(monkeypatch):
     assert "captured 0 CUDA graphs (0 pieces x 4 buckets 2..16" in pcg_backend.stats()["capture_summaries"][-1]
 
 
-def test_input_only_eager_work_moves_to_one_prologue():
+def test_input_only_eager_work_moves_to_one_prologue(monkeypatch):
     # `kv.sum(0)` depends on an unkeyed size (like an attention mask over a KV
-    # length): it must run eagerly. It reads only a graph input, so it moves to
-    # the top and the captured work around it becomes one piece.
+    # length): it must run eagerly. It reads only a graph input, so it moves
+    # out of the captured work around it, which becomes one piece, and it
+    # sinks to just before its first consumer's run: after the split op, so
+    # the GPU would already run `lin` while the host works on it.
+    from pcg_backend import backend
+    from pcg_backend.node_kinds import Kind
+
+    order = []
+
+    def spy(*args):
+        # (kind, methods called) per piece, read before the backend wraps the pieces
+        result = split_graph(*args)
+        order.extend((p.kind, [n.target for n in getattr(result.module, p.name).graph.nodes
+                               if n.op == "call_method"]) for p in result.pieces)
+        return result
+
+    split_graph = backend.split_graph
+    monkeypatch.setattr(backend, "split_graph", spy)
     lin, lin2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
 
     def f(x, kv):
@@ -309,8 +325,9 @@ def test_input_only_eager_work_moves_to_one_prologue():
 
     _compiled_matches(f, [(torch.randn(n, 16), torch.randn(m, 16)) for n, m in [(3, 5), (5, 7)]])
     s = pcg_backend.stats()
-    # [kv.sum eager][lin, empty_like][mix][lin2, add]; without the move it was 5 pieces, 3 capturable
+    # [lin, empty_like][mix][kv.sum eager][lin2, add]; without the move it was 5 pieces, 3 capturable
     assert (s["graphs_compiled"], s["pieces"], s["capturable_pieces"]) == (1, 4, 2)
+    assert order == [(Kind.STATIC, []), (Kind.SPLIT, []), (Kind.DYNAMIC, ["sum"]), (Kind.STATIC, [])]
     prologue = [c for r, c in s["eager_reasons"].items() if "that are not the token count" in r]
     assert prologue == [2]
 
