@@ -275,6 +275,17 @@ def plot(results, floor_ms: float, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _json_object(text: str) -> dict:
+    """argparse type for --pcg-options: a JSON object, or a clear error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"max_capture_size\": 1024}}', got {text!r}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=None, help="use only the first N layers of the pattern")
@@ -289,7 +300,7 @@ def main(argv=None):
                         help="profile a batch-1 generate and one prefill per size of each variant")
     parser.add_argument("--trace", action="store_true",
                         help="with --profile: also write gzipped Chrome traces and a by-shape table")
-    parser.add_argument("--pcg-options", type=json.loads, default={},
+    parser.add_argument("--pcg-options", type=_json_object, default={},
                         help='extra pcg options as JSON for the pcg variants, e.g. \'{"max_capture_size": 1024}\'')
     args = parser.parse_args(argv)
     variants = args.variants.split(",")

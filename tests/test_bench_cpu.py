@@ -1,0 +1,40 @@
+"""The benchmark's pure parts on CPU: the layer pattern, the table's ratios, and argument checks."""
+
+import pytest
+
+from pcg_backend import bench
+
+
+def test_short_pattern_keeps_an_attention_layer():
+    assert bench.short_pattern(None) == bench.PATTERN and len(bench.PATTERN) == 56
+    assert bench.short_pattern(8) == "M-M-M-MM"[:7] + "*"      # no '*' in the first 8: the last M becomes one
+    assert bench.short_pattern(15) == bench.PATTERN[:15]      # already holds the first attention layer
+    with pytest.raises(ValueError, match="at least 2"):
+        bench.short_pattern(1)
+
+
+def test_table_gives_ratios_to_eager_and_to_the_floor():
+    results = [
+        {"variant": "eager", "prefill_ms": {16: 45.0}, "decode_ms": {1: 30.0}, "first_call_s": 30.0},
+        {"variant": "pcg-inductor", "prefill_ms": {16: 9.0}, "decode_ms": {1: 7.5}, "first_call_s": 50.0,
+         "graph_memory_mib": 1500.0},
+    ]
+    rows = {tuple(line.split()[:3]): line.split()[3:] for line in bench.table(results, floor_ms=6.0).splitlines()
+            if line.strip().startswith(("eager", "pcg-inductor"))}
+    assert rows[("pcg-inductor", "prefill", "16")] == ["9.00", "5.00", "1.50"]     # ms, x eager, x floor
+    assert rows[("pcg-inductor", "decode", "b=1")] == ["7.50", "4.00", "1.25"]
+    assert rows[("eager", "prefill", "16")] == ["45.00", "1.00", "7.50"]
+    assert "graph memory 1500 MiB" in bench.table(results, floor_ms=6.0)
+
+
+@pytest.mark.parametrize("bad, message", [("[1]", "must be a JSON object"), ("{x", "not valid JSON")])
+def test_pcg_options_must_be_a_json_object(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--pcg-options", bad])
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_variant_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "eager,fast"])
+    assert "unknown variant(s) ['fast']" in capsys.readouterr().err
