@@ -118,9 +118,10 @@ def _channel_last(rows: torch.Tensor) -> torch.Tensor:
     causal-conv1d keeps this layout for its output, so the scan's `hs`, `B`
     and `C` are plain views of it. A `.contiguous()` after the transpose gives
     channels-first instead, and the scan copies all three back: on the 9B
-    model's 2048-token prefill this layout cut 8.6 ms of copy kernels, though
-    the chunk-scan kernel took 2.5 ms longer on the strided views (H100). The
-    kernel's channel-last path needs strides that are multiples of 8.
+    model's 2048-token prefill this layout cut 8.6 ms of copy kernels (H100;
+    one profile had the chunk scan 2.5 ms slower on the strided views, a
+    later one had it at its earlier 3.2 ms). The kernel's channel-last path
+    needs strides that are multiples of 8.
     """
     if rows.shape[-1] % 8:
         return rows.transpose(1, 2).contiguous()
