@@ -7,7 +7,7 @@ from pcg_backend import bench
 
 def test_short_pattern_keeps_an_attention_layer():
     assert bench.short_pattern(None) == bench.PATTERN and len(bench.PATTERN) == 56
-    assert bench.short_pattern(8) == "M-M-M-MM"[:7] + "*"      # no '*' in the first 8: the last M becomes one
+    assert bench.short_pattern(8) == "M-M-M-M*"               # no '*' in the first 8: the last M becomes one
     assert bench.short_pattern(15) == bench.PATTERN[:15]      # already holds the first attention layer
     with pytest.raises(ValueError, match="at least 2"):
         bench.short_pattern(1)

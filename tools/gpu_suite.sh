@@ -11,8 +11,6 @@ if [ "$stage" != tests ] && [ "$stage" != bench ]; then
     echo "usage: tools/gpu_suite.sh tests | bench [bench flags]" >&2
     exit 2
 fi
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
     export PYTHONPATH="/tmp/site:$PWD"
@@ -21,6 +19,8 @@ if ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; th
     echo "tools/gpu_suite.sh needs a CUDA GPU; on CPU run: python -m pytest -q tests" >&2
     exit 2
 fi
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
 python3 -c "import torch, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee "$OUT/device.txt"
 case "$stage" in
     tests)
