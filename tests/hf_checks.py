@@ -65,3 +65,38 @@ def generate_matches(model, batch, cache_implementation=None, new_tokens=32, dev
     for r, s in zip(ref_states, got_states):
         torch.testing.assert_close(s.float(), r.float(), atol=state_atol, rtol=0)
     assert pcg_backend.stats()["split_op_nodes"] > 0
+
+
+def one_token_prefill_matches(model, monkeypatch, atol, device="cpu"):
+    """A fresh one-token prefill runs each Mamba2 core as one step from zeroed states.
+
+    It must call the step kernel once per Mamba layer and the chunked scan
+    never, and its logits, every cache state and the next decode step's
+    logits must equal eager's within `atol`.
+    """
+    import sys
+
+    mixers = [m for m in model.modules() if hasattr(m, "A_log")]
+    kernels = sys.modules[type(mixers[0]).__module__]
+    calls = {"mamba2_chunk_scan": 0, "mamba2_selective_state_update": 0}
+    compiled = torch.compile(model, backend="pcg", options=OPTIONS)
+    g = torch.Generator().manual_seed(1)
+    ids, step = (torch.randint(3, model.config.vocab_size, (1, 1), generator=g).to(device) for _ in range(2))
+    with torch.no_grad():
+        ref = model(ids, use_cache=True)
+        for name in calls:
+            real = getattr(kernels, name)
+            monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k:
+                                calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **k))
+        got = compiled(ids, use_cache=True)
+        monkeypatch.undo()
+        torch.testing.assert_close(got.logits, ref.logits, atol=atol, rtol=0)
+        for r, s in zip(_states(ref.past_key_values), _states(got.past_key_values), strict=True):
+            torch.testing.assert_close(s.float(), r.float(), atol=atol, rtol=0)
+        ref2 = model(step, past_key_values=ref.past_key_values, use_cache=True)
+        got2 = compiled(step, past_key_values=got.past_key_values, use_cache=True)
+        torch.testing.assert_close(got2.logits, ref2.logits, atol=atol, rtol=0)
+    # On CUDA the first call of the one-token graph runs each captured core three
+    # times: the warm-up, the host-sync probe, and the capture itself.
+    runs = 1 if device == "cpu" else 3
+    assert calls == {"mamba2_chunk_scan": 0, "mamba2_selective_state_update": runs * len(mixers)}

@@ -5,7 +5,7 @@ import torch
 
 import pcg_backend
 from conftest import requires_reference_kernels
-from hf_checks import PREFILL_SIZES, _states, generate_matches, prefill_logits
+from hf_checks import PREFILL_SIZES, _states, generate_matches, one_token_prefill_matches, prefill_logits
 from hf_models import FAMILIES, tiny_model
 
 ATOL = 1e-4  # fp32 on CPU, as the issue asks
@@ -98,6 +98,12 @@ def test_mamba_cores_join_padded_pieces(capture_split_ops, monkeypatch):
         assert padded_runs == [b for b in [4, 4, 8, 16, 17] for _ in range(2)]
     else:
         assert s["split_ops_in_graphs"] == 0 and padded_runs == []
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "falcon_h1", "bamba"])
+def test_one_token_prefill_is_one_step_from_zero_state(family, monkeypatch):
+    # NemotronH clamps dt at time_step_min (0.001), FalconH1 and Bamba do not: both step variants.
+    one_token_prefill_matches(tiny_model(family), monkeypatch, ATOL)
 
 
 def test_decode_graphs_are_two_captured_pieces_at_any_batch():

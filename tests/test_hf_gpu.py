@@ -5,7 +5,7 @@ import torch
 
 import pcg_backend
 from conftest import requires_cuda
-from hf_checks import PREFILL_SIZES, generate_matches, prefill_logits
+from hf_checks import PREFILL_SIZES, generate_matches, one_token_prefill_matches, prefill_logits
 from hf_models import FAMILIES, tiny_model
 
 pytestmark = requires_cuda
@@ -44,3 +44,11 @@ def test_generate_fp32_with_kernels(family):
 def test_generate_static_cache_gpu():
     model = tiny_model("nemotron_h", device="cuda")
     generate_matches(model, 4, cache_implementation="static", device="cuda", state_atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "bamba"])
+def test_one_token_prefill_step_kernels_fp32(family, monkeypatch):
+    # The mamba-ssm step kernel from zeroed states against the chunked scan's
+    # prefill, in fp32 (NemotronH clamps dt at 0.001, Bamba does not).
+    pytest.importorskip("mamba_ssm")
+    one_token_prefill_matches(tiny_model(family, device="cuda"), monkeypatch, 1e-3, device="cuda")

@@ -15,6 +15,7 @@ import types
 import torch
 
 from .. import context
+from .lean_op import lean_op
 from .registry import register_split_op
 
 # The HF attention functions the routed wrappers replaced, by implementation name.
@@ -22,7 +23,7 @@ ORIGINAL_ATTENTION: dict[str, object] = {}
 
 
 @register_split_op(cudagraph_safe=True)
-@torch.library.custom_op("pcg::kv_append", mutates_args=())
+@lean_op("pcg::kv_append", mutates_args=())
 def kv_append(new: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     n = context.real_tokens(new.shape[-2])
     new = new[..., :n, :]
@@ -31,7 +32,7 @@ def kv_append(new: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     return torch.cat([cache, new], dim=-2)
 
 
-@kv_append.register_fake
+@torch.library.register_fake("pcg::kv_append")
 def _(new, cache):
     if cache.dim() != new.dim():
         return new.new_empty(new.shape)
@@ -39,7 +40,7 @@ def _(new, cache):
 
 
 @register_split_op(cudagraph_safe=True)
-@torch.library.custom_op("pcg::kv_write_static", mutates_args=["keys", "values", "cumulative_length"])
+@lean_op("pcg::kv_write_static", mutates_args=["keys", "values", "cumulative_length"])
 def kv_write_static(
     key_states: torch.Tensor,
     value_states: torch.Tensor,
@@ -55,7 +56,7 @@ def kv_write_static(
 
 
 @register_split_op(cudagraph_safe=True)
-@torch.library.custom_op("pcg::attention", mutates_args=["out"])
+@lean_op("pcg::attention", mutates_args=["out"])
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,

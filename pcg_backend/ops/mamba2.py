@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import context
+from .lean_op import lean_op
 from .registry import register_split_op
 
 
 @register_split_op(padding_safe=True)
-@torch.library.custom_op("pcg::mamba2_core", mutates_args=["conv_state", "ssm_state", "out"])
+@lean_op("pcg::mamba2_core", mutates_args=["conv_state", "ssm_state", "out"])
 def mamba2_core(
     xBC: torch.Tensor,
     dt: torch.Tensor,
@@ -64,7 +65,19 @@ def mamba2_core(
                         use_state)
         return
     n = context.real_tokens(padded)
-    decode = use_state and padded == 1
+    decode = padded == 1 and (use_state or (conv_state is not None and ssm_state is not None))
+    dt_step = {"dt_bias": dt_bias[:, None].expand(-1, head_dim), "dt_softplus": True}
+    if decode and not use_state:
+        # A fresh one-token prefill is one recurrent step from zero state: the
+        # step kernels compute it in 2 launches, where the chunked path takes
+        # a layout copy, the conv and 5 scan kernels over a whole chunk. Unlike
+        # a decode step, a prefill clamps dt to the time-step limits, so dt
+        # is computed here and the step kernel takes it as it is.
+        conv_state.zero_()
+        ssm_state.zero_()
+        dt = F.softplus(dt.float() + dt_bias).clamp_(dt_min, dt_max)
+        # a zero bias, not None: mamba-ssm 2.3's selective_state_update reads dt_bias.stride() either way
+        dt_step = {"dt_bias": dt_bias.new_zeros(1).expand(dt_bias.shape[0], head_dim), "dt_softplus": False}
     # decode: one row, and causal_conv1d_update takes (batch, channels, 1) as laid out by `.contiguous()`
     x = xBC[:, :n].transpose(1, 2).contiguous() if decode else _channel_last(xBC[:, :n])
     dt = dt[:, :n]
@@ -101,8 +114,7 @@ def mamba2_core(
             C.view(batch, n_groups, state_size),
             D[:, None].expand(-1, head_dim),
             z=None,
-            dt_bias=dt_bias[:, None].expand(-1, head_dim),
-            dt_softplus=True,
+            **dt_step,
         ).view(batch, 1, -1)
     else:
         y = _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size,
@@ -130,11 +142,18 @@ def _channel_last(rows: torch.Tensor) -> torch.Tensor:
 
 def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_weight, conv_bias, A_log, D, dt_bias,
                     count, n_groups, head_dim, state_size, chunk_size, activation, dt_min, dt_max, use_state):
-    """The prefill core at the full bucket, with the real count `count` (a device tensor): capturable."""
+    """The prefill core at the full bucket, with the real count `count` (a device tensor): capturable.
+
+    Every op here is a kernel in each layer's graph (27 per model), and at
+    16 tokens each costs about as much as its launch, so the masking is kept
+    to what the state needs: `h` zeroed on padded rows and their dt set to 0.
+    `xBC` is not masked (the conv is causal, so a padded row reaches only
+    padded outputs, and those are zeroed in `h`), nor is the scan's output
+    (a padded row's output is C·state + D·x with C = x = 0, which is 0).
+    """
     batch, padded, conv_dim = xBC.shape
-    rows = torch.arange(padded, device=xBC.device)
-    valid = (rows < count)[None, :, None]                     # (1, padded, 1)
-    x = _channel_last(torch.where(valid, xBC, 0))           # (batch, conv_dim, padded)
+    valid = (torch.arange(padded, device=xBC.device) < count)[None, :, None]   # (1, padded, 1)
+    x = _channel_last(xBC)                                                      # (batch, conv_dim, padded)
 
     # 1. causal conv1d. Continuing from a state: over [previous window | x].
     # A fresh prefill: over x alone (the kernel's own left padding is the zero
@@ -148,7 +167,7 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
     else:
         if conv_state is not None:
             width = conv_state.shape[-1]
-            columns = count - width + torch.arange(width, device=x.device)
+            columns = torch.arange(-width, 0, device=x.device) + count
             window = x.index_select(-1, columns.clamp(min=0))
             conv_state.copy_(torch.where(columns >= 0, window, 0))
         h = kernels.causal_conv1d_fn(x, conv_weight, conv_bias, activation=activation)
@@ -157,13 +176,19 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
     groups_state = n_groups * state_size
     hs, B, C = torch.split(h, [conv_dim - 2 * groups_state, groups_state, groups_state], dim=-1)
 
-    # 2. the chunked scan, with dt computed here so that padded rows get dt = 0
-    # exactly whatever the time-step limits (the kernels would clamp it up to dt_min)
-    dt = F.softplus(dt.float() + dt_bias.float()).clamp(dt_min, dt_max)
-    dt = torch.where(valid, dt, 0.0)
-    y = _chunk_scan(kernels, hs, dt, -torch.exp(A_log.float()), B, C, D, ssm_state, use_state, n_groups, head_dim,
-                    chunk_size, dt_bias=None, dt_softplus=False)
-    out.copy_(torch.where(valid, y, 0))
+    # 2. the chunked scan, with padded rows as identity steps (dt = 0). The
+    # kernels compute dt = clamp(softplus(dt + dt_bias), dt_min, dt_max), and
+    # softplus(-inf) is exactly 0, in Triton and in torch. With a positive
+    # dt_min the clamp would lift that 0, so then dt is computed here instead.
+    A = -torch.exp(A_log.float())
+    if dt_min > 0:
+        dt = torch.where(valid, F.softplus(dt.float() + dt_bias).clamp_(dt_min, dt_max), 0.0)
+        dt_args = {"dt_bias": None, "dt_softplus": False}
+    else:
+        dt = torch.where(valid, dt, float("-inf"))
+        dt_args = {"dt_bias": dt_bias, "dt_softplus": True, "dt_limit": (dt_min, dt_max)}
+    y = _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size, **dt_args)
+    out.copy_(y)
 
 
 def _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size, **dt_args):
