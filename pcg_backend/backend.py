@@ -38,7 +38,7 @@ def _install_hf_routing() -> None:
 def _compile_piece(sub: torch.fx.GraphModule, compiler: str):
     """Compile one piece. Inductor gets the piece's fake inputs, so it keeps the symbolic token dim."""
     if compiler == "eager":
-        return sub
+        return sub.forward   # the generated code, without GraphModule.__call__'s wrapper frames
     from torch._inductor.compile_fx import compile_fx
 
     example = [node_value(n) for n in sub.graph.nodes if n.op == "placeholder"]
@@ -107,13 +107,13 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
             continue
         if piece.kind is Kind.SPLIT:
             setattr(split.module, piece.name,
-                    SplitOpPiece(sub, piece.split_op, written_inputs(sub), op_argument_names(sub)))
+                    SplitOpPiece(sub.forward, piece.split_op, written_inputs(sub), op_argument_names(sub)))
             continue
         if piece.kind is Kind.DYNAMIC:
             reason = f"{name}.{piece.name} runs eagerly: {piece.reason}"
             notes.append(reason)
             STATS.note(reason)
-            setattr(split.module, piece.name, EagerPiece(sub, reason, written_inputs(sub)))
+            setattr(split.module, piece.name, EagerPiece(sub.forward, reason, written_inputs(sub)))
             continue
         capturable += 1
         runnable = _compile_piece(sub, opts.compiler)

@@ -244,9 +244,14 @@ class CudaGraphPiece(torch.nn.Module):
             STATS.eager(self.refused)
             return self.runnable(*args)
         entry = None
-        for candidate in self.entries.get(key, ()):
+        versions = self.entries.get(key, ())
+        for position, candidate in enumerate(versions):
             if candidate.matches(args):
                 entry = candidate
+                if position:
+                    # Most recently used first: a decode loop replays one cache's graphs step
+                    # after step, and each failed check costs a scan of the piece's inputs.
+                    versions.insert(0, versions.pop(position))
                 break
         if entry is None:
             if key in self.entries:
@@ -351,10 +356,13 @@ class CudaGraphPiece(torch.nn.Module):
             self.pool.remember(buf)
         versions = self.entries.setdefault(key, [])
         if len(versions) >= MAX_VERSIONS_PER_KEY:
-            versions.pop(0)
+            versions.pop()   # the least recently used: the list is kept most recent first
             STATS.note(f"{self.name}: more than {MAX_VERSIONS_PER_KEY} address sets for key {key}; "
-                       f"dropping the oldest graph")
-        versions.append(_Entry(
+                       f"dropping the least recently used graph")
+        # State (inputs written in place, marked static) before parameters: when a
+        # graph of another cache is checked, the first comparisons already differ.
+        fixed.sort(key=lambda item: isinstance(args[item[0]], torch.nn.Parameter))
+        versions.insert(0, _Entry(
             graph,
             [(i, weak_alias(t)) for i, t in copies],
             fixed,

@@ -75,6 +75,9 @@ class PiecewiseRunner:
         self.split = split
         self.progress = opts.progress
         self.module = split.module
+        # The generated forward itself: GraphModule.__call__ adds three more Python
+        # frames that each re-pack the several hundred arguments of an HF graph.
+        self._forward = split.module.forward
         self.ladder = ladder
         self.name = name
         self.cuda_graphs = cuda_graphs
@@ -195,7 +198,7 @@ class PiecewiseRunner:
         if ctx.capture_key is not None:
             self._begin_forward(ctx.capture_key)
         with context.forward_context(ctx):
-            outs = self.module(*args)
+            outs = self._forward(*args)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
         if ctx.num_tokens is not None and ctx.padded_tokens != ctx.num_tokens:
             env = [g(args) for g in self._env_getters]

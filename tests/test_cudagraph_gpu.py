@@ -297,3 +297,31 @@ def test_safe_split_ops_are_captured_at_exact_size_and_state_advances_once():
         del keep
     finally:
         pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum)
+
+
+def test_address_sets_are_kept_most_recent_first_and_the_least_recent_is_dropped():
+    # Graphs of one key for different state addresses (several caches): the one
+    # used last is checked first, and beyond MAX_VERSIONS_PER_KEY the least
+    # recently used is dropped. The capture count after each step shows both.
+    from pcg_backend.cudagraph import MAX_VERSIONS_PER_KEY
+    from toy_models import StatefulToyModel
+
+    pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum, cudagraph_safe=True)
+    try:
+        torch.manual_seed(0)
+        model = StatefulToyModel(layers=2).cuda()
+        compiled = torch.compile(model, backend="pcg", options={"capture_sizes": SIZES})
+        states = [(model.new_state("cuda"), model.new_state("cuda")) for _ in range(MAX_VERSIONS_PER_KEY + 1)]
+
+        def step(k):
+            s_pcg, s_ref = states[k]
+            x = torch.randn(1, 16, device="cuda")
+            torch.testing.assert_close(compiled(x, s_pcg), model(x, s_ref), atol=ATOL, rtol=0)
+            torch.testing.assert_close(s_pcg, s_ref, atol=ATOL, rtol=0)
+            return pcg_backend.stats()["cuda_graphs_captured"]
+
+        assert MAX_VERSIONS_PER_KEY == 4
+        # 0-3 capture; 0 replays; 4 captures and drops 1 (0 was used after it); 0 replays; 1 captures again.
+        assert [step(k) for k in [0, 1, 2, 3, 0, 4, 0, 1]] == [1, 2, 3, 4, 4, 5, 5, 6]
+    finally:
+        pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum)
