@@ -6,7 +6,12 @@ with work that can be captured. In an HF decode step the attention mask is
 built over the growing KV length (eager) from small static pieces (`arange`,
 `new_ones`), and attention layers allocate their output between two split
 ops. Each such interleaving costs a graph launch or an eager piece per step.
-Two moves remove them, neither of which changes what any node computes:
+Three moves remove them, none of which changes what any node computes:
+
+* `drop_unused_size_arithmetic`: size arithmetic whose result nothing reads
+  (Dynamo keeps a decode step's `numel()` of a KV tensor and a few `sym_sum`s
+  that way) is removed, instead of forming a host piece that the runtime
+  calls before the first graph launch of every step.
 
 * `hoist_uncapturable_inputs`: eager work that reads only graph inputs moves
   to the top, with the input-only nodes it needs, into one eager prologue.
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from .fx_facts import DATA_FREE, VIEW_NAMES, target_name, written_args
+from .fx_facts import DATA_FREE, VIEW_NAMES, node_value, target_name, tensors_in, written_args
 from .node_kinds import Kind
 
 # Ops that create a tensor from sizes and metadata only: moving them earlier cannot change a value.
@@ -161,3 +166,21 @@ def pull_allocations_up(gm: torch.fx.GraphModule, kinds: dict) -> int:
         target.append(node)
         moved += 1
     return moved
+
+
+def drop_unused_size_arithmetic(gm: torch.fx.GraphModule, kinds: dict) -> int:
+    """Remove nodes that compute no tensor, have no side effect and have no users; returns how many.
+
+    Runtime asserts (`_assert_scalar` and the like) are impure in FX's sense
+    and stay. Removing a node can leave its inputs unused, so this walks the
+    graph backwards once.
+    """
+    dropped = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if (node.op in ("call_function", "call_method") and not node.users and not node.is_impure()
+                and node in kinds and kinds[node][0] in (Kind.HOST, None)
+                and not any(True for _ in tensors_in(node_value(node)))):
+            gm.graph.erase_node(node)
+            del kinds[node]
+            dropped += 1
+    return dropped

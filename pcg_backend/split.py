@@ -17,7 +17,7 @@ from torch.fx.passes.split_module import split_module
 
 from .fx_facts import symbols_of, tensors_in, node_value
 from .node_kinds import Kind, _fuse_safe_split_ops, classify
-from .schedule import hoist_uncapturable_inputs, pull_allocations_up
+from .schedule import drop_unused_size_arithmetic, hoist_uncapturable_inputs, pull_allocations_up
 from .token_dim import exact_size_reason, find_token_symbol
 
 
@@ -89,6 +89,7 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     fused = 0
     if capture_split_ops:
         fused = _fuse_safe_split_ops(kinds, keyed, padded=token is not None and not exact_reason)
+    drop_unused_size_arithmetic(gm, kinds)
     hoist_uncapturable_inputs(gm, kinds)
     pull_allocations_up(gm, kinds)
 

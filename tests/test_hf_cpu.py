@@ -128,8 +128,13 @@ def test_decode_graphs_are_two_captured_pieces_at_any_batch():
             assert torch.equal(compiled.generate(ids, attention_mask=mask, **kw),
                                model.generate(ids, attention_mask=mask, **kw))
     decode = [r for r in STATS.graphs if r.token_symbol is None and r.split_op_nodes == 5
-              and r.capturable_pieces < r.pieces - 3]       # the KV length is symbolic: attention stays split
+              and r.capturable_pieces < r.pieces]       # the KV length is symbolic: attention stays split
     assert len(decode) == 2, [(r.name, r.pieces, r.capturable_pieces) for r in STATS.graphs]
     for r in decode:
-        assert r.capturable_pieces == 2, r
+        # 2 captured pieces and the 3 attention split ops, and no host piece in front (the
+        # unused size arithmetic Dynamo leaves there is dropped). Where transformers builds the
+        # decode mask over the KV length in the graph (5.17), the mask's eager prologue and the
+        # host size arithmetic feeding it add 2.
+        mask_in_graph = any("shape depends on dynamic size" in n for n in r.notes)
+        assert r.capturable_pieces == 2 and r.pieces == (7 if mask_in_graph else 5), (r, r.notes)
         assert any(n.startswith("2 cudagraph-safe split op(s) captured inside pieces") for n in r.notes), r.notes
