@@ -13,10 +13,11 @@ are host-bound.
 `lean_op` infers the schema from the type hints exactly as `custom_op` does,
 and registers the function as the CompositeExplicitAutograd kernel, so the
 Autograd and ADInplaceOrView keys fall back to torch's C++ handlers. What is
-given up: autograd through these ops (they are inference kernels; the C++
-fallback raises if a backward reaches one) and the version-counter bump for
-written arguments that the op does not write with torch ops itself (pcg's ops
-write every declared argument with in-place torch ops, which bump it).
+given up: autograd through these ops (they are inference kernels; a backward
+that reaches one makes torch warn that no autograd kernel is registered) and
+the version-counter bump for written arguments that the op does not write
+with torch ops itself (pcg's ops write every declared argument with in-place
+torch ops, which bump it).
 """
 
 from __future__ import annotations
