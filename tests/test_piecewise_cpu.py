@@ -376,3 +376,30 @@ def test_token_count_meeting_another_dynamic_size_keeps_the_graph_exact():
     assert s["padded_calls"] == 0
     assert "another dynamic size such as a mask's KV length" in pcg_backend.report()
     assert sum(c for r, c in s["eager_reasons"].items() if "not a bucket size" in r) > 0
+
+
+def test_unused_size_arithmetic_is_dropped_and_runtime_asserts_stay():
+    # Dynamo leaves size arithmetic nothing reads (a decode step's numel() of a KV
+    # tensor and sym_sums); it would form a host piece in front of the first replay.
+    # Runtime asserts have no users either, but are impure and must stay.
+    from pcg_backend.node_kinds import Kind
+    from pcg_backend.schedule import drop_unused_size_arithmetic
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    n = graph.call_method("numel", (x,))
+    graph.call_function(torch.sym_sum, ([1, n],))                     # unused, and makes n unused
+    positive = graph.call_function(torch.ops.aten.gt.Scalar, (x, 0))   # stands in for a size check
+    graph.call_function(torch.ops.aten._assert_scalar.default, (True, "x must be non-empty"))
+    doubled = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2))
+    graph.output(doubled)
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    kinds = {node: (None, "") for node in gm.graph.nodes if node.op not in ("placeholder", "output")}
+    kinds[positive] = (Kind.STATIC, "")      # a tensor op: never dropped here, even unused
+    for node in gm.graph.nodes:              # values as Dynamo records them: sizes are ints, tensors tensors
+        node.meta["example_value"] = torch.zeros(2) if node in (x, positive, doubled) else 2
+
+    assert drop_unused_size_arithmetic(gm, kinds) == 2
+    left = [node.target for node in gm.graph.nodes if node.op in ("call_method", "call_function")]
+    assert left == [torch.ops.aten.gt.Scalar, torch.ops.aten._assert_scalar.default, torch.ops.aten.mul.Tensor]
+    assert set(kinds) == {node for node in gm.graph.nodes if node.op not in ("placeholder", "output")}
