@@ -66,7 +66,7 @@ def mamba2_core(
         return
     n = context.real_tokens(padded)
     decode = padded == 1 and (use_state or (conv_state is not None and ssm_state is not None))
-    dt_step = {"dt_bias": dt_bias[:, None].expand(-1, head_dim), "dt_softplus": True}
+    dt_step = None   # a decode step's: the kernel adds dt_bias and applies the softplus
     if decode and not use_state:
         # A fresh one-token prefill is one recurrent step from zero state: the
         # step kernels compute it in 2 launches, where the chunked path takes
@@ -114,7 +114,7 @@ def mamba2_core(
             C.view(batch, n_groups, state_size),
             D[:, None].expand(-1, head_dim),
             z=None,
-            **dt_step,
+            **(dt_step or {"dt_bias": dt_bias[:, None].expand(-1, head_dim), "dt_softplus": True}),
         ).view(batch, 1, -1)
     else:
         y = _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size,
