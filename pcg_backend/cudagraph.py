@@ -17,6 +17,7 @@ drive `CUDAGraph.capture_begin/capture_end` ourselves.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import threading
 import time
 import weakref
@@ -24,6 +25,7 @@ import weakref
 import torch
 
 from . import context
+from .batched_copy import copy_pairs
 from .eager_pieces import private_copies
 from .stats import STATS
 
@@ -170,6 +172,17 @@ def _host_sync_in(fn) -> str | None:
     return None
 
 
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _picker(indices: list[int]):
+    """args -> the tuple of args at `indices`, picked in C (`itemgetter`), not in a Python loop."""
+    if not indices:
+        return lambda args: ()
+    get = operator.itemgetter(*indices)
+    return (lambda args: (get(args),)) if len(indices) == 1 else get
+
+
 @dataclasses.dataclass
 class _Entry:
     graph: torch.cuda.CUDAGraph
@@ -179,11 +192,19 @@ class _Entry:
     outputs: tuple
     written_back: list[tuple[int, torch.Tensor]]  # written inputs captured in a static buffer: copied back
 
+    def __post_init__(self):
+        self._pick_fixed = _picker([i for i, _ in self.fixed])
+        self._fixed_ptrs = [ptr for _, ptr in self.fixed]
+
     def matches(self, args) -> bool:
-        """True if this graph may replay for `args` (plain loops: this runs on every replay)."""
-        for i, ptr in self.fixed:
-            if args[i].data_ptr() != ptr:
-                return False
+        """True if this graph may replay for `args` (this runs on every replay).
+
+        An HF decode piece has several hundred fixed inputs (every weight and
+        state tensor it reads). A Python loop over them took about 0.15 ms per
+        replay on the H100 host; `map` and `itemgetter` do the walk in C.
+        """
+        if list(map(_data_ptr, self._pick_fixed(args))) != self._fixed_ptrs:
+            return False
         for i, value in self.scalars:
             if args[i] != value:
                 return False
@@ -260,10 +281,7 @@ class CudaGraphPiece(torch.nn.Module):
                            f"this compiled code, moved weights, or a new cache), or a scalar input changed; "
                            f"capturing another graph for key {key}")
             return self._capture(key, args)
-        for i, static in entry.copies:
-            arg = args[i]
-            if arg.data_ptr() != static.data_ptr():
-                static.copy_(arg)
+        copy_pairs([(static, args[i]) for i, static in entry.copies if args[i].data_ptr() != static.data_ptr()])
         entry.graph.replay()
         if entry.written_back and not ctx.warmup:
             self._write_back(entry.written_back, args)
@@ -272,9 +290,7 @@ class CudaGraphPiece(torch.nn.Module):
 
     @staticmethod
     def _write_back(written_back, args) -> None:
-        for i, static in written_back:
-            if args[i].data_ptr() != static.data_ptr():
-                args[i].copy_(static)
+        copy_pairs([(args[i], static) for i, static in written_back if args[i].data_ptr() != static.data_ptr()])
 
     # Called once per piece per forward: skip nn.Module.__call__'s hook machinery.
     __call__ = forward
@@ -337,8 +353,7 @@ class CudaGraphPiece(torch.nn.Module):
             STATS.eager(self.refused)
             return self.runnable(*args)
         torch.cuda.current_stream().wait_stream(stream)
-        for i, buf in buffers:
-            buf.copy_(args[i])
+        copy_pairs([(buf, args[i]) for i, buf in buffers])
         graph.replay()
         written_back = [(i, t) for i, t in copies if i in self.written]
         # An up-front capture forward must leave the caller's state as it was.
@@ -359,9 +374,6 @@ class CudaGraphPiece(torch.nn.Module):
             versions.pop()   # the least recently used: the list is kept most recent first
             STATS.note(f"{self.name}: more than {MAX_VERSIONS_PER_KEY} address sets for key {key}; "
                        f"dropping the least recently used graph")
-        # State (inputs written in place, marked static) before parameters: when a
-        # graph of another cache is checked, the first comparisons already differ.
-        fixed.sort(key=lambda item: isinstance(args[item[0]], torch.nn.Parameter))
         versions.insert(0, _Entry(
             graph,
             [(i, weak_alias(t)) for i, t in copies],

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import context
+from .batched_copy import clone_all
 from .buckets import Ladder, fit_dims, pad_dims, slice_dims
 from .cudagraph import CudaGraphPiece, any_pool_owns, begin_forward
 from .fx_facts import node_value
@@ -205,9 +206,11 @@ class PiecewiseRunner:
             for plan in self.out_plan:
                 sizes = {d: (ctx.num_tokens if fn is None else fn(ctx.num_tokens, env)) for d, fn in plan.dims.items()}
                 outs[plan.index] = slice_dims(outs[plan.index], sizes)
-        for j, o in enumerate(outs):
-            if isinstance(o, torch.Tensor) and any_pool_owns(o):
-                outs[j] = o.clone()
+        owned = [j for j, o in enumerate(outs) if isinstance(o, torch.Tensor) and any_pool_owns(o)]
+        if owned:
+            # One grouped copy, not a clone per output: a forward that creates its cache returns every state.
+            for j, clone in zip(owned, clone_all([outs[j] for j in owned])):
+                outs[j] = clone
         return outs[0] if self.single_output else tuple(outs)
 
     def _begin_forward(self, key: tuple) -> None:

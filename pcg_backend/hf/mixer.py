@@ -69,7 +69,7 @@ def routed_forward(mixer, hidden_states, cache=None, attention_mask=None, cache_
         xBC, dt, attention_mask,
         layer.conv_states[0] if layer is not None else None,
         layer.recurrent_states[0] if layer is not None else None,
-        out, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.A_log, mixer.D, mixer.dt_bias,
+        out, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, -torch.exp(mixer.A_log.float()), mixer.D, mixer.dt_bias,
         type(mixer).__module__, mixer.n_groups, mixer.head_dim, mixer.ssm_state_size, mixer.chunk_size,
         mixer.activation, float(dt_min), float(dt_max), use_state,
     )

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import context
+from . import mamba2_prep
 from .lean_op import lean_op
 from .registry import register_split_op
 
@@ -43,7 +44,7 @@ def mamba2_core(
     out: torch.Tensor,
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,
-    A_log: torch.Tensor,
+    A: torch.Tensor,
     D: torch.Tensor,
     dt_bias: torch.Tensor,
     kernels_module: str,
@@ -60,7 +61,7 @@ def mamba2_core(
     batch, padded, conv_dim = xBC.shape
     count = context.device_token_count(padded)
     if count is not None and not (use_state and padded == 1):
-        _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_weight, conv_bias, A_log, D,
+        _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_weight, conv_bias, A, D,
                         dt_bias, count, n_groups, head_dim, state_size, chunk_size, activation, dt_min, dt_max,
                         use_state)
         return
@@ -83,8 +84,7 @@ def mamba2_core(
     dt = dt[:, :n]
     if mask is not None:
         mask = mask[:, :n]
-    A = -torch.exp(A_log.float())
-    num_heads = A_log.shape[0]
+    num_heads = A.shape[0]
 
     # 1. causal conv1d, writing the last conv_kernel real tokens into the conv state
     if decode:
@@ -140,7 +140,7 @@ def _channel_last(rows: torch.Tensor) -> torch.Tensor:
     return rows.contiguous().transpose(1, 2)
 
 
-def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_weight, conv_bias, A_log, D, dt_bias,
+def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_weight, conv_bias, A, D, dt_bias,
                     count, n_groups, head_dim, state_size, chunk_size, activation, dt_min, dt_max, use_state):
     """The prefill core at the full bucket, with the real count `count` (a device tensor): capturable.
 
@@ -150,45 +150,62 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
     `xBC` is not masked (the conv is causal, so a padded row reaches only
     padded outputs, and those are zeroed in `h`), nor is the scan's output
     (a padded row's output is C·state + D·x with C = x = 0, which is 0).
+    On CUDA, a fresh prefill does everything before the conv in one Triton
+    kernel (`mamba2_prep`); the torch ops below compute the same values.
     """
     batch, padded, conv_dim = xBC.shape
-    valid = (torch.arange(padded, device=xBC.device) < count)[None, :, None]   # (1, padded, 1)
-    x = _channel_last(xBC)                                                      # (batch, conv_dim, padded)
+    fresh = conv_state is not None and not use_state
+    if fresh and mamba2_prep.available(xBC, conv_state):
+        x, dt, keep = mamba2_prep.prepare(xBC, dt, dt_bias, count, conv_state, dt_min, dt_max)
+        h = kernels.causal_conv1d_fn(x.transpose(1, 2), conv_weight, conv_bias, activation=activation)
+        valid = keep[None, :, None]
+        dt_args = {"dt_bias": None, "dt_softplus": False}
+    else:
+        valid = (torch.arange(padded, device=xBC.device) < count)[None, :, None]   # (1, padded, 1)
+        h = _padded_conv(kernels, _channel_last(xBC), conv_state, conv_weight, conv_bias, count, activation,
+                         use_state)
+        dt, dt_args = _padded_dt(dt, dt_bias, valid, dt_min, dt_max)
+    h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
+    h = torch.where(valid, h, 0)
+    groups_state = n_groups * state_size
+    hs, B, C = torch.split(h, [conv_dim - 2 * groups_state, groups_state, groups_state], dim=-1)
+    y = _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size, **dt_args)
+    out.copy_(y)
 
-    # 1. causal conv1d. Continuing from a state: over [previous window | x].
-    # A fresh prefill: over x alone (the kernel's own left padding is the zero
-    # window), and the new state is columns n-width..n-1, zero before column 0.
+
+def _padded_conv(kernels, x, conv_state, conv_weight, conv_bias, count, activation, use_state):
+    """The causal conv1d of a padded prefill over x (batch, conv_dim, padded), writing the conv state.
+
+    Continuing from a state: over [previous window | x]. A fresh prefill: over
+    x alone (the kernel's own left padding is the zero window), and the new
+    state is columns n-width..n-1, zero before column 0.
+    """
     if conv_state is not None and use_state:
         width = conv_state.shape[-1]
         full = torch.cat([conv_state.to(x.dtype), x], dim=-1)
         # the last `width` real columns end at column width + n of `full`
         conv_state.copy_(full.index_select(-1, count + torch.arange(width, device=x.device)))
-        h = kernels.causal_conv1d_fn(full, conv_weight, conv_bias, activation=activation)[..., width:]
-    else:
-        if conv_state is not None:
-            width = conv_state.shape[-1]
-            columns = torch.arange(-width, 0, device=x.device) + count
-            window = x.index_select(-1, columns.clamp(min=0))
-            conv_state.copy_(torch.where(columns >= 0, window, 0))
-        h = kernels.causal_conv1d_fn(x, conv_weight, conv_bias, activation=activation)
-    h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
-    h = torch.where(valid, h, 0)
-    groups_state = n_groups * state_size
-    hs, B, C = torch.split(h, [conv_dim - 2 * groups_state, groups_state, groups_state], dim=-1)
+        return kernels.causal_conv1d_fn(full, conv_weight, conv_bias, activation=activation)[..., width:]
+    if conv_state is not None:
+        width = conv_state.shape[-1]
+        columns = torch.arange(-width, 0, device=x.device) + count
+        window = x.index_select(-1, columns.clamp(min=0))
+        conv_state.copy_(torch.where(columns >= 0, window, 0))
+    return kernels.causal_conv1d_fn(x, conv_weight, conv_bias, activation=activation)
 
-    # 2. the chunked scan, with padded rows as identity steps (dt = 0). The
-    # kernels compute dt = clamp(softplus(dt + dt_bias), dt_min, dt_max), and
-    # softplus(-inf) is exactly 0, in Triton and in torch. With a positive
-    # dt_min the clamp would lift that 0, so then dt is computed here instead.
-    A = -torch.exp(A_log.float())
+
+def _padded_dt(dt, dt_bias, valid, dt_min, dt_max):
+    """dt with padded rows as identity steps of the SSM (dt = 0), and the scan's dt arguments.
+
+    The kernels compute dt = clamp(softplus(dt + dt_bias), dt_min, dt_max),
+    and softplus(-inf) is exactly 0, in Triton and in torch. With a positive
+    dt_min the clamp would lift that 0, so then dt is computed here instead.
+    """
     if dt_min > 0:
         dt = torch.where(valid, F.softplus(dt.float() + dt_bias).clamp_(dt_min, dt_max), 0.0)
-        dt_args = {"dt_bias": None, "dt_softplus": False}
-    else:
-        dt = torch.where(valid, dt, float("-inf"))
-        dt_args = {"dt_bias": dt_bias, "dt_softplus": True, "dt_limit": (dt_min, dt_max)}
-    y = _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size, **dt_args)
-    out.copy_(y)
+        return dt, {"dt_bias": None, "dt_softplus": False}
+    dt = torch.where(valid, dt, float("-inf"))
+    return dt, {"dt_bias": dt_bias, "dt_softplus": True, "dt_limit": (dt_min, dt_max)}
 
 
 def _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size, **dt_args):
