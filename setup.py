@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "transformers>=5.0", "tqdm"],
     extras_require={
-        "cuda": ["mamba-ssm", "causal-conv1d"],
+        "cuda": ["triton", "mamba-ssm", "causal-conv1d"],
         "test": ["pytest"],
         "bench": ["matplotlib"],
     },

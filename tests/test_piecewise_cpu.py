@@ -403,3 +403,25 @@ def test_unused_size_arithmetic_is_dropped_and_runtime_asserts_stay():
     left = [node.target for node in gm.graph.nodes if node.op in ("call_method", "call_function")]
     assert left == [torch.ops.aten.gt.Scalar, torch.ops.aten._assert_scalar.default, torch.ops.aten.mul.Tensor]
     assert set(kinds) == {node for node in gm.graph.nodes if node.op not in ("placeholder", "output")}
+
+
+def test_grouped_copies_and_clones_match_one_copy_each():
+    from pcg_backend.batched_copy import clone_all, copy_pairs
+
+    torch.manual_seed(0)
+    srcs = [torch.randn(3, 4), torch.randn(5).to(torch.bfloat16), torch.randn(2, 6).t(), torch.randn(7)]
+    dsts = [torch.zeros_like(s) for s in srcs]
+    with torch.no_grad():
+        copy_pairs(zip(dsts, srcs))
+        clones = clone_all(srcs)
+    for src, dst, clone in zip(srcs, dsts, clones):
+        torch.testing.assert_close(dst, src, atol=0, rtol=0)
+        torch.testing.assert_close(clone, src, atol=0, rtol=0)
+        assert clone.dtype == src.dtype and clone.data_ptr() != src.data_ptr()
+    assert clones[2].stride() == srcs[2].stride()   # a dense transposed source keeps its layout, as clone does
+    # with grad enabled every pair is copied on its own, so autograd sees each copy_
+    leaf = torch.randn(4, requires_grad=True)
+    out = torch.zeros(4)
+    copy_pairs([(out, leaf * 2)])
+    out.sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.full((4,), 2.0), atol=0, rtol=0)
