@@ -100,6 +100,7 @@ def prepare(xBC: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor, count: t
     """
     batch, rows, channels = xBC.shape
     heads = dt.shape[-1]
+    dt_bias = dt_bias.contiguous()   # the kernel reads it at unit stride; a no-op for a parameter
     width = conv_state.shape[-1]
     x = torch.empty(batch, rows, channels, dtype=xBC.dtype, device=xBC.device)
     dt_out = torch.empty(batch, rows, heads, dtype=torch.float32, device=xBC.device)
