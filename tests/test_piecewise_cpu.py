@@ -425,3 +425,17 @@ def test_grouped_copies_and_clones_match_one_copy_each():
     copy_pairs([(out, leaf * 2)])
     out.sum().backward()
     torch.testing.assert_close(leaf.grad, torch.full((4,), 2.0), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fixed_count", [0, 1, 3])
+def test_graph_entry_matches_fixed_addresses_and_scalars(fixed_count):
+    from pcg_backend.cudagraph import _Entry
+
+    args = [torch.zeros(2) for _ in range(4)] + [7]
+    fixed = [(i, args[i].data_ptr()) for i in range(fixed_count)]
+    entry = _Entry(graph=None, copies=[], fixed=fixed, scalars=[(4, 7)], outputs=(), written_back=[])
+    assert entry.matches(args)
+    assert not entry.matches(args[:4] + [8])                 # a scalar baked into the graph changed
+    moved = list(args)
+    moved[fixed_count - 1 if fixed_count else 3] = torch.zeros(2)   # a tensor at a new address
+    assert entry.matches(moved) is (fixed_count == 0)
