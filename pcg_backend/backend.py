@@ -118,7 +118,8 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
         capturable += 1
         runnable = _compile_piece(sub, opts.compiler)
         written = written_inputs(sub)
-        wrapper = (CudaGraphPiece(runnable, f"{name}.{piece.name}", pool, written, write_back=split.paddable)
+        wrapper = (CudaGraphPiece(runnable, f"{name}.{piece.name}", pool, written, write_back=split.paddable,
+                                  gemm_library=opts.gemm_library)
                    if pool else EagerPiece(runnable, None, written))
         setattr(split.module, piece.name, wrapper)
 

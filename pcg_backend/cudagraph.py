@@ -25,6 +25,7 @@ import weakref
 import torch
 
 from . import context
+from .gemm_library import gemm_library
 from .batched_copy import copy_pairs
 from .eager_pieces import private_copies
 from .stats import STATS
@@ -223,11 +224,14 @@ class CudaGraphPiece(torch.nn.Module):
     _live: "weakref.WeakSet[CudaGraphPiece]" = weakref.WeakSet()
 
     def __init__(self, runnable, name: str, pool: GraphPool, written: dict[int, str] | None = None,
-                 write_back: bool = False):
+                 write_back: bool = False, gemm_library: str = "unchanged"):
         super().__init__()
         self.runnable = runnable
         self.name = name
         self.pool = pool
+        # The BLAS library for the GEMMs this piece captures (`gemm_library.py`): only the
+        # capture needs it, since a graph replays the kernels it recorded.
+        self.gemm_library = gemm_library
         # Inputs the piece writes in place (state written by a captured split
         # op). In graphs at exact sizes (decode) they are captured at their
         # own address: a cache keeps its state tensors from step to step, so
@@ -280,7 +284,8 @@ class CudaGraphPiece(torch.nn.Module):
                 STATS.note(f"{self.name}: weights or written state at new addresses (a second model sharing "
                            f"this compiled code, moved weights, or a new cache), or a scalar input changed; "
                            f"capturing another graph for key {key}")
-            return self._capture(key, args)
+            with gemm_library(self.gemm_library):
+                return self._capture(key, args)
         copy_pairs([(static, args[i]) for i, static in entry.copies if args[i].data_ptr() != static.data_ptr()])
         entry.graph.replay()
         if entry.written_back and not ctx.warmup:

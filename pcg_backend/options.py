@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from .buckets import default_ladder
+from .gemm_library import LIBRARIES
 
 COMPILERS = ("eager", "inductor")
 CAPTURE_POLICIES = ("upfront", "lazy")
@@ -27,6 +28,7 @@ class PcgOptions:
     capture: str = "upfront"
     progress: bool = True
     capture_split_ops: bool = True
+    gemm_library: str = "cublaslt"
 
     @property
     def largest(self) -> int:
@@ -41,6 +43,7 @@ _DEFAULTS: dict[str, Any] = {
     "capture": "upfront",
     "progress": True,
     "capture_split_ops": True,
+    "gemm_library": "cublaslt",
 }
 
 
@@ -100,6 +103,8 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
             raise ValueError(f"pcg option {flag} must be True or False, got {merged[flag]!r}")
     if merged["capture"] not in CAPTURE_POLICIES:
         raise ValueError(f"pcg option capture must be one of {CAPTURE_POLICIES}, got {merged['capture']!r}")
+    if merged["gemm_library"] not in LIBRARIES:
+        raise ValueError(f"pcg option gemm_library must be one of {LIBRARIES}, got {merged['gemm_library']!r}")
 
     return PcgOptions(
         capture_sizes=tuple(sizes),
@@ -109,4 +114,5 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
         capture=merged["capture"],
         progress=merged["progress"],
         capture_split_ops=merged["capture_split_ops"],
+        gemm_library=merged["gemm_library"],
     )

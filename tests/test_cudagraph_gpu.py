@@ -40,6 +40,28 @@ def test_first_call_captures_every_bucket_then_only_replays(compiler):
     assert s["eager_runs"] == 0
 
 
+@pytest.mark.parametrize("library", ["cublaslt", "unchanged"])
+def test_gemm_library_is_active_during_capture_only(monkeypatch, library):
+    seen = []
+    original = CudaGraphPiece._capture
+
+    def spy(self, key, args):
+        seen.append(torch.backends.cuda.preferred_blas_library())
+        return original(self, key, args)
+
+    monkeypatch.setattr(CudaGraphPiece, "_capture", spy)
+    before = torch.backends.cuda.preferred_blas_library()
+    model = _model(layers=2)
+    compiled = compile_toy(model, capture_sizes=SIZES, gemm_library=library)
+    for n in [3, 8, 16]:
+        x = torch.randn(n, 16, device="cuda")
+        torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
+    expected = torch._C._BlasBackend.Cublaslt if library == "cublaslt" else before
+    assert seen == [expected] * 12            # 3 pieces x buckets 2, 4, 8, 16
+    assert torch.backends.cuda.preferred_blas_library() == before
+    assert pcg_backend.stats()["cuda_graph_replays"] == 3 * 3
+
+
 def test_upfront_capture_goes_largest_first(monkeypatch):
     order = []
     original = CudaGraphPiece._capture

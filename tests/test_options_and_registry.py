@@ -14,6 +14,7 @@ def test_default_options():
     opts = parse_options(None)
     assert opts.capture_sizes == default_ladder(512)
     assert opts.compiler == "eager" and opts.cuda_graphs is True and opts.max_capture_size == 512
+    assert opts.gemm_library == "cublaslt"
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -26,6 +27,7 @@ def test_default_options():
     ({"compiler": "tvm"}, "eager"),
     ({"cuda_graphs": "yes"}, "True or False"),
     ({"max_capture_size": 0}, "positive int"),
+    ({"gemm_library": "cublas"}, "cublaslt"),
 ])
 def test_bad_options_raise(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -126,3 +128,26 @@ def test_padding_safe_implies_cudagraph_safe_and_unregisters_cleanly():
     assert not is_padding_safe(name) and not is_cudagraph_safe(name) and not pcg_backend.is_split_op(torch.ops.pcg_test.scaled.default)
     # pcg's own Mamba2 core reads the device count; attention cannot (it writes the KV cache per real row)
     assert is_padding_safe("pcg::mamba2_core") and not is_padding_safe("pcg::attention")
+
+
+def test_gemm_library_is_set_only_inside_the_block_and_restored_on_error(monkeypatch):
+    from pcg_backend.gemm_library import gemm_library
+
+    calls = []
+    current = ["cublas"]
+
+    def fake(backend=None):
+        if backend is not None:
+            calls.append(backend)
+            current[0] = backend
+        return current[0]
+
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", fake)
+    with gemm_library("unchanged"):
+        assert current == ["cublas"]
+    assert calls == []
+    with pytest.raises(KeyError):
+        with gemm_library("cublaslt"):
+            assert current == ["cublaslt"]
+            raise KeyError("capture failed")
+    assert calls == ["cublaslt", "cublas"] and current == ["cublas"]

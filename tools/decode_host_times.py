@@ -1,13 +1,14 @@
 """Where a decode step's host time goes before its first CUDA graph replay (needs CUDA).
 
-    python tools/decode_host_times.py [--skip-module-guards] [--layers N]
+    python tools/decode_host_times.py [--skip-module-guards] [--layers N] [--prefill 1,16,128]
 
 Builds the benchmark's Nemotron-Nano-9B-v2-shaped model, compiles it with
 pcg-inductor, warms up greedy `generate`, then times three 32-token generates
 with timestamps at: the compiled forward's call, pcg's runner, the end of its
 context setup, the split module's forward, the first captured piece, and its
 graph replay. It prints the medians over the decode steps, and the time the
-Python garbage collector ran. A diagnostic: it wraps pcg's internals, so
+Python garbage collector ran. With --prefill, it then times single forwards of those
+token counts the same way, up to their first replay, next to each call's wall time. A diagnostic: it wraps pcg's internals, so
 its absolute step times include that wrapping; the benchmark measures speed.
 """
 
@@ -75,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-module-guards", action="store_true")
     parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--prefill", default="", help="comma-separated token counts to time as single forwards")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (it times CUDA graph replays)")
@@ -134,6 +136,29 @@ def main() -> None:
                   f"{median_us(runners, contexts):.0f}, context->module {median_us(contexts, modules):.0f}, "
                   f"module->first piece {median_us(modules, pieces):.0f}, piece->replay "
                   f"{median_us(pieces, replays):.0f}, replay call {median_us(replays, replayed):.0f} us", flush=True)
+        for n in [int(x) for x in args.prefill.split(",") if x]:
+            prompt = torch.randint(2, model.config.vocab_size, (1, n), device="cuda")
+            for _ in range(3):
+                model(prompt)
+            walls = []
+            MARKS.clear()
+            for _ in range(20):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(prompt)
+                torch.cuda.synchronize()
+                walls.append(time.perf_counter() - start)
+            calls = MARKS["call"]
+            runners = after("runner", calls)
+            contexts = after("context", runners)
+            modules = after("module", contexts)
+            pieces = after("piece", modules)
+            replays = after("replay", pieces)
+            print(f"prefill {n}: wall {1e3 * statistics.median(walls):.2f} ms; call->runner "
+                  f"{median_us(calls, runners):.0f} us, runner->context {median_us(runners, contexts):.0f}, "
+                  f"context->module {median_us(contexts, modules):.0f}, module->first piece "
+                  f"{median_us(modules, pieces):.0f}, piece->replay {median_us(pieces, replays):.0f}, "
+                  f"call->first replay {median_us(calls, replays):.0f} us", flush=True)
 
 
 if __name__ == "__main__":
