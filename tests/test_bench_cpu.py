@@ -38,3 +38,27 @@ def test_unknown_variant_is_an_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--variants", "eager,fast"])
     assert "unknown variant(s) ['fast']" in capsys.readouterr().err
+
+
+def test_gemm_tool_times_exactly_the_benchmark_models_linear_layers():
+    """tools/gemm_libraries.py's shape table (behind the `gemm_library` default) is the 9B model's."""
+    import collections
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "gemm_libraries.py"
+    spec = importlib.util.spec_from_file_location("gemm_libraries", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(bench.nano9b_config())
+    found = collections.Counter(
+        (m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    expected = collections.Counter()
+    for k, n, count in tool.shapes().values():
+        expected[(k, n)] += count
+    assert found == expected
