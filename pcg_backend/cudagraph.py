@@ -25,9 +25,9 @@ import weakref
 import torch
 
 from . import context
-from .gemm_library import gemm_library
 from .batched_copy import copy_pairs
 from .eager_pieces import private_copies
+from .gemm_library import gemm_library
 from .stats import STATS
 
 
