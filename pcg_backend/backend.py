@@ -19,7 +19,9 @@ from .cudagraph import CudaGraphPiece, pool_for, release_pools
 from .eager_pieces import EagerPiece, SplitOpPiece
 from .fx_facts import node_value, op_argument_names, written_inputs
 from .node_kinds import Kind
+from .ops import skinny_gemm
 from .options import parse_options
+from .skinny_routing import route_skinny_linears
 from .split import split_graph
 from .stats import STATS, GraphRecord
 
@@ -100,6 +102,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     ))
 
     capturable = 0
+    skinny = 0
     notes = []
     for piece in split.pieces:
         sub = getattr(split.module, piece.name)
@@ -116,6 +119,8 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
             setattr(split.module, piece.name, EagerPiece(sub.forward, reason, written_inputs(sub)))
             continue
         capturable += 1
+        if pool and opts.skinny_gemm == "triton":
+            skinny += route_skinny_linears(sub)
         runnable = _compile_piece(sub, opts.compiler)
         written = written_inputs(sub)
         wrapper = (CudaGraphPiece(runnable, f"{name}.{piece.name}", pool, written, write_back=split.paddable,
@@ -129,6 +134,9 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     elif split.fused_split_ops:
         notes.append(f"{split.fused_split_ops} cudagraph-safe split op(s) captured inside pieces: the graph "
                      f"always runs at its exact size ({split.exact_reason or 'no token dim'})")
+    if skinny:
+        notes.append(f"{skinny} linear layer(s) in captured pieces call pcg::skinny_linear: a Triton kernel at "
+                     f"buckets of at most {skinny_gemm.MAX_ROWS} rows, F.linear above (option skinny_gemm)")
     if split.split_op_nodes == 0:
         notes.append("no split op in this graph: it is one bucketed piece")
     padding = "off (static shapes)" if split.token_symbol is None else f"to buckets {opts.capture_sizes[0]}..{opts.largest}"
@@ -143,13 +151,14 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     STATS.capturable_pieces += capturable
     STATS.split_op_nodes += split.split_op_nodes
     STATS.split_ops_in_graphs += split.fused_split_ops
+    STATS.skinny_linears += skinny
     STATS.graphs.append(GraphRecord(
         name, len(split.pieces), capturable, split.split_op_nodes,
         None if split.token_symbol is None else str(split.token_symbol), padding, notes,
     ))
     log.info("pcg: %s split into %d pieces (%d capturable, %d split ops), padding %s, compiler %s, "
-             "GEMM library while capturing %s", name, len(split.pieces), capturable, split.split_op_nodes, padding,
-             opts.compiler, opts.gemm_library if pool else "(no CUDA graphs)")
+             "GEMM library while capturing %s, %d linear layer(s) to pcg::skinny_linear", name, len(split.pieces), capturable, split.split_op_nodes, padding,
+             opts.compiler, opts.gemm_library if pool else "(no CUDA graphs)", skinny)
     return runner
 
 

@@ -14,6 +14,7 @@ from .gemm_library import LIBRARIES
 
 COMPILERS = ("eager", "inductor")
 CAPTURE_POLICIES = ("upfront", "lazy")
+SKINNY_GEMMS = ("triton", "off")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -29,6 +30,7 @@ class PcgOptions:
     progress: bool = True
     capture_split_ops: bool = True
     gemm_library: str = "cublaslt"
+    skinny_gemm: str = "triton"
 
     @property
     def largest(self) -> int:
@@ -44,6 +46,7 @@ _DEFAULTS: dict[str, Any] = {
     "progress": True,
     "capture_split_ops": True,
     "gemm_library": "cublaslt",
+    "skinny_gemm": "triton",
 }
 
 
@@ -105,6 +108,8 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
         raise ValueError(f"pcg option capture must be one of {CAPTURE_POLICIES}, got {merged['capture']!r}")
     if merged["gemm_library"] not in LIBRARIES:
         raise ValueError(f"pcg option gemm_library must be one of {LIBRARIES}, got {merged['gemm_library']!r}")
+    if merged["skinny_gemm"] not in SKINNY_GEMMS:
+        raise ValueError(f"pcg option skinny_gemm must be one of {SKINNY_GEMMS}, got {merged['skinny_gemm']!r}")
 
     return PcgOptions(
         capture_sizes=tuple(sizes),
@@ -115,4 +120,5 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
         progress=merged["progress"],
         capture_split_ops=merged["capture_split_ops"],
         gemm_library=merged["gemm_library"],
+        skinny_gemm=merged["skinny_gemm"],
     )

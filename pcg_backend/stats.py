@@ -39,6 +39,7 @@ class Stats:
         self.capturable_pieces = 0
         self.split_op_nodes = 0
         self.split_ops_in_graphs = 0
+        self.skinny_linears = 0
         self.cuda_graphs_captured = 0
         self.cuda_graph_replays = 0
         self.new_address_captures = 0
@@ -71,6 +72,7 @@ class Stats:
             "capturable_pieces": self.capturable_pieces,
             "split_op_nodes": self.split_op_nodes,
             "split_ops_in_graphs": self.split_ops_in_graphs,
+            "skinny_linears": self.skinny_linears,
             "cuda_graphs_captured": self.cuda_graphs_captured,
             "cuda_graph_replays": self.cuda_graph_replays,
             "new_address_captures": self.new_address_captures,

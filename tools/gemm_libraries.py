@@ -37,8 +37,9 @@ def shapes() -> dict[str, tuple[int, int, int]]:
     }
 
 
-def time_linear(k: int, n: int, m: int, library: str) -> float:
-    """Median microseconds per `F.linear` of an (m, k) input and an (n, k) weight under `library`."""
+def time_linear(k: int, n: int, m: int, library: str, linear=torch.nn.functional.linear) -> float:
+    """Median microseconds per `linear` (default `F.linear`) of an (m, k) input and an (n, k) weight,
+    with torch's preferred BLAS library set to `library`."""
     torch.backends.cuda.preferred_blas_library(library)
     # Enough copies (up to 8, about 400 MB) that each call reads its weight from memory, not L2.
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -47,13 +48,13 @@ def time_linear(k: int, n: int, m: int, library: str) -> float:
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):   # lazy library init outside the capture
         for w in weights:
-            torch.nn.functional.linear(x, w)
+            linear(x, w)
     torch.cuda.synchronize()
     graph, rounds = torch.cuda.CUDAGraph(), 4
     with torch.cuda.graph(graph):
         for _ in range(rounds):
             for w in weights:
-                torch.nn.functional.linear(x, w)
+                linear(x, w)
     graph.replay()
     torch.cuda.synchronize()
     times = []

@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 python3 -c "import torch, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee "$OUT/device.txt"
 case "$stage" in
     tests)
-        timeout 420 python3 -m pytest -q tests/test_hf_gpu.py tests/test_reliability.py tests/test_cudagraph_gpu.py tests/test_mamba2_prep_gpu.py \
+        timeout 420 python3 -m pytest -q tests/test_hf_gpu.py tests/test_reliability.py tests/test_cudagraph_gpu.py tests/test_mamba2_prep_gpu.py tests/test_skinny_gemm_gpu.py \
             -p no:cacheprovider > "$OUT/tests.log" 2>&1
         rc=$?
         echo "tests rc $rc"

@@ -1,0 +1,127 @@
+"""`pcg::skinny_linear`: `F.linear` through a Triton kernel when x has few rows.
+
+With 1 to 16 rows (a decode step, a short prefill) a linear layer reads its
+whole weight to do very little arithmetic, so its time is the weight's bytes
+over the bandwidth it reaches. On the H100, cuBLAS reads the benchmark
+model's projections at 2400-2700 GB/s at those row counts, this kernel at
+2570-2860 GB/s (3080 for `lm_head`): one forward's GEMMs take 6.07 ms
+instead of 6.50 at 1 row (`tools/skinny_gemm.py`).
+
+Every program owns a block of BLOCK_N output columns (weight rows) and all
+of x's rows, so each weight byte is read once, and x's rows go through the
+tensor cores padded to 16. Accumulation is fp32; the output has x's dtype,
+as cuBLAS gives it. The tile is fixed per weight shape (what
+`triton.autotune` chose on the H100 for the benchmark model's shapes), so the
+first call compiles at most two kernels and autotunes nothing.
+
+The op takes the kernel only where it measured faster: CUDA, bf16 or fp16,
+at most MAX_ROWS rows, at least MIN_COLUMNS output columns (with fewer, too
+few programs fill the GPU: `kv_proj`'s 1024 columns took 11.5 µs against
+cuBLAS's 8.7). Anything else goes to `F.linear`, which is also what a CPU
+run uses. `pcg_backend/skinny_routing.py` decides which graph nodes call it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .lean_op import lean_op
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch build ships without Triton
+    triton = None
+
+MAX_ROWS = 16
+MIN_COLUMNS = 4096
+# Launches per path, counted on the host (so at capture, not at replay): tests read them.
+LAUNCHES = {"triton": 0, "linear": 0}
+
+
+def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """True if the Triton kernel takes this call (see the module docstring)."""
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+            and w.dim() == 2 and w.stride(1) == 1 and w.shape[0] >= MIN_COLUMNS and x.shape[-1] == w.shape[1]
+            and x.numel() <= MAX_ROWS * x.shape[-1])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _skinny_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_in = rm < M
+        n_in = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + rk
+            k_in = k < K
+            x = tl.load(x_ptr + rm[:, None] * sxm + k[None, :], mask=m_in[:, None] & k_in[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[None, :] * swn + k[:, None], mask=n_in[None, :] & k_in[:, None], other=0.0)
+            acc = tl.dot(x, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_in[:, None] & n_in[None, :])
+
+
+# The kernel holds all of x's rows in one tile, padded to a power of two of at least 16 (tl.dot's
+# minimum). `tools/skinny_gemm.py --search` may try up to this many rows with tiles of its own;
+# above 16 rows the long-K shapes need split-K to fill the GPU, and cuBLAS won there.
+LARGEST_BLOCK_M = 128
+
+
+def _tile(m: int, k: int, n: int) -> dict:
+    """Tile sizes and launch settings for at most MAX_ROWS rows of a linear layer with an (n, k) weight.
+
+    What the autotuner chose on the H100 for the benchmark model's shapes at 1, 8 and 16 rows
+    (tools/skinny_gemm.py): 256-wide steps over 4 stages for most, 128-wide steps over 3 for
+    short rows with enough columns for several programs per SM (`in_proj`, `up_proj`).
+    """
+    if m > MAX_ROWS:
+        raise ValueError(f"pcg's skinny GEMM tiles cover at most {MAX_ROWS} rows, got {m}")
+    if k <= 4608 and 8192 <= n < 65536:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+
+
+def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                  tile: dict | None = None) -> torch.Tensor:
+    """`F.linear(x, w, bias)` through the Triton kernel; the caller checks `supported` first.
+    `tile` overrides the tile table (`tools/skinny_gemm.py` searches with it)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    if m > LARGEST_BLOCK_M:
+        raise ValueError(f"triton_linear takes at most {LARGEST_BLOCK_M} rows, got {m}")
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    tile = tile or _tile(m, k, n)
+    _skinny_kernel[(triton.cdiv(n, tile["BLOCK_N"]),)](
+        x2, w, bias if bias is not None else w, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, **tile)
+    return y.reshape(*lead, n)
+
+
+@lean_op("pcg::skinny_linear", mutates_args=())
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if supported(x, weight) and (bias is None or bias.stride(0) == 1):
+        LAUNCHES["triton"] += 1
+        return triton_linear(x, weight, bias)
+    LAUNCHES["linear"] += 1
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@torch.library.register_fake("pcg::skinny_linear")
+def _skinny_linear_fake(x, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -1,0 +1,84 @@
+"""The Triton skinny-GEMM kernel, and `pcg::skinny_linear` inside captured pieces (skipped without CUDA)."""
+
+import pytest
+import torch
+
+import pcg_backend
+from conftest import requires_cuda
+from pcg_backend.ops import skinny_gemm
+from toy_models import ToyModel, compile_toy
+
+pytestmark = requires_cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead, k, n, bias", [
+    ((1,), 4480, 4096, False),        # a decode row, K on the 128-wide tile
+    ((5,), 300, 4160, True),          # K and N off every tile size, with a bias
+    ((16,), 10240, 5000, False),      # the most rows, K on the 256-wide tile
+    ((2, 3), 512, 4096, True),        # a 3-D input
+])
+def test_kernel_matches_an_fp32_linear(dtype, lead, k, n, bias):
+    torch.manual_seed(0)
+    x = torch.randn(*lead, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    assert skinny_gemm.supported(x, w)
+    got = skinny_gemm.triton_linear(x, w, b)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.shape == ref.shape and got.dtype == dtype
+    # fp32 accumulation, one rounding to the output dtype: within 1 % of an fp32 reference,
+    # and no further from it than cuBLAS's own half-precision result is.
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=1e-2)
+    cublas = torch.nn.functional.linear(x, w, b).float()
+    assert (got.float() - ref).abs().max() <= 2 * (cublas - ref).abs().max() + 1e-3
+
+
+def test_kernel_limits():
+    w = torch.empty(4096, 64, device="cuda", dtype=torch.bfloat16)
+    assert skinny_gemm.supported(torch.empty(16, 64, device="cuda", dtype=torch.bfloat16), w)
+    assert not skinny_gemm.supported(torch.empty(17, 64, device="cuda", dtype=torch.bfloat16), w)
+    assert not skinny_gemm.supported(torch.empty(1, 64, device="cuda", dtype=torch.bfloat16), w[:1024])
+    assert not skinny_gemm.supported(torch.empty(1, 64, device="cuda"), w.float())
+    assert not skinny_gemm.supported(torch.empty(1, 64, device="cuda", dtype=torch.bfloat16), w.t().contiguous().t())
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_captured_pieces_take_the_kernel_at_small_buckets_and_cublas_above(compiler):
+    torch.manual_seed(0)
+    model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)   # 2 captured pieces, 1 linear each
+    compiled = compile_toy(model, capture_sizes=[4, 16, 32], compiler=compiler)
+    before = dict(skinny_gemm.LAUNCHES)
+
+    def launches():
+        return {k: v - before[k] for k, v in skinny_gemm.LAUNCHES.items()}
+
+    with torch.no_grad():
+        x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(compiled(x), model(x), atol=5e-2, rtol=2e-2)
+        assert pcg_backend.stats()["skinny_linears"] == 2
+        # Up front, largest first, per piece: bucket 32 warm-up + sync probe + capture with
+        # F.linear (32 rows); buckets 16 and 4 warm-up + capture with the kernel.
+        assert launches() == {"triton": 2 * 2 * 2, "linear": 2 * 3}
+        for n in (1, 4, 16, 17, 32, 40):
+            x = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(compiled(x), model(x), atol=5e-2, rtol=2e-2, msg=f"{n} rows")
+    s = pcg_backend.stats()
+    # Replays call nothing on the host. n=1 is Dynamo's static graph: its 2 pieces warm up, probe
+    # and capture with the kernel (6); n=40 is above the largest bucket: 2 eager F.linear calls.
+    assert launches() == {"triton": 8 + 6, "linear": 6 + 2}
+    assert s["skinny_linears"] == 4
+    assert s["cuda_graph_replays"] == 2 * 5          # the first call, then 4, 16, 17, 32
+    assert s["eager_runs"] == 2                       # n=40: both pieces without graphs
+
+
+def test_option_off_keeps_f_linear():
+    torch.manual_seed(0)
+    model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)
+    compiled = compile_toy(model, capture_sizes=[4, 16], skinny_gemm="off")
+    before = dict(skinny_gemm.LAUNCHES)
+    with torch.no_grad():
+        x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-2, rtol=1e-2)
+    assert pcg_backend.stats()["skinny_linears"] == 0
+    assert skinny_gemm.LAUNCHES == before

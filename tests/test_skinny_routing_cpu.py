@@ -1,0 +1,91 @@
+"""`pcg::skinny_linear` and the pass that routes captured linear layers to it, on CPU.
+
+On CPU the op is `F.linear` (the Triton kernel needs CUDA), so a routed
+graph must give bit-identical outputs; `test_skinny_gemm_gpu.py` checks the
+kernel and the routing inside captured pieces.
+"""
+
+import pytest
+import torch
+
+import pcg_backend
+from pcg_backend.ops import skinny_gemm
+from pcg_backend.options import parse_options
+from pcg_backend.skinny_routing import route_skinny_linears
+
+
+class ThreeLinears(torch.nn.Module):
+    """One linear the pass may route (bf16, 4096 columns) and two it must not (1024 columns; fp32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = torch.nn.Linear(64, 4096, bias=True, dtype=torch.bfloat16)
+        self.narrow = torch.nn.Linear(64, 1024, bias=False, dtype=torch.bfloat16)
+        self.fp32 = torch.nn.Linear(64, 4096, bias=False)
+
+    def forward(self, x):
+        return self.wide(x).sum(-1) + self.narrow(x).sum(-1) + self.fp32(x.float()).sum(-1)
+
+
+def _compile_routed(model):
+    """`model` compiled by a backend that only runs the routing pass; the counts it returned."""
+    counts, graphs = [], []
+
+    def backend(gm, example_inputs):
+        counts.append(route_skinny_linears(gm))
+        graphs.append(gm)
+        return gm.forward
+
+    return torch.compile(model, backend=backend), counts, graphs
+
+
+@pytest.mark.parametrize("rows, dynamic, expected", [(1, False, 1), (16, False, 1), (17, False, 0), (40, True, 1)])
+def test_pass_routes_only_wide_half_precision_linears_that_may_have_few_rows(rows, dynamic, expected):
+    torch.manual_seed(0)
+    model = ThreeLinears()
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    if dynamic:
+        torch._dynamo.mark_dynamic(x, 0)   # symbolic rows: the op decides per bucket at run time
+    compiled, counts, graphs = _compile_routed(model)
+    before = dict(skinny_gemm.LAUNCHES)
+    with torch.no_grad():
+        got, ref = compiled(x), model(x)
+    assert counts == [expected]
+    routed = [n for n in graphs[0].graph.nodes if n.target is torch.ops.pcg.skinny_linear.default]
+    assert len(routed) == expected
+    assert torch.equal(got, ref)                      # on CPU the op is F.linear itself
+    assert skinny_gemm.LAUNCHES["linear"] - before["linear"] == expected
+    assert skinny_gemm.LAUNCHES["triton"] == before["triton"]
+
+
+def test_op_is_f_linear_on_cpu_and_has_a_shape_only_fake():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 3, 64), torch.randn(4096, 64), torch.randn(4096)
+    assert torch.equal(torch.ops.pcg.skinny_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert torch.equal(torch.ops.pcg.skinny_linear(x, w), torch.nn.functional.linear(x, w))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out = torch.ops.pcg.skinny_linear(torch.empty(2, 5, 64), torch.empty(4096, 64))
+    assert out.shape == (2, 5, 4096)
+
+
+def test_kernel_is_never_chosen_off_cuda_or_outside_its_limits():
+    w = torch.empty(4096, 64, dtype=torch.bfloat16)
+    assert not skinny_gemm.supported(torch.empty(1, 64, dtype=torch.bfloat16), w)   # CPU (and no Triton here)
+
+
+def test_option_skinny_gemm_defaults_to_triton_and_rejects_other_values():
+    assert parse_options({}).skinny_gemm == "triton"
+    assert parse_options({"skinny_gemm": "off"}).skinny_gemm == "off"
+    with pytest.raises(ValueError, match="skinny_gemm must be one of"):
+        parse_options({"skinny_gemm": "cutlass"})
+
+
+def test_cpu_graphs_are_not_routed():
+    # Without CUDA graphs the pieces run eagerly, where the op's dispatch would only add host time.
+    model = ThreeLinears()
+    compiled = torch.compile(model, backend="pcg")
+    with torch.no_grad():
+        assert torch.equal(compiled(torch.ones(1, 64, dtype=torch.bfloat16)), model(torch.ones(1, 64, dtype=torch.bfloat16)))
+    assert pcg_backend.stats()["skinny_linears"] == 0
