@@ -135,8 +135,8 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
         notes.append(f"{split.fused_split_ops} cudagraph-safe split op(s) captured inside pieces: the graph "
                      f"always runs at its exact size ({split.exact_reason or 'no token dim'})")
     if skinny:
-        notes.append(f"{skinny} linear layer(s) in captured pieces call pcg::skinny_linear: a Triton kernel at "
-                     f"buckets of at most {skinny_gemm.MAX_ROWS} rows, F.linear above (option skinny_gemm)")
+        notes.append(f"{skinny} linear layer(s) in captured pieces call pcg::skinny_linear, a Triton kernel for "
+                     f"at most {skinny_gemm.MAX_ROWS} static rows (option skinny_gemm)")
     if split.split_op_nodes == 0:
         notes.append("no split op in this graph: it is one bucketed piece")
     padding = "off (static shapes)" if split.token_symbol is None else f"to buckets {opts.capture_sizes[0]}..{opts.largest}"

@@ -1,15 +1,19 @@
 """Sending the linear layers of captured pieces to `pcg::skinny_linear`.
 
-A captured piece replays the kernels chosen while it was captured, so what
-runs at replay is decided once per bucket. In a decode step (1 row per
-sequence) or a short prefill a linear layer is a matrix-vector product, and
-cuBLAS leaves 10-15 % of the memory bandwidth unused there
-(`ops/skinny_gemm.py`). This pass rewrites each `F.linear` node of a piece
-whose rows *can* be few (a static count of at most MAX_ROWS, or a symbolic
-one, as in a padded prefill graph) and whose weight has at least MIN_COLUMNS
-output columns in bf16 or fp16. At run time the op picks the Triton kernel
-for at most MAX_ROWS rows and `F.linear` otherwise, so large buckets capture
-the same cuBLAS GEMMs as before.
+A captured piece replays the kernels chosen while it was captured. In a
+decode step (1 row per sequence) or a one-token prefill, a linear layer is a
+matrix-vector product, and cuBLAS leaves 10-15 % of the memory bandwidth
+unused there (`ops/skinny_gemm.py`). This pass rewrites each `F.linear` node
+of such a piece to `pcg::skinny_linear` when its row count is static and at
+most MAX_ROWS and its weight has at least MIN_COLUMNS output columns in bf16
+or fp16.
+
+Graphs whose row count is symbolic (padded prefill graphs) are left alone.
+Routing them helped their small buckets (a 16-token prefill of the benchmark
+model went from 9.73 to 9.00 ms on the H100), but the same compiled pieces
+also serve calls above the largest bucket without graphs, and there the
+2048-token prefill went from 68.1 to 72.6 ms (README, run 14), a cost that
+was not traced to its cause in time.
 
 Only captured pieces are rewritten (the backend calls this for them alone):
 in a piece that runs eagerly the op's extra dispatch would be host time on
@@ -40,10 +44,11 @@ def _operands(node: torch.fx.Node):
     return values
 
 
-def _may_have_few_rows(x: torch.Tensor) -> bool:
+def _few_rows(x: torch.Tensor) -> bool:
+    """A static row count of at most MAX_ROWS (see the module docstring for symbolic ones)."""
     sizes = x.shape[:-1]
     if any(isinstance(s, torch.SymInt) for s in sizes):
-        return True   # a padded graph: decided per bucket at capture
+        return False
     return math.prod(sizes) <= skinny_gemm.MAX_ROWS
 
 
@@ -60,7 +65,7 @@ def route_skinny_linears(gm: torch.fx.GraphModule) -> int:
         if wv.dim() != 2 or wv.dtype not in HALF_TYPES or xv.dtype != wv.dtype:
             continue
         columns = wv.shape[0]
-        if isinstance(columns, torch.SymInt) or columns < skinny_gemm.MIN_COLUMNS or not _may_have_few_rows(xv):
+        if isinstance(columns, torch.SymInt) or columns < skinny_gemm.MIN_COLUMNS or not _few_rows(xv):
             continue
         node.target = torch.ops.pcg.skinny_linear.default
         node.args = (x, w, b)

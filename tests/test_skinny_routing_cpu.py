@@ -39,13 +39,13 @@ def _compile_routed(model):
     return torch.compile(model, backend=backend), counts, graphs
 
 
-@pytest.mark.parametrize("rows, dynamic, expected", [(1, False, 1), (16, False, 1), (17, False, 0), (40, True, 1)])
-def test_pass_routes_only_wide_half_precision_linears_that_may_have_few_rows(rows, dynamic, expected):
+@pytest.mark.parametrize("rows, dynamic, expected", [(1, False, 1), (16, False, 1), (17, False, 0), (8, True, 0)])
+def test_pass_routes_only_wide_half_precision_linears_with_few_static_rows(rows, dynamic, expected):
     torch.manual_seed(0)
     model = ThreeLinears()
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
     if dynamic:
-        torch._dynamo.mark_dynamic(x, 0)   # symbolic rows: the op decides per bucket at run time
+        torch._dynamo.mark_dynamic(x, 0)   # symbolic rows (a padded prefill graph): left alone
     compiled, counts, graphs = _compile_routed(model)
     before = dict(skinny_gemm.LAUNCHES)
     with torch.no_grad():
