@@ -12,8 +12,8 @@ Graphs whose row count is symbolic (padded prefill graphs) are left alone.
 Routing them helped their small buckets (a 16-token prefill of the benchmark
 model went from 9.73 to 9.00 ms on the H100), but the same compiled pieces
 also serve calls above the largest bucket without graphs, and there the
-2048-token prefill went from 68.1 to 72.6 ms (README, run 14), a cost that
-was not traced to its cause in time.
+2048-token prefill went from 68.1 to 72.6 ms (README, "Latest session", the
+A/B), a cost whose cause was not found.
 
 Only captured pieces are rewritten (the backend calls this for them alone):
 in a piece that runs eagerly the op's extra dispatch would be host time on

@@ -2,22 +2,24 @@
 
 With 1 to 16 rows (a decode step, a short prefill) a linear layer reads its
 whole weight to do very little arithmetic, so its time is the weight's bytes
-over the bandwidth it reaches. On the H100, cuBLAS reads the benchmark
-model's projections at 2400-2700 GB/s at those row counts, this kernel at
-2570-2860 GB/s (3080 for `lm_head`): one forward's GEMMs take 6.07 ms
-instead of 6.50 at 1 row (`tools/skinny_gemm.py`).
+over the bandwidth it reaches.
+On the H100, cuBLASLt reads the benchmark model's projections at 2395-2852
+GB/s at one row, this kernel at 2475-3086 GB/s: one forward's GEMMs take
+5.96 ms instead of 6.50 at 1 row, 6.01 instead of 6.86 at 8 and 6.03
+instead of 6.60 at 16 (`tools/skinny_gemm.py`, README "Latest session").
 
 Every program owns a block of BLOCK_N output columns (weight rows) and all
 of x's rows, so each weight byte is read once, and x's rows go through the
 tensor cores padded to 16. Accumulation is fp32; the output has x's dtype,
 as cuBLAS gives it. The tile is fixed per weight shape (what
 `triton.autotune` chose on the H100 for the benchmark model's shapes), so the
-first call compiles at most two kernels and autotunes nothing.
+first call compiles one kernel per tile and bias/no-bias variant, and
+autotunes nothing.
 
 The op takes the kernel only where it measured faster: CUDA, bf16 or fp16,
 at most MAX_ROWS rows, at least MIN_COLUMNS output columns (with fewer, too
-few programs fill the GPU: `kv_proj`'s 1024 columns took 11.5 µs against
-cuBLAS's 8.7). Anything else goes to `F.linear`, which is also what a CPU
+few programs fill the GPU: `kv_proj`'s 1024 columns took 11.9 µs against
+cuBLASLt's 8.5). Anything else goes to `F.linear`, which is also what a CPU
 run uses. `pcg_backend/skinny_routing.py` decides which graph nodes call it.
 """
 
