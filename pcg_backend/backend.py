@@ -157,7 +157,8 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
         None if split.token_symbol is None else str(split.token_symbol), padding, notes,
     ))
     log.info("pcg: %s split into %d pieces (%d capturable, %d split ops), padding %s, compiler %s, "
-             "GEMM library while capturing %s, %d linear layer(s) to pcg::skinny_linear", name, len(split.pieces), capturable, split.split_op_nodes, padding,
+             "GEMM library while capturing %s, %d linear layer(s) to pcg::skinny_linear",
+             name, len(split.pieces), capturable, split.split_op_nodes, padding,
              opts.compiler, opts.gemm_library if pool else "(no CUDA graphs)", skinny)
     return runner
 

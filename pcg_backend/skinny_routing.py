@@ -2,7 +2,7 @@
 
 A captured piece replays the kernels chosen while it was captured. In a
 decode step (1 row per sequence) or a one-token prefill, a linear layer is a
-matrix-vector product, and cuBLAS leaves 10-15 % of the memory bandwidth
+matrix-vector product, and cuBLAS leaves 5-20 % of the memory bandwidth
 unused there (`ops/skinny_gemm.py`). This pass rewrites each `F.linear` node
 of such a piece to `pcg::skinny_linear` when its row count is static and at
 most MAX_ROWS and its weight has at least MIN_COLUMNS output columns in bf16
