@@ -119,8 +119,8 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
             setattr(split.module, piece.name, EagerPiece(sub.forward, reason, written_inputs(sub)))
             continue
         capturable += 1
-        if pool and opts.skinny_gemm == "triton":
-            skinny += route_skinny_linears(sub)
+        if pool and opts.skinny_gemm != "off":
+            skinny += route_skinny_linears(sub, symbolic_rows=opts.skinny_gemm == "all")
         runnable = _compile_piece(sub, opts.compiler)
         written = written_inputs(sub)
         wrapper = (CudaGraphPiece(runnable, f"{name}.{piece.name}", pool, written, write_back=split.paddable,
@@ -136,7 +136,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
                      f"always runs at its exact size ({split.exact_reason or 'no token dim'})")
     if skinny:
         notes.append(f"{skinny} linear layer(s) in captured pieces call pcg::skinny_linear, a Triton kernel for "
-                     f"at most {skinny_gemm.MAX_ROWS} static rows (option skinny_gemm)")
+                     f"at most {skinny_gemm.MAX_ROWS} rows (option skinny_gemm={opts.skinny_gemm!r})")
     if split.split_op_nodes == 0:
         notes.append("no split op in this graph: it is one bucketed piece")
     padding = "off (static shapes)" if split.token_symbol is None else f"to buckets {opts.capture_sizes[0]}..{opts.largest}"

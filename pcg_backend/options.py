@@ -14,7 +14,7 @@ from .gemm_library import LIBRARIES
 
 COMPILERS = ("eager", "inductor")
 CAPTURE_POLICIES = ("upfront", "lazy")
-SKINNY_GEMMS = ("triton", "off")
+SKINNY_GEMMS = ("static", "all", "off")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -30,7 +30,7 @@ class PcgOptions:
     progress: bool = True
     capture_split_ops: bool = True
     gemm_library: str = "cublaslt"
-    skinny_gemm: str = "triton"
+    skinny_gemm: str = "static"
 
     @property
     def largest(self) -> int:
@@ -46,7 +46,7 @@ _DEFAULTS: dict[str, Any] = {
     "progress": True,
     "capture_split_ops": True,
     "gemm_library": "cublaslt",
-    "skinny_gemm": "triton",
+    "skinny_gemm": "static",
 }
 
 

@@ -8,12 +8,15 @@ of such a piece to `pcg::skinny_linear` when its row count is static and at
 most MAX_ROWS and its weight has at least MIN_COLUMNS output columns in bf16
 or fp16.
 
-Graphs whose row count is symbolic (padded prefill graphs) are left alone.
-Routing them helped their small buckets (a 16-token prefill of the benchmark
-model went from 9.73 to 9.00 ms on the H100), but the same compiled pieces
-also serve calls above the largest bucket without graphs, and there the
-2048-token prefill went from 68.1 to 72.6 ms (README, "Latest session", the
-A/B), a cost whose cause was not found.
+Graphs whose row count is symbolic (padded prefill graphs) are left alone
+unless the option `skinny_gemm="all"` asks for them too; the op then takes
+the kernel at buckets of at most MAX_ROWS and `F.linear` above, so large
+buckets capture the same cuBLAS GEMMs as before. That helped small buckets
+(a 16-token prefill of the benchmark model went from 9.73 to 9.00 ms on the
+H100), but the same compiled pieces also serve calls above the largest
+bucket without graphs, and there the 2048-token prefill went from 68.1 to
+72.6 ms (README, "Latest session", the A/B), a cost whose cause was not
+found. Hence the default, `"static"`.
 
 Only captured pieces are rewritten (the backend calls this for them alone):
 in a piece that runs eagerly the op's extra dispatch would be host time on
@@ -44,16 +47,17 @@ def _operands(node: torch.fx.Node):
     return values
 
 
-def _few_rows(x: torch.Tensor) -> bool:
-    """A static row count of at most MAX_ROWS (see the module docstring for symbolic ones)."""
+def _few_rows(x: torch.Tensor, symbolic_rows: bool) -> bool:
+    """A static row count of at most MAX_ROWS, or (with `symbolic_rows`) a symbolic one."""
     sizes = x.shape[:-1]
     if any(isinstance(s, torch.SymInt) for s in sizes):
-        return False
+        return symbolic_rows
     return math.prod(sizes) <= skinny_gemm.MAX_ROWS
 
 
-def route_skinny_linears(gm: torch.fx.GraphModule) -> int:
-    """Rewrite eligible `F.linear` nodes of `gm` to `pcg::skinny_linear`; returns how many."""
+def route_skinny_linears(gm: torch.fx.GraphModule, symbolic_rows: bool = False) -> int:
+    """Rewrite eligible `F.linear` nodes of `gm` to `pcg::skinny_linear`; returns how many.
+    With `symbolic_rows`, linears whose row count is symbolic are rewritten too."""
     routed = 0
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in LINEAR_TARGETS:
@@ -65,7 +69,7 @@ def route_skinny_linears(gm: torch.fx.GraphModule) -> int:
         if wv.dim() != 2 or wv.dtype not in HALF_TYPES or xv.dtype != wv.dtype:
             continue
         columns = wv.shape[0]
-        if isinstance(columns, torch.SymInt) or columns < skinny_gemm.MIN_COLUMNS or not _few_rows(xv):
+        if isinstance(columns, torch.SymInt) or columns < skinny_gemm.MIN_COLUMNS or not _few_rows(xv, symbolic_rows):
             continue
         node.target = torch.ops.pcg.skinny_linear.default
         node.args = (x, w, b)

@@ -83,6 +83,35 @@ def test_static_graph_above_16_rows_is_not_routed():
             assert pcg_backend.stats()["skinny_linears"] == routed   # 8 rows: 2; the 17-row graph adds none
 
 
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_option_all_takes_the_kernel_at_small_buckets_of_padded_graphs_and_cublas_above(compiler):
+    torch.manual_seed(0)
+    model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)   # 2 captured pieces, 1 linear each
+    compiled = compile_toy(model, capture_sizes=[4, 16, 32], compiler=compiler, skinny_gemm="all")
+    before = dict(skinny_gemm.LAUNCHES)
+
+    def launches():
+        return {k: v - before[k] for k, v in skinny_gemm.LAUNCHES.items()}
+
+    with torch.no_grad():
+        x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(compiled(x), model(x), atol=5e-2, rtol=2e-2)
+        assert pcg_backend.stats()["skinny_linears"] == 2
+        # Up front, largest first, per piece: bucket 32 warm-up + sync probe + capture with
+        # F.linear (32 rows); buckets 16 and 4 warm-up + capture with the kernel.
+        assert launches() == {"triton": 2 * 2 * 2, "linear": 2 * 3}
+        for n in (1, 4, 16, 17, 32, 40):
+            x = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(compiled(x), model(x), atol=5e-2, rtol=2e-2, msg=f"{n} rows")
+    s = pcg_backend.stats()
+    # Replays call nothing on the host. n=1 is Dynamo's static graph: its 2 pieces warm up, probe
+    # and capture with the kernel (6); n=40 is above the largest bucket: 2 eager F.linear calls.
+    assert launches() == {"triton": 8 + 6, "linear": 6 + 2}
+    assert s["skinny_linears"] == 4
+    assert s["cuda_graph_replays"] == 2 * 5          # the first call, then 4, 16, 17, 32
+    assert s["eager_runs"] == 2                       # n=40: both pieces without graphs
+
+
 def test_option_off_keeps_f_linear():
     torch.manual_seed(0)
     model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)

@@ -27,26 +27,29 @@ class ThreeLinears(torch.nn.Module):
         return self.wide(x).sum(-1) + self.narrow(x).sum(-1) + self.fp32(x.float()).sum(-1)
 
 
-def _compile_routed(model):
+def _compile_routed(model, symbolic_rows=False):
     """`model` compiled by a backend that only runs the routing pass; the counts it returned."""
     counts, graphs = [], []
 
     def backend(gm, example_inputs):
-        counts.append(route_skinny_linears(gm))
+        counts.append(route_skinny_linears(gm, symbolic_rows))
         graphs.append(gm)
         return gm.forward
 
     return torch.compile(model, backend=backend), counts, graphs
 
 
-@pytest.mark.parametrize("rows, dynamic, expected", [(1, False, 1), (16, False, 1), (17, False, 0), (8, True, 0)])
-def test_pass_routes_only_wide_half_precision_linears_with_few_static_rows(rows, dynamic, expected):
+@pytest.mark.parametrize("rows, dynamic, symbolic_rows, expected", [
+    (1, False, False, 1), (16, False, False, 1), (17, False, False, 0), (8, True, False, 0),
+    (40, True, True, 1), (17, False, True, 0),
+])
+def test_pass_routes_only_wide_half_precision_linears_with_few_rows(rows, dynamic, symbolic_rows, expected):
     torch.manual_seed(0)
     model = ThreeLinears()
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
     if dynamic:
-        torch._dynamo.mark_dynamic(x, 0)   # symbolic rows (a padded prefill graph): left alone
-    compiled, counts, graphs = _compile_routed(model)
+        torch._dynamo.mark_dynamic(x, 0)   # symbolic rows (a padded prefill graph): only with symbolic_rows
+    compiled, counts, graphs = _compile_routed(model, symbolic_rows)
     before = dict(skinny_gemm.LAUNCHES)
     with torch.no_grad():
         got, ref = compiled(x), model(x)
@@ -75,8 +78,9 @@ def test_kernel_is_never_chosen_off_cuda_or_outside_its_limits():
     assert not skinny_gemm.supported(torch.empty(1, 64, dtype=torch.bfloat16), w)   # CPU (and no Triton here)
 
 
-def test_option_skinny_gemm_defaults_to_triton_and_rejects_other_values():
-    assert parse_options({}).skinny_gemm == "triton"
+def test_option_skinny_gemm_defaults_to_static_and_rejects_other_values():
+    assert parse_options({}).skinny_gemm == "static"
+    assert parse_options({"skinny_gemm": "all"}).skinny_gemm == "all"
     assert parse_options({"skinny_gemm": "off"}).skinny_gemm == "off"
     with pytest.raises(ValueError, match="skinny_gemm must be one of"):
         parse_options({"skinny_gemm": "cutlass"})
