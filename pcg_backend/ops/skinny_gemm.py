@@ -109,9 +109,11 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tile = tile or _tile(m, k, n)
-    _skinny_kernel[(triton.cdiv(n, tile["BLOCK_N"]),)](
-        x2, w, bias if bias is not None else w, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, **tile)
+    # Triton launches on the current device; the tensors may live on another one.
+    with torch.cuda.device(x.device):
+        _skinny_kernel[(triton.cdiv(n, tile["BLOCK_N"]),)](
+            x2, w, bias if bias is not None else w, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, **tile)
     return y.reshape(*lead, n)
 
 
