@@ -25,6 +25,7 @@ run uses. `pcg_backend/skinny_routing.py` decides which graph nodes call it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -109,8 +110,9 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tile = tile or _tile(m, k, n)
-    # Triton launches on the current device; the tensors may live on another one.
-    with torch.cuda.device(x.device):
+    # Triton launches on the current device; the tensors may live on another one. (CPU tensors
+    # reach here only under Triton's interpreter, TRITON_INTERPRET=1.)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _skinny_kernel[(triton.cdiv(n, tile["BLOCK_N"]),)](
             x2, w, bias if bias is not None else w, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, **tile)
