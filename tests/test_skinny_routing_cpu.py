@@ -73,7 +73,7 @@ def test_op_is_f_linear_on_cpu_and_has_a_shape_only_fake():
     assert out.shape == (2, 5, 4096)
 
 
-def test_kernel_is_never_chosen_off_cuda_or_outside_its_limits():
+def test_kernel_is_never_chosen_for_cpu_tensors():   # the limits on CUDA: test_skinny_gemm_gpu.py
     w = torch.empty(4096, 64, dtype=torch.bfloat16)
     assert not skinny_gemm.supported(torch.empty(1, 64, dtype=torch.bfloat16), w)   # CPU (and no Triton here)
 
