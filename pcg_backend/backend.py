@@ -21,7 +21,7 @@ from .fx_facts import node_value, op_argument_names, written_inputs
 from .node_kinds import Kind
 from .ops import skinny_gemm
 from .options import parse_options
-from .skinny_routing import route_skinny_linears
+from .skinny_routing import route_skinny_linears, routed_twin
 from .split import split_graph
 from .stats import STATS, GraphRecord
 
@@ -102,7 +102,8 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     ))
 
     capturable = 0
-    skinny = 0
+    skinny = 0          # linears routed in the compiled pieces
+    skinny_small = 0    # more, in the routed twins that only small buckets capture
     notes = []
     for piece in split.pieces:
         sub = getattr(split.module, piece.name)
@@ -119,12 +120,19 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
             setattr(split.module, piece.name, EagerPiece(sub.forward, reason, written_inputs(sub)))
             continue
         capturable += 1
+        twin = None
         if pool and opts.skinny_gemm != "off":
-            skinny += route_skinny_linears(sub, symbolic_rows=opts.skinny_gemm == "all")
-        runnable = _compile_piece(sub, opts.compiler)
+            skinny += route_skinny_linears(sub)
+            if opts.skinny_gemm == "all":
+                # Made before `sub` is compiled: Inductor's passes may rewrite `sub` in place.
+                twin, routed = routed_twin(sub)
+                skinny_small += routed
         written = written_inputs(sub)
+        runnable = _compile_piece(sub, opts.compiler)
         wrapper = (CudaGraphPiece(runnable, f"{name}.{piece.name}", pool, written, write_back=split.paddable,
-                                  gemm_library=opts.gemm_library)
+                                  gemm_library=opts.gemm_library,
+                                  small_runnable=None if twin is None else _compile_piece(twin, opts.compiler),
+                                  small_tokens=skinny_gemm.MAX_ROWS)
                    if pool else EagerPiece(runnable, None, written))
         setattr(split.module, piece.name, wrapper)
 
@@ -137,6 +145,10 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     if skinny:
         notes.append(f"{skinny} linear layer(s) in captured pieces call pcg::skinny_linear, a Triton kernel for "
                      f"at most {skinny_gemm.MAX_ROWS} rows (option skinny_gemm={opts.skinny_gemm!r})")
+    if skinny_small:
+        notes.append(f"{skinny_small} more linear layer(s) call pcg::skinny_linear in routed twins of the pieces, "
+                     f"compiled a second time; buckets of at most {skinny_gemm.MAX_ROWS} tokens capture the twins, "
+                     f"larger buckets and uncaptured calls run the pieces (option skinny_gemm='all')")
     if split.split_op_nodes == 0:
         notes.append("no split op in this graph: it is one bucketed piece")
     padding = "off (static shapes)" if split.token_symbol is None else f"to buckets {opts.capture_sizes[0]}..{opts.largest}"
@@ -152,14 +164,17 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     STATS.split_op_nodes += split.split_op_nodes
     STATS.split_ops_in_graphs += split.fused_split_ops
     STATS.skinny_linears += skinny
+    STATS.skinny_linears_small_buckets += skinny_small
     STATS.graphs.append(GraphRecord(
         name, len(split.pieces), capturable, split.split_op_nodes,
         None if split.token_symbol is None else str(split.token_symbol), padding, notes,
     ))
     log.info("pcg: %s split into %d pieces (%d capturable, %d split ops), padding %s, compiler %s, "
-             "GEMM library while capturing %s, %d linear layer(s) to pcg::skinny_linear",
+             "GEMM library while capturing %s, %d linear layer(s) to pcg::skinny_linear "
+             "(%d more in twins for buckets of at most %d tokens)",
              name, len(split.pieces), capturable, split.split_op_nodes, padding,
-             opts.compiler, opts.gemm_library if pool else "(no CUDA graphs)", skinny)
+             opts.compiler, opts.gemm_library if pool else "(no CUDA graphs)", skinny, skinny_small,
+             skinny_gemm.MAX_ROWS)
     return runner
 
 

@@ -170,13 +170,35 @@ def _write_trace(prof, path: str, title: str) -> None:
     print(f"  trace of {title}: {path}", flush=True)
 
 
+def _warm_up(result: dict, name: str, fn) -> None:
+    """Run `fn` once (it may compile or capture) and record its seconds, and the graphs Dynamo
+    has compiled so far, under result["warm_up"][name]: where a compiled variant's time goes."""
+    from torch._dynamo.utils import counters
+
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    graphs = counters["stats"]["unique_graphs"]
+    result["warm_up"][name] = {"seconds": round(seconds, 2), "dynamo_graphs_so_far": graphs}
+    if seconds > 1:
+        print(f"  {result['variant']:>16} warm-up of {name}: {seconds:.1f} s, {graphs} Dynamo graph(s) so far",
+              flush=True)
+
+
 def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, repeats: int, profile_dir=None,
-                skip_module_guards: bool = False, trace: bool = False, pcg_options: dict | None = None) -> dict:
+                skip_module_guards: bool = False, trace: bool = False, pcg_options: dict | None = None,
+                result: dict | None = None, save=lambda: None) -> dict:
+    """Measure one variant into `result` (a new dict if None), calling `save()` after each
+    measurement, so that a run cut short (a time limit) keeps what it measured."""
     import pcg_backend
+    from torch._dynamo.utils import counters
 
     install_variant(model, variant, skip_module_guards, pcg_options)
+    counters.clear()
     _CAPTURES_IN_TIMED_CALLS[0] = 0
-    result: dict = {"variant": variant, "prefill_ms": {}, "decode_ms": {}, "decode_tok_s": {}}
+    result = {} if result is None else result
+    result.update({"variant": variant, "prefill_ms": {}, "decode_ms": {}, "decode_tok_s": {}, "warm_up": {}})
     vocab = model.config.vocab_size
     with torch.no_grad():
         first = torch.randint(2, vocab, (1, FIRST_CALL_TOKENS), device="cuda")
@@ -184,14 +206,14 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             # The token dim marked dynamic up front (DESIGN.md lesson 4): the first call
             # compiles the one prefill graph and captures every bucket, largest first.
             torch._dynamo.mark_dynamic(first, 1)
-        start = time.perf_counter()
-        model(first)
-        torch.cuda.synchronize()
-        result["first_call_s"] = time.perf_counter() - start
+        _warm_up(result, "first call", lambda: model(first))
+        result["first_call_s"] = result["warm_up"]["first call"]["seconds"]
+        save()
         for n in prefill_sizes:
             ids = torch.randint(2, vocab, (1, n), device="cuda")
-            model(ids)  # warm-up: compiles or captures this size
+            _warm_up(result, f"prefill {n}", lambda: model(ids))  # compiles or captures this size
             result["prefill_ms"][n] = 1e3 * timed(lambda: model(ids), repeats)
+            save()
             print(f"  {variant:>16} prefill {n:>5}: {result['prefill_ms'][n]:8.2f} ms{_captures_note()}", flush=True)
         for b in batches:
             ids = torch.randint(2, vocab, (b, 16), device="cuda")
@@ -202,8 +224,8 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             # Warm-up: prefill and decode graphs, every cache length. Twice: each generate makes a
             # new cache, and the allocator may place the second one's state elsewhere (pcg then
             # captures decode graphs for those addresses once; see "captures at new addresses").
-            gen(new_tokens)
-            gen(new_tokens)
+            _warm_up(result, f"generate b={b}", lambda: gen(new_tokens))
+            _warm_up(result, f"generate b={b}, again", lambda: gen(new_tokens))
             # Medians of `repeats` runs each: a single run of each made the difference, hence
             # the step time, swing by 1.5 ms between processes on a shared host.
             long = timed(lambda: gen(new_tokens), repeats)
@@ -211,6 +233,7 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             step = (long - short) / (new_tokens - 1)
             result["decode_ms"][b] = 1e3 * step
             result["decode_tok_s"][b] = b / step
+            save()
             print(f"  {variant:>16} decode b={b:>3}: {1e3 * step:8.2f} ms/step{_captures_note()}", flush=True)
     if profile_dir:
         trace_dir = os.path.join(profile_dir, f"traces_{variant}") if trace else None
@@ -332,22 +355,27 @@ def main(argv=None):
     print(f"device: {device}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
           f"{weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.2f} ms", flush=True)
     results = []
-    for v in variants:
-        try:
-            results.append(run_variant(model, v, prefill, batches, new_tokens, repeats,
-                                       args.out if args.profile else None, args.skip_module_guards, args.trace,
-                                       args.pcg_options))
-        except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
-            message = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            print(f"  {v:>16} FAILED: {message}", flush=True)
-            results.append({"variant": v, "failed": message, "prefill_ms": {}, "decode_ms": {}, "decode_tok_s": {}})
-        torch.cuda.empty_cache()
-        # Written after every variant, so a run cut short keeps what it measured.
+
+    def save():
+        # Written after every measurement, so a run cut short keeps what it measured.
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump({"device": device, "floor_ms": floor_ms, "weight_bytes": weight_bytes,
                        "bandwidth_bytes_s": bandwidth, "skip_module_guards": args.skip_module_guards,
                        "pcg_options": args.pcg_options,
                        "results": results}, f, indent=1, default=str)
+
+    for v in variants:
+        result = {"variant": v, "prefill_ms": {}, "decode_ms": {}, "decode_tok_s": {}}
+        results.append(result)
+        try:
+            run_variant(model, v, prefill, batches, new_tokens, repeats, args.out if args.profile else None,
+                        args.skip_module_guards, args.trace, args.pcg_options, result, save)
+        except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
+            message = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"  {v:>16} FAILED: {message}", flush=True)
+            result["failed"] = message
+        torch.cuda.empty_cache()
+        save()
     text = table(results, floor_ms)
     print(f"\n{device}\n{text}")
     try:

@@ -224,9 +224,15 @@ class CudaGraphPiece(torch.nn.Module):
     _live: "weakref.WeakSet[CudaGraphPiece]" = weakref.WeakSet()
 
     def __init__(self, runnable, name: str, pool: GraphPool, written: dict[int, str] | None = None,
-                 write_back: bool = False, gemm_library: str = "unchanged"):
+                 write_back: bool = False, gemm_library: str = "unchanged", small_runnable=None,
+                 small_tokens: int = 0):
         super().__init__()
         self.runnable = runnable
+        # A second compile of the piece for captures at padded token counts of at most
+        # `small_tokens` (`skinny_routing.routed_twin`): its kernels only pay off there, so
+        # larger buckets and uncaptured calls keep `runnable`.
+        self.small_runnable = small_runnable
+        self.small_tokens = small_tokens
         self.name = name
         self.pool = pool
         # The BLAS library for the GEMMs this piece captures (`gemm_library.py`): only the
@@ -300,21 +306,29 @@ class CudaGraphPiece(torch.nn.Module):
     # Called once per piece per forward: skip nn.Module.__call__'s hook machinery.
     __call__ = forward
 
+    def _runnable_to_capture(self):
+        """The twin for a small bucket, else the piece itself."""
+        padded = context.current().padded_tokens
+        if self.small_runnable is not None and padded is not None and padded <= self.small_tokens:
+            return self.small_runnable
+        return self.runnable
+
     def _capture(self, key, args):
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor) and a.device.type != "cuda":
                 self.refused = f"{self.name}: input {i} is a {a.device.type} tensor, which a CUDA graph cannot read"
                 STATS.eager(self.refused)
                 return self.runnable(*args)
+        run = self._runnable_to_capture()
         # Warm up outside the capture: lazy inits (cuBLAS handles, Triton
         # autotuning) must not happen while the stream is capturing. Written
         # inputs get private copies there, or the state would advance twice.
-        self.runnable(*private_copies(args, self.written))
+        run(*private_copies(args, self.written))
         if not self._probed:
             # Once per piece, after the warm-up above did the lazy inits (Triton
             # autotuning synchronizes), which must not count as the piece's syncs.
             self._probed = True
-            sync = _host_sync_in(lambda: self.runnable(*private_copies(args, self.written)))
+            sync = _host_sync_in(lambda: run(*private_copies(args, self.written)))
             if sync:
                 self.refused = (f"{self.name}: synchronizes with the host ({sync}), which a CUDA graph cannot "
                                 f"hold; found in a trial run before capture")
@@ -345,7 +359,7 @@ class CudaGraphPiece(torch.nn.Module):
                             buffers.append((i, buf))
                             static_args[i] = buf
                         copies.append((i, static_args[i]))
-                    outputs = self.runnable(*static_args)
+                    outputs = run(*static_args)
                 finally:
                     graph.capture_end()
                     ended = True
@@ -389,6 +403,7 @@ class CudaGraphPiece(torch.nn.Module):
         ))
         # The replay right after capture is part of the capture, not counted as a replay.
         STATS.cuda_graphs_captured += 1
+        STATS.twin_captures += run is not self.runnable
         STATS.capture_seconds += time.perf_counter() - start
         STATS.graph_memory_bytes += max(0, torch.cuda.memory_reserved(self.pool.device) - reserved)
         return outputs

@@ -9,14 +9,15 @@ most MAX_ROWS and its weight has at least MIN_COLUMNS output columns in bf16
 or fp16.
 
 Graphs whose row count is symbolic (padded prefill graphs) are left alone
-unless the option `skinny_gemm="all"` asks for them too; the op then takes
-the kernel at buckets of at most MAX_ROWS and `F.linear` above, so large
-buckets capture the same cuBLAS GEMMs as before. That helped small buckets
-(a 16-token prefill of the benchmark model went from 9.73 to 9.00 ms on the
-H100), but the same compiled pieces also serve calls above the largest
-bucket without graphs, and there the 2048-token prefill went from 68.1 to
-72.6 ms (README, "Latest session", the A/B), a cost whose cause was not
-found. Hence the default, `"static"`.
+unless the option `skinny_gemm="all"` asks for them too. Routing such a
+piece in place once helped its small buckets (a 16-token prefill of the
+benchmark model went from 9.73 to 9.00 ms on the H100) but slowed the calls
+above the largest bucket, which run the same compiled piece without graphs
+(2048 tokens: 68.1 to 72.6 ms; README, "Latest session", the A/B). So
+`routed_twin` leaves the piece as it is and returns a routed copy instead;
+the backend compiles both, and the copy serves only the captures at buckets
+of at most MAX_ROWS tokens (`cudagraph.CudaGraphPiece`). Larger buckets and
+uncaptured calls run the unrouted piece, the code that measured 68.1 ms.
 
 Only captured pieces are rewritten (the backend calls this for them alone):
 in a piece that runs eagerly the op's extra dispatch would be host time on
@@ -78,3 +79,17 @@ def route_skinny_linears(gm: torch.fx.GraphModule, symbolic_rows: bool = False) 
     if routed:
         gm.recompile()
     return routed
+
+
+def routed_twin(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule | None, int]:
+    """A copy of `gm` whose linears with a symbolic row count are routed too, and how many
+    more linears it routes than `gm`; (None, 0) if none is eligible. `gm` is not changed.
+    The copy shares `gm`'s submodules, attributes and node metadata (fake values included)."""
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen   # the same calling convention as the piece it stands in for
+    copies: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        copies[node] = graph.node_copy(node, copies.__getitem__)   # meta is copied shallowly
+    twin = torch.fx.GraphModule(gm, graph)
+    routed = route_skinny_linears(twin, symbolic_rows=True)
+    return (twin, routed) if routed else (None, 0)

@@ -40,6 +40,8 @@ class Stats:
         self.split_op_nodes = 0
         self.split_ops_in_graphs = 0
         self.skinny_linears = 0
+        self.skinny_linears_small_buckets = 0
+        self.twin_captures = 0
         self.cuda_graphs_captured = 0
         self.cuda_graph_replays = 0
         self.new_address_captures = 0
@@ -73,6 +75,8 @@ class Stats:
             "split_op_nodes": self.split_op_nodes,
             "split_ops_in_graphs": self.split_ops_in_graphs,
             "skinny_linears": self.skinny_linears,
+            "skinny_linears_small_buckets": self.skinny_linears_small_buckets,
+            "twin_captures": self.twin_captures,
             "cuda_graphs_captured": self.cuda_graphs_captured,
             "cuda_graph_replays": self.cuda_graph_replays,
             "new_address_captures": self.new_address_captures,

@@ -47,7 +47,7 @@ def test_kernel_limits():
 def test_static_graphs_of_few_rows_capture_the_kernel_and_padded_graphs_keep_f_linear(compiler):
     torch.manual_seed(0)
     model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)   # 2 captured pieces, 1 linear each
-    compiled = compile_toy(model, capture_sizes=[4, 16], compiler=compiler)
+    compiled = compile_toy(model, capture_sizes=[4, 16], compiler=compiler, skinny_gemm="static")
     before = dict(skinny_gemm.LAUNCHES)
 
     def launches():
@@ -75,7 +75,7 @@ def test_static_graphs_of_few_rows_capture_the_kernel_and_padded_graphs_keep_f_l
 def test_static_graph_above_16_rows_is_not_routed():
     torch.manual_seed(0)
     model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)
-    compiled = torch.compile(model, backend="pcg", dynamic=False)
+    compiled = torch.compile(model, backend="pcg", dynamic=False, options={"skinny_gemm": "static"})
     with torch.no_grad():
         for rows, routed in ((8, 2), (17, 2)):
             x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
@@ -84,7 +84,7 @@ def test_static_graph_above_16_rows_is_not_routed():
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
-def test_option_all_takes_the_kernel_at_small_buckets_of_padded_graphs_and_cublas_above(compiler):
+def test_option_all_captures_routed_twins_at_small_buckets_only(compiler):
     torch.manual_seed(0)
     model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)   # 2 captured pieces, 1 linear each
     compiled = compile_toy(model, capture_sizes=[4, 16, 32], compiler=compiler, skinny_gemm="all")
@@ -96,18 +96,23 @@ def test_option_all_takes_the_kernel_at_small_buckets_of_padded_graphs_and_cubla
     with torch.no_grad():
         x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
         torch.testing.assert_close(compiled(x), model(x), atol=5e-2, rtol=2e-2)
-        assert pcg_backend.stats()["skinny_linears"] == 2
-        # Up front, largest first, per piece: bucket 32 warm-up + sync probe + capture with
-        # F.linear (32 rows); buckets 16 and 4 warm-up + capture with the kernel.
-        assert launches() == {"triton": 2 * 2 * 2, "linear": 2 * 3}
+        s = pcg_backend.stats()
+        assert (s["skinny_linears"], s["skinny_linears_small_buckets"]) == (0, 2)
+        # Up front, largest first, per piece: bucket 32 warm-up + sync probe + capture run the
+        # unrouted piece (aten's linear, not the op: no launch counted); buckets 16 and 4 warm
+        # up and capture the routed twin, with the kernel.
+        assert launches() == {"triton": 2 * 2 * 2, "linear": 0}
+        assert s["twin_captures"] == 2 * 2
         for n in (1, 4, 16, 17, 32, 40):
             x = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16)
             torch.testing.assert_close(compiled(x), model(x), atol=5e-2, rtol=2e-2, msg=f"{n} rows")
     s = pcg_backend.stats()
-    # Replays call nothing on the host. n=1 is Dynamo's static graph: its 2 pieces warm up, probe
-    # and capture with the kernel (6); n=40 is above the largest bucket: 2 eager F.linear calls.
-    assert launches() == {"triton": 8 + 6, "linear": 6 + 2}
-    assert s["skinny_linears"] == 4
+    # Replays call nothing on the host. n=1 is Dynamo's static graph: its 2 pieces are routed in
+    # place and warm up, probe and capture with the kernel (6); n=40 is above the largest
+    # bucket and runs the unrouted pieces without graphs (no launch counted).
+    assert launches() == {"triton": 8 + 6, "linear": 0}
+    assert (s["skinny_linears"], s["skinny_linears_small_buckets"]) == (2, 2)
+    assert s["twin_captures"] == 4
     assert s["cuda_graph_replays"] == 2 * 5          # the first call, then 4, 16, 17, 32
     assert s["eager_runs"] == 2                       # n=40: both pieces without graphs
 

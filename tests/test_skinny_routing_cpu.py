@@ -11,7 +11,7 @@ import torch
 import pcg_backend
 from pcg_backend.ops import skinny_gemm
 from pcg_backend.options import parse_options
-from pcg_backend.skinny_routing import route_skinny_linears
+from pcg_backend.skinny_routing import route_skinny_linears, routed_twin
 
 
 class ThreeLinears(torch.nn.Module):
@@ -59,6 +59,53 @@ def test_pass_routes_only_wide_half_precision_linears_with_few_rows(rows, dynami
     assert torch.equal(got, ref)                      # on CPU the op is F.linear itself
     assert skinny_gemm.LAUNCHES["linear"] - before["linear"] == expected
     assert skinny_gemm.LAUNCHES["triton"] == before["triton"]
+
+
+def test_routed_twin_routes_symbolic_rows_in_a_copy_and_leaves_the_piece_alone():
+    torch.manual_seed(0)
+    model = ThreeLinears()
+    twins = []
+
+    inputs = []
+
+    def backend(gm, example_inputs):
+        twins.append(routed_twin(gm))
+        inputs.append(example_inputs)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.equal(compiled(x), ref)
+        (twin, routed), = twins
+        assert routed == 1                      # the wide bf16 linear only
+        gm_targets = [n.target for n in twin.graph.nodes]
+        assert gm_targets.count(torch.ops.pcg.skinny_linear.default) == 1
+        before = skinny_gemm.LAUNCHES["linear"]
+        (out,) = twin(*inputs[0])              # the graph's own inputs: the parameters, the size, x
+        assert torch.equal(out, ref)            # on CPU the op is F.linear itself
+        assert skinny_gemm.LAUNCHES["linear"] - before == 1
+        # The compiled piece itself was not rewritten: it calls no op.
+        before = skinny_gemm.LAUNCHES["linear"]
+        assert torch.equal(compiled(x), ref)
+        assert skinny_gemm.LAUNCHES["linear"] == before
+
+
+def test_routed_twin_of_a_graph_without_eligible_linears_is_none():
+    twins = []
+
+    def backend(gm, example_inputs):
+        twins.append(routed_twin(gm))
+        return gm.forward
+
+    model = torch.nn.Linear(64, 1024, dtype=torch.bfloat16)   # too few columns
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x)
+    assert twins == [(None, 0)]
 
 
 def test_op_is_f_linear_on_cpu_and_has_a_shape_only_fake():
