@@ -316,7 +316,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="use only the first N layers of the pattern")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats: with --variants eager,pcg-inductor about 5 minutes on an H100 "
                              "(4.8 in run 14); compile and reduce-overhead take far longer on the full model, "
-                             "where Inductor compiles each generate graph for minutes")
+                             "where each new size class recompiles the whole model (50-140 s each in run 16)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--prefill", default=None, help="comma-separated prefill token counts (overrides --quick)")
     parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (overrides --quick)")

@@ -30,7 +30,7 @@ class PcgOptions:
     progress: bool = True
     capture_split_ops: bool = True
     gemm_library: str = "cublaslt"
-    skinny_gemm: str = "static"
+    skinny_gemm: str = "all"
 
     @property
     def largest(self) -> int:
@@ -46,7 +46,7 @@ _DEFAULTS: dict[str, Any] = {
     "progress": True,
     "capture_split_ops": True,
     "gemm_library": "cublaslt",
-    "skinny_gemm": "static",
+    "skinny_gemm": "all",
 }
 
 

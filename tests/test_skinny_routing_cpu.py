@@ -125,9 +125,9 @@ def test_kernel_is_never_chosen_for_cpu_tensors():   # the limits on CUDA: test_
     assert not skinny_gemm.supported(torch.empty(1, 64, dtype=torch.bfloat16), w)   # CPU (and no Triton here)
 
 
-def test_option_skinny_gemm_defaults_to_static_and_rejects_other_values():
-    assert parse_options({}).skinny_gemm == "static"
-    assert parse_options({"skinny_gemm": "all"}).skinny_gemm == "all"
+def test_option_skinny_gemm_defaults_to_all_and_rejects_other_values():
+    assert parse_options({}).skinny_gemm == "all"
+    assert parse_options({"skinny_gemm": "static"}).skinny_gemm == "static"
     assert parse_options({"skinny_gemm": "off"}).skinny_gemm == "off"
     with pytest.raises(ValueError, match="skinny_gemm must be one of"):
         parse_options({"skinny_gemm": "cutlass"})
