@@ -6,7 +6,7 @@ import torch
 import pcg_backend
 from conftest import requires_cuda
 from hf_checks import PREFILL_SIZES, generate_matches, one_token_prefill_matches, prefill_logits
-from hf_models import FAMILIES, tiny_model
+from hf_models import FAMILIES, tiny_config, tiny_model
 
 pytestmark = requires_cuda
 
@@ -52,3 +52,37 @@ def test_one_token_prefill_step_kernels_fp32(family, monkeypatch):
     # prefill, in fp32 (NemotronH clamps dt at 0.001, Bamba does not).
     pytest.importorskip("mamba_ssm")
     one_token_prefill_matches(tiny_model(family, device="cuda"), monkeypatch, 1e-3, device="cuda")
+
+
+def test_skinny_linear_in_hf_nemotron_h_prefill_and_decode_matches_eager():
+    # A vocab of 4096 makes lm_head the one linear wide enough for pcg::skinny_linear
+    # (every other weight of the tiny model has at most 64 output columns).
+    pytest.importorskip("mamba_ssm")
+    import transformers as tf
+
+    config = tiny_config("nemotron_h")
+    config.vocab_size = 4096
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    # 1 is Dynamo's static one-token graph (lm_head routed in place); 3 compiles the padded graph,
+    # whose twin is captured at buckets 2, 4, 8 and 16 and replayed for 3; 17 and 64 replay the
+    # unrouted piece; 200 is above the largest bucket (64).
+    prefill_logits(model, PREFILL_SIZES, atol=0.05, device="cuda")
+    s = pcg_backend.stats()
+    assert (s["skinny_linears"], s["skinny_linears_small_buckets"], s["twin_captures"]) == (1, 1, 4), \
+        pcg_backend.report()
+    # A decode step after a prefill: a static graph of one row, lm_head routed in place.
+    compiled = torch.compile(model, backend="pcg")
+    ids = torch.randint(3, 4096, (1, 5), device="cuda")
+    step = torch.randint(3, 4096, (1, 1), device="cuda")
+    with torch.no_grad():
+        ref = model(ids, use_cache=True)
+        got = compiled(ids, use_cache=True)
+        torch.testing.assert_close(got.logits, ref.logits, atol=0.05, rtol=0)
+        for _ in range(3):
+            ref = model(step, past_key_values=ref.past_key_values, use_cache=True)
+            got = compiled(step, past_key_values=got.past_key_values, use_cache=True)
+            torch.testing.assert_close(got.logits, ref.logits, atol=0.05, rtol=0)
+    s = pcg_backend.stats()
+    print(pcg_backend.report())
+    assert s["skinny_linears"] >= 2   # and the decode graph's lm_head
