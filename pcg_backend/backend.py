@@ -123,7 +123,10 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
         twin = None
         if pool and opts.skinny_gemm != "off":
             skinny += route_skinny_linears(sub)
-            if opts.skinny_gemm == "all":
+            # A twin only where a capture can use it: a graph with a token dim (static graphs
+            # never consult it) and a bucket of at most MAX_ROWS tokens.
+            if (opts.skinny_gemm == "all" and split.token_symbol is not None
+                    and opts.capture_sizes[0] <= skinny_gemm.MAX_ROWS):
                 # Made before `sub` is compiled: Inductor's passes may rewrite `sub` in place.
                 twin, routed = routed_twin(sub)
                 skinny_small += routed

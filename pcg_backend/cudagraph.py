@@ -327,6 +327,8 @@ class CudaGraphPiece(torch.nn.Module):
         if not self._probed:
             # Once per piece, after the warm-up above did the lazy inits (Triton
             # autotuning synchronizes), which must not count as the piece's syncs.
+            # A twin differs from the piece only in its linear calls, which never
+            # synchronize, so one probe serves both.
             self._probed = True
             sync = _host_sync_in(lambda: run(*private_copies(args, self.written)))
             if sync:
