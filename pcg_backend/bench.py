@@ -7,7 +7,9 @@ Variants, run one after another in this process: `eager` (HF eager),
 `pcg-inductor`. For each: prefill latency at several token counts, decode
 time per step through greedy `generate`, first-call time (compile plus
 capture), graph memory, and the weight-read floor measured in the same run.
-Writes a table to stdout and `bench.json` plus `bench.png` to --out.
+Writes a table to stdout and `bench.json` (after every measurement) plus
+`bench.png` to --out. `--quick` runs fewer sizes and, unless --variants is
+given, only eager and pcg-inductor.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import torch
 PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
 KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
 VARIANTS = ("eager", "compile", "reduce-overhead", "pcg-eager", "pcg-inductor")
+# What --quick runs unless --variants says otherwise: on the full model, `compile` and
+# `reduce-overhead` recompile the whole model for each new size class (50-140 s each on the
+# H100 in run 16), which no 5-minute run holds.
+QUICK_VARIANTS = ("eager", "pcg-inductor")
 FIRST_CALL_TOKENS = 16  # the first call is a 16-token prefill: compile, plus capture for pcg
 
 
@@ -102,6 +108,13 @@ def timed(fn, repeats: int) -> float:
         times.append(time.perf_counter() - start)
     _CAPTURES_IN_TIMED_CALLS[0] += STATS.cuda_graphs_captured - captured
     return statistics.median(times)
+
+
+def chosen_variants(variants: str | None, quick: bool) -> list[str]:
+    """The variants to run: those named by --variants, else QUICK_VARIANTS with --quick, else all."""
+    if variants:
+        return variants.split(",")
+    return list(QUICK_VARIANTS if quick else VARIANTS)
 
 
 def install_variant(model, variant: str, skip_module_guards: bool = False, pcg_options: dict | None = None):
@@ -314,10 +327,13 @@ def _json_object(text: str) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=None, help="use only the first N layers of the pattern")
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats: with --variants eager,pcg-inductor about 5 minutes on an H100 "
-                             "(4.8 in run 14); compile and reduce-overhead take far longer on the full model, "
-                             "where each new size class recompiles the whole model (50-140 s each in run 16)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer sizes and repeats, and unless --variants is given only {','.join(QUICK_VARIANTS)}: "
+                             "about 5 minutes on an H100 (4.8 in run 14). compile and reduce-overhead take far longer "
+                             "on the full model, where each new size class recompiles the whole model (50-140 s each "
+                             "in run 16)")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of {VARIANTS} (default: all; with --quick {','.join(QUICK_VARIANTS)})")
     parser.add_argument("--prefill", default=None, help="comma-separated prefill token counts (overrides --quick)")
     parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (overrides --quick)")
     parser.add_argument("--out", default="bench_out")
@@ -330,7 +346,7 @@ def main(argv=None):
     parser.add_argument("--pcg-options", type=_json_object, default={},
                         help='extra pcg options as JSON for the pcg variants, e.g. \'{"max_capture_size": 1024}\'')
     args = parser.parse_args(argv)
-    variants = args.variants.split(",")
+    variants = chosen_variants(args.variants, args.quick)
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         parser.error(f"unknown variant(s) {bad}; choose from {VARIANTS}")
@@ -350,6 +366,7 @@ def main(argv=None):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * weight_bytes / bandwidth
+    print(f"variants: {','.join(variants)}; prefill {prefill}; decode batches {batches}", flush=True)
     print(f"pattern: {short_pattern(args.layers)}; module guards {'skipped' if args.skip_module_guards else 'kept'}; "
           f"extra pcg options {args.pcg_options}", flush=True)
     print(f"device: {device}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "

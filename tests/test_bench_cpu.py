@@ -62,3 +62,9 @@ def test_gemm_tool_times_exactly_the_benchmark_models_linear_layers():
     for k, n, count in tool.shapes().values():
         expected[(k, n)] += count
     assert found == expected
+
+
+def test_quick_runs_eager_and_pcg_inductor_unless_variants_are_named():
+    assert bench.chosen_variants(None, quick=True) == ["eager", "pcg-inductor"]
+    assert bench.chosen_variants(None, quick=False) == list(bench.VARIANTS)
+    assert bench.chosen_variants("eager,compile", quick=True) == ["eager", "compile"]
