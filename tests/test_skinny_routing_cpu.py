@@ -64,9 +64,7 @@ def test_pass_routes_only_wide_half_precision_linears_with_few_rows(rows, dynami
 def test_routed_twin_routes_symbolic_rows_in_a_copy_and_leaves_the_piece_alone():
     torch.manual_seed(0)
     model = ThreeLinears()
-    twins = []
-
-    inputs = []
+    twins, inputs = [], []
 
     def backend(gm, example_inputs):
         twins.append(routed_twin(gm))
@@ -81,8 +79,8 @@ def test_routed_twin_routes_symbolic_rows_in_a_copy_and_leaves_the_piece_alone()
         assert torch.equal(compiled(x), ref)
         (twin, routed), = twins
         assert routed == 1                      # the wide bf16 linear only
-        gm_targets = [n.target for n in twin.graph.nodes]
-        assert gm_targets.count(torch.ops.pcg.skinny_linear.default) == 1
+        targets = [n.target for n in twin.graph.nodes]
+        assert targets.count(torch.ops.pcg.skinny_linear.default) == 1
         before = skinny_gemm.LAUNCHES["linear"]
         (out,) = twin(*inputs[0])              # the graph's own inputs: the parameters, the size, x
         assert torch.equal(out, ref)            # on CPU the op is F.linear itself
