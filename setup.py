@@ -9,9 +9,17 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["pcg_backend", "pcg_backend.*"]),
+    # The ranges that are tested: torch 2.11 (CUDA) and 2.13 (CPU), transformers 5.17 (CUDA) to the newest 5.x
+    # (CPU). Install torch first, built for your machine (README, "Install"): pip would otherwise pick a build.
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "transformers>=5.0", "tqdm"],
+    install_requires=["torch>=2.11,<2.14", "transformers>=5.17,<6", "tqdm"],
     extras_require={
         "cuda": ["triton", "mamba-ssm", "causal-conv1d"],
         "test": ["pytest"],
