@@ -137,3 +137,9 @@ def input_roots(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
             if isinstance(first, torch.fx.Node) and first in roots and target_name(node) in VIEW_NAMES:
                 roots[node] = roots[first]
     return roots
+
+
+def mutated_inputs(gm: torch.fx.GraphModule) -> set[str]:
+    """Names of the graph inputs that some node writes in place (through views too)."""
+    roots = input_roots(gm)
+    return {roots[a] for node in gm.graph.nodes for a in written_args(node) if a in roots}

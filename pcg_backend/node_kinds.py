@@ -19,7 +19,7 @@ import enum
 import torch
 import torch.fx
 
-from .fx_facts import (DATA_FREE, input_roots, written_args, symbols_of, target_name, tensors_in,
+from .fx_facts import (DATA_FREE, input_roots, mutated_inputs, written_args, symbols_of, target_name, tensors_in,
                        node_value)
 from .ops.registry import is_cudagraph_safe, is_padding_safe, split_op_name
 
@@ -88,18 +88,16 @@ def _hoist_to_prologue(gm: torch.fx.GraphModule, roots: dict, mutated: set[str],
     return hoisted
 
 
-def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
-    """Return ({node: (Kind|None, reason)}, mutated placeholder names, token-mixing node names).
+def classify(gm: torch.fx.GraphModule, keyed: set, on_cuda: bool):
+    """Return ({node: (Kind|None, reason)}, mutated placeholder names).
 
-    Kind None means 'goes anywhere'. A token-mixing node outside a split op
-    (a sum over tokens, `h[:, -1]`) would see the padded rows, so its graph
-    must not be padded; the runtime turns padding off for it.
+    Kind None means 'goes anywhere'. Whether the graph may be padded at all is
+    `padding_rule`'s decision, not a node kind.
     """
     roots = input_roots(gm)
-    mutated = {roots[a] for node in gm.graph.nodes for a in written_args(node) if a in roots}
+    mutated = mutated_inputs(gm)
     hoisted = _hoist_to_prologue(gm, roots, mutated, keyed)
     kinds: dict[torch.fx.Node, tuple[Kind | None, str]] = {}
-    mixing: list[str] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
@@ -125,19 +123,7 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
             # an unkeyed size stays out of captured pieces (it would be baked in).
             kinds[node] = (Kind.HOST if _foreign_symbols(node, keyed) else None, "")
             continue
-        out_syms = symbols_of(value)
-        for arg in node.all_input_nodes:
-            arg_val = node_value(arg)
-            if (token is not None and token in symbols_of(arg_val) and token not in out_syms
-                    and isinstance(arg_val, torch.Tensor) and target_name(node) not in DATA_FREE):
-                mixing.append(node.name)
         foreign = _foreign_symbols(node, keyed)
-        meets_token = token is not None and any(token in symbols_of(node_value(a))
-                                                for a in (node, *node.all_input_nodes))
-        if meets_token and _foreign_symbols(node, keyed, sizes_only=True):
-            # The token count meets another dynamic size (HF's attention mask over the KV
-            # length): padded rows would meet unpadded ones (an index past the mask's end).
-            mixing.append(node.name)
         if foreign:
             kinds[node] = (Kind.DYNAMIC, f"shape depends on dynamic size(s) {', '.join(foreign)} that are not the token count")
         elif writes:
@@ -149,18 +135,12 @@ def classify(gm: torch.fx.GraphModule, keyed: set, token, on_cuda: bool):
                                          f"which a CUDA graph cannot capture from pageable memory")
         else:
             kinds[node] = (Kind.STATIC, "")
-    return kinds, mutated, mixing
+    return kinds, mutated
 
 
-def _foreign_symbols(node, keyed: set, sizes_only: bool = False) -> list[str]:
-    """Symbols in a node's inputs or output that captures are not keyed on (e.g. a KV length).
-
-    With `sizes_only`, only symbols of sizes count: a float read from the
-    device (`.item()`) scales values, it never decides which rows meet.
-    """
+def _foreign_symbols(node, keyed: set) -> list[str]:
+    """Symbols in a node's inputs or output that captures are not keyed on (e.g. a KV length)."""
     values = [node_value(node), *(node_value(a) for a in node.all_input_nodes)]
-    if sizes_only:
-        values = [v for v in values if not isinstance(v, torch.SymFloat)]
     syms = set().union(*(symbols_of(v) for v in values))
     return sorted(str(s) for s in syms - keyed)
 

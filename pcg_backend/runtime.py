@@ -42,8 +42,9 @@ def _value_getter(args_index: int, dim: int | None):
     return lambda args: args[args_index].shape[dim]
 
 
-def _size_fn(expr, token, symbols):
-    """A fast function (bucket, env) -> int for a dim size expression."""
+def _size_fn(expr, token, symbols, aliases=()):
+    """A fast function (bucket, env) -> int for a dim size expression (aliases of the token read as the token)."""
+    expr = expr.xreplace({a: token for a in aliases})
     if expr == token:
         return None  # the common case: the dim *is* the token dim
     fn = sympy.lambdify([token, *symbols], expr, modules="math")
@@ -85,6 +86,7 @@ class PiecewiseRunner:
         self.off_reason = off_reason
         token = split.token_symbol
         self.token = token
+        self._token_symbols = {token, *split.aliases}
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
 
         # Where each symbol's value can be read from the call's arguments.
@@ -99,7 +101,10 @@ class PiecewiseRunner:
                 for d, size in enumerate(val.shape):
                     if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
                         sources.setdefault(size.node.expr, (i, d))
-        self.other_symbols = sorted((s for s in sources if s != token), key=str)
+        self.aliases = split.aliases
+        self.other_symbols = sorted((s for s in sources if s != token and s not in self.aliases), key=str)
+        # Aliases of the token count (`token_dim.token_aliases`) must equal it on every call that pads.
+        self._alias_getters = [_value_getter(*sources[a]) for a in sorted(self.aliases, key=str) if a in sources]
         self._env_getters = [_value_getter(*sources[s]) for s in self.other_symbols]
         self._key_getters = [_value_getter(*sources[s]) for s in split.keyed_symbols if s != token and s in sources]
         self._token_getter = _value_getter(*sources[token]) if token is not None and token in sources else None
@@ -112,14 +117,14 @@ class PiecewiseRunner:
             if token is None:
                 break
             if isinstance(val, torch.SymInt):
-                if token in val.node.expr.free_symbols:
-                    self.sym_plan.append((i, _size_fn(val.node.expr, token, self.other_symbols)))
+                if val.node.expr.free_symbols & self._token_symbols:
+                    self.sym_plan.append((i, _size_fn(val.node.expr, token, self.other_symbols, self.aliases)))
             elif isinstance(val, torch.Tensor):
                 dims = self._token_dims(val)
                 if dims:
                     self.pad_plan.append(_DimPlan(i, dims))
         self.unpaddable = split.exact_reason
-        # Padding-safe split ops inside pieces read the real count from this buffer.
+        # Padding-safe split ops inside pieces, and row rewrites, read the real count from this buffer.
         self.count = None
         if split.needs_device_count:
             # The device of the graph's GPU inputs: a leading 0-dim CPU scalar input must not pick it.
@@ -159,6 +164,11 @@ class PiecewiseRunner:
                 return context.ForwardContext(None, None, None, self.off_reason), None
             return context.ForwardContext(None, None, ("static", *key)), None
         n = self._token_getter(args)
+        # Filled once per forward; row rewrites read it on every call, fused split ops only when passed it.
+        published = self._publish_count(n)
+        if any(g(args) != n for g in self._alias_getters):
+            return context.ForwardContext(n, n, None, f"{self.name}: a size that equalled the token count when "
+                                                      f"traced (e.g. an attention mask's length) differs from it"), None
         bucket = self.ladder.bucket(n)
         if bucket is None:
             # Nothing is padded or captured: split ops slice on the host, which skips
@@ -166,9 +176,9 @@ class PiecewiseRunner:
             # tokens on the 9B model). Without CUDA graphs at all (CPU) the device
             # count is still published, so that the path the graphs use is the one tested.
             reason = f"token count above the largest bucket {self.ladder.largest}"
-            count = self._publish_count(n) if not self.cuda_graphs else None
+            count = published if not self.cuda_graphs else None
             return context.ForwardContext(n, n, None, reason, device_count=count), None
-        count = self._publish_count(n)
+        count = published
         if self.unpaddable and bucket != n:
             return context.ForwardContext(n, n, None, f"{self.name}: token count is not a bucket size and the graph cannot be padded"), None
         if not self.cuda_graphs:
@@ -222,9 +232,9 @@ class PiecewiseRunner:
     def _token_dims(self, value: torch.Tensor) -> dict:
         """dim -> size function (None: the token count itself) for every dim that grows with tokens."""
         return {
-            d: _size_fn(size.node.expr, self.token, self.other_symbols)
+            d: _size_fn(size.node.expr, self.token, self.other_symbols, self.aliases)
             for d, size in enumerate(value.shape)
-            if isinstance(size, torch.SymInt) and self.token in size.node.expr.free_symbols
+            if isinstance(size, torch.SymInt) and size.node.expr.free_symbols & self._token_symbols
         }
 
     def _weights_address(self, args) -> int | None:

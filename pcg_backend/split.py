@@ -15,10 +15,11 @@ import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
 
-from .fx_facts import symbols_of, tensors_in, node_value
+from . import padding_rule, row_rewrites
+from .fx_facts import mutated_inputs, node_value, symbols_of, tensors_in
 from .node_kinds import Kind, _fuse_safe_split_ops, classify
 from .schedule import drop_unused_size_arithmetic, hoist_uncapturable_inputs, pull_allocations_up
-from .token_dim import exact_size_reason, find_token_symbol
+from .token_dim import find_token_symbol, token_aliases, written_input_reason
 
 
 @dataclasses.dataclass
@@ -43,6 +44,8 @@ class SplitResult:
     on_cuda: bool
     exact_reason: str | None   # why only exact bucket sizes may use CUDA graphs, if so
     fused_split_ops: int       # safe split ops captured inside pieces
+    aliases: set = dataclasses.field(default_factory=set)   # symbols padded as the token count (`token_aliases`)
+    row_rewrites: int = 0      # nodes rewritten to read the real count on the device (`row_rewrites.py`)
 
     @property
     def paddable(self) -> bool:
@@ -51,8 +54,8 @@ class SplitResult:
 
     @property
     def needs_device_count(self) -> bool:
-        """Padding-safe split ops run inside this padded graph's pieces and read the count on the device."""
-        return self.paddable and self.fused_split_ops > 0
+        """Nodes of this padded graph read the real count on the device: fused split ops, or row rewrites."""
+        return self.paddable and (self.fused_split_ops > 0 or self.row_rewrites > 0)
 
 
 def _refuse_unkeyed_inputs(piece: PieceInfo, sub: torch.fx.GraphModule, keyed: set) -> None:
@@ -79,13 +82,27 @@ def graph_device_is_cuda(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
+def _graph_device(gm: torch.fx.GraphModule) -> torch.device:
+    devices = [t.device for n in gm.graph.nodes if n.op == "placeholder" for t in tensors_in(node_value(n))]
+    return next((d for d in devices if d.type == "cuda"), devices[0] if devices else torch.device("cpu"))
+
+
 def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> SplitResult:
     """Cut `gm` at split ops and at changes of node kind, keeping the original order."""
     on_cuda = graph_device_is_cuda(gm)
     token, keyed = find_token_symbol(gm)
-    kinds, mutated, mixing = classify(gm, keyed, token, on_cuda)
+    aliases = token_aliases(gm, token, keyed)
+    exact_reason = written_input_reason(gm, token, mutated_inputs(gm))
+    rewrites = 0
+    if token is not None and not exact_reason:
+        plan = padding_rule.analyse(gm, token, aliases, keyed)
+        exact_reason = plan.reason
+        if not exact_reason:
+            rewrites = row_rewrites.apply(gm, plan, token, _graph_device(gm))
+    # Aliases are padded with the token count, so their sizes never key a capture.
+    keyed = keyed | aliases
+    kinds, mutated = classify(gm, keyed, on_cuda)
     split_nodes = sum(1 for k, _ in kinds.values() if k is Kind.SPLIT)
-    exact_reason = exact_size_reason(gm, token, mutated, mixing)
     fused = 0
     if capture_split_ops:
         fused = _fuse_safe_split_ops(kinds, keyed, padded=token is not None and not exact_reason)
@@ -126,4 +143,5 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     for piece in pieces:
         if piece.kind is Kind.STATIC:
             _refuse_unkeyed_inputs(piece, getattr(split, piece.name), keyed)
-    return SplitResult(split, pieces, token, sorted(keyed, key=str), split_nodes, on_cuda, exact_reason, fused)
+    return SplitResult(split, pieces, token, sorted(keyed - aliases, key=str), split_nodes, on_cuda, exact_reason,
+                       fused, aliases, rewrites)

@@ -81,16 +81,37 @@ def find_token_symbol(gm: torch.fx.GraphModule):
     return token, all_syms
 
 
-def exact_size_reason(gm: torch.fx.GraphModule, token, mutated: set[str], mixing: list[str]) -> str | None:
-    """Why this graph must run at exact bucket sizes (never padded), or None if it can be padded."""
+def token_aliases(gm: torch.fx.GraphModule, token, keyed: set) -> set:
+    """Other symbols of graph inputs that equal the token count when traced: padded along with it.
+
+    Dynamo may give one length two symbols (HF's 2-D attention mask gets its own
+    beside the input ids'). Left apart, the mask's symbol would keep every node
+    that meets it eager. pcg treats such a symbol as the token count, and the
+    runtime checks on every call that it still is; a call where it is not runs
+    at its exact size, with that reason counted.
+    """
+    if token is None:
+        return set()
+    hints: dict = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node_value(node)
+        sizes = list(val.shape) if isinstance(val, torch.Tensor) else [val] if isinstance(val, torch.SymInt) else []
+        for size in sizes:
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol) and size.node.has_hint():
+                hints[size.node.expr] = size.node.hint
+    if token not in hints:
+        return set()
+    return {sym for sym, hint in hints.items() if sym != token and sym not in keyed and hint == hints[token]}
+
+
+def written_input_reason(gm: torch.fx.GraphModule, token, mutated: set[str]) -> str | None:
+    """Why a graph that writes an input along the token dim in place cannot be padded (None if it does not)."""
     if token is None:
         return None
     for node in gm.graph.nodes:
         if node.op == "placeholder" and node.name in mutated and token in symbols_of(node_value(node)):
             return (f"graph input {node.name} is written in place and has the token dim, so it "
-                    f"cannot be replaced by a padded copy; only exact bucket sizes use CUDA graphs")
-    if mixing:
-        return (f"node(s) {', '.join(mixing[:3])} mix tokens outside a split op (a reduction or index over the "
-                f"token dim, or the token count meeting another dynamic size such as a mask's KV length) and "
-                f"would see padded rows; only exact bucket sizes use CUDA graphs")
+                    f"cannot be replaced by a padded copy")
     return None
