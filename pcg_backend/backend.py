@@ -145,6 +145,13 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     elif split.fused_split_ops:
         notes.append(f"{split.fused_split_ops} cudagraph-safe split op(s) captured inside pieces: the graph "
                      f"always runs at its exact size ({split.exact_reason or 'no token dim'})")
+    if split.row_rewrites:
+        notes.append(f"{split.row_picks} row pick(s) from the end and {split.count_values} use(s) of the token count "
+                     f"as a value read the real count on the device, so the graph stays padded")
+    if split.row_wise_modules:
+        names = sorted({m.rsplit(" ", 1)[-1] for m in split.row_wise_modules})
+        notes.append(f"{len(split.row_wise_modules)} module(s) of class {', '.join(names)} read across tokens inside but "
+                     f"route each token alone (registered row-wise), so padded tokens cannot change real ones")
     if skinny:
         notes.append(f"{skinny} linear layer(s) in captured pieces call pcg::skinny_linear, a Triton kernel for "
                      f"at most {skinny_gemm.MAX_ROWS} rows (option skinny_gemm={opts.skinny_gemm!r})")

@@ -25,6 +25,15 @@ output, a split op or an in-place write gives the reason.
 
 An op this module does not know is treated as "anything else" when it touches
 a token dim: an unknown op never makes a graph padded.
+
+Some modules map each token's row to its own output row however they compute
+it inside. An MoE block sorts the tokens by expert, counts them and runs
+grouped GEMMs, all across the token dim, yet with per-token top-k routing and
+no capacity limit a padded token can never change a real token's experts or
+result. Nodes inside a module whose class is registered as row-wise
+(`register_row_wise_module`; HF's Granite and NemotronH MoE blocks by
+default) are not tainted by what they do inside; taint that enters the module
+still flows through it.
 """
 
 from __future__ import annotations
@@ -69,10 +78,34 @@ class PaddingPlan:
     reason: str | None
     picks: list[Pick]
     counts: list[CountUse]
+    row_wise_modules: list[str] = dataclasses.field(default_factory=list)   # trusted as row-wise (see above)
 
     @property
     def rewrites(self) -> int:
         return len(self.picks) + len(self.counts)
+
+
+# Classes (by name) whose forward maps each token row to its own output row: MoE blocks with
+# per-token top-k routing and no capacity limit.
+ROW_WISE_MODULES: set[str] = {"GraniteMoeHybridMoE", "NemotronHMoE"}
+
+
+def register_row_wise_module(cls) -> None:
+    """Declare that `cls.forward` computes each output row from its own input row alone.
+
+    Only true declarations keep padding sound: an MoE with a capacity limit
+    (tokens dropped when an expert is full) is not row-wise, since padded
+    tokens could take a real token's place.
+    """
+    ROW_WISE_MODULES.add(cls.__name__ if isinstance(cls, type) else str(cls))
+
+
+def _row_wise_module(node) -> str | None:
+    """The path of the innermost registered row-wise module a node was traced in, if any."""
+    for path, cls in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+        if getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].strip("'>")) in ROW_WISE_MODULES:
+            return f"{path} ({getattr(cls, '__name__', cls)})"
+    return None
 
 
 _OPERATOR_POINTWISE = {
@@ -156,6 +189,7 @@ class _Analysis:
         self.picks: list[Pick] = []
         self.counts: list[CountUse] = []
         self.reason: str | None = None
+        self.row_wise: dict[str, None] = {}   # registered row-wise modules whose inside read across tokens
 
     # --- sizes -------------------------------------------------------------------------------------------------
     def expr(self, size) -> sympy.Expr:
@@ -207,10 +241,16 @@ class _Analysis:
                 try:
                     self.visit(node, name)
                 except _Tainted as e:
-                    self.taint[node] = str(e)
+                    module = _row_wise_module(node)
+                    if module is None:
+                        self.taint[node] = str(e)
+                    else:
+                        self.row_wise[module] = None
             if node in self.taint and (split_op_name(node.target) or written_args(node)):
                 self.sink(node, self.taint[node], "a split op" if split_op_name(node.target) else "an in-place write")
-        return PaddingPlan(self.reason, self.picks if not self.reason else [], self.counts if not self.reason else [])
+        if self.reason:
+            return PaddingPlan(self.reason, [], [])
+        return PaddingPlan(None, self.picks, self.counts, list(self.row_wise))
 
     def sink(self, node, reason: str, where: str) -> None:
         if self.reason is None:

@@ -45,7 +45,13 @@ class SplitResult:
     exact_reason: str | None   # why only exact bucket sizes may use CUDA graphs, if so
     fused_split_ops: int       # safe split ops captured inside pieces
     aliases: set = dataclasses.field(default_factory=set)   # symbols padded as the token count (`token_aliases`)
-    row_rewrites: int = 0      # nodes rewritten to read the real count on the device (`row_rewrites.py`)
+    row_picks: int = 0         # rows picked from the end, rewritten as gathers at the real count (`row_rewrites.py`)
+    count_values: int = 0      # uses of the token count as a value, rewritten to read the device count
+    row_wise_modules: list = dataclasses.field(default_factory=list)   # trusted as row-wise (`padding_rule`)
+
+    @property
+    def row_rewrites(self) -> int:
+        return self.row_picks + self.count_values
 
     @property
     def paddable(self) -> bool:
@@ -93,12 +99,14 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     token, keyed = find_token_symbol(gm)
     aliases = token_aliases(gm, token, keyed)
     exact_reason = written_input_reason(gm, token, mutated_inputs(gm))
-    rewrites = 0
+    picks = counts = 0
+    row_wise: list = []
     if token is not None and not exact_reason:
         plan = padding_rule.analyse(gm, token, aliases, keyed)
         exact_reason = plan.reason
         if not exact_reason:
-            rewrites = row_rewrites.apply(gm, plan, token, _graph_device(gm))
+            row_rewrites.apply(gm, plan, token, _graph_device(gm))
+            picks, counts, row_wise = len(plan.picks), len(plan.counts), plan.row_wise_modules
     # Aliases are padded with the token count, so their sizes never key a capture.
     keyed = keyed | aliases
     kinds, mutated = classify(gm, keyed, on_cuda)
@@ -144,4 +152,4 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
         if piece.kind is Kind.STATIC:
             _refuse_unkeyed_inputs(piece, getattr(split, piece.name), keyed)
     return SplitResult(split, pieces, token, sorted(keyed - aliases, key=str), split_nodes, on_cuda, exact_reason,
-                       fused, aliases, rewrites)
+                       fused, aliases, picks, counts, row_wise)

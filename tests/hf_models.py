@@ -15,10 +15,16 @@ def tiny_config(family: str):
 
     common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False)
-    if family == "nemotron_h":
-        return tf.NemotronHConfig(**common, layers_block_type=["mamba", "attention", "mamba", "mlp"], head_dim=8,
-                                  mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=16, conv_kernel=4,
-                                  chunk_size=16, mlp_hidden_act="relu2", num_hidden_layers=4)
+    if family in ("nemotron_h", "nemotron_h_moe"):
+        nemotron = dict(head_dim=8, mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=16, conv_kernel=4,
+                        chunk_size=16, mlp_hidden_act="relu2", num_hidden_layers=4)
+        if family == "nemotron_h":
+            return tf.NemotronHConfig(**common, **nemotron, layers_block_type=["mamba", "attention", "mamba", "mlp"])
+        # MoE layers: 4 routed experts (2 per token) and a shared one, as in Nemotron 3.
+        return tf.NemotronHConfig(**common, **nemotron, layers_block_type=["mamba", "moe", "attention", "moe"],
+                                  n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
+                                  moe_shared_expert_intermediate_size=32, num_experts_per_tok=2, n_group=1,
+                                  topk_group=1)
     if family == "bamba":
         return tf.BambaConfig(**common, num_hidden_layers=3, attn_layer_indices=[1], mamba_expand=2, **_MAMBA)
     if family == "falcon_h1":
