@@ -1,11 +1,13 @@
 """pcg: piecewise CUDA graphs for hybrid Mamba+attention models, as a torch.compile backend.
 
-    import torch
-    model = torch.compile(model, backend="pcg")
+    import pcg_backend
+    model = pcg_backend.compile(model, max_capture_size=256)
+    # or: torch.compile(model, backend="pcg", options={"max_capture_size": 256})
 
-Importing this package registers the "pcg" backend; after `pip install .`
-the `torch_dynamo_backends` entry point registers it without an import.
-Reading order: backend -> split (token_dim, node_kinds, schedule, fx_facts) -> runtime
+Importing this package registers the "pcg" backend and nothing else: it
+imports no transformers and patches nothing (HF routing: `pcg_backend.hf`).
+After `pip install .` the `torch_dynamo_backends` entry point registers the
+backend without an import. Reading order: backend -> split (token_dim, node_kinds, schedule, fx_facts) -> runtime
 -> cudagraph (captured pieces) and
 eager_pieces (split ops and pieces that cannot be captured), with options,
 buckets, context and stats beside them; split ops live in `ops/`, HF routing
@@ -14,17 +16,48 @@ in `hf/`, the benchmark in `bench.py`.
 
 from __future__ import annotations
 
-from . import context
+import sys
+
+import torch
+
+from . import context, hf
 from .backend import pcg_backend
 from .eager_pieces import UndeclaredWriteError
 from .ops.registry import is_split_op, register_split_op, unregister_split_op
+from .options import BackendOptionError, PcgOptionError, parse_options
 from .stats import STATS
 
 __all__ = [
-    "context", "pcg_backend", "register_split_op", "unregister_split_op", "is_split_op", "UndeclaredWriteError",
-    "stats", "reset_stats", "report",
+    "compile", "context", "hf", "pcg_backend", "register_split_op", "unregister_split_op", "is_split_op",
+    "PcgOptionError", "BackendOptionError", "UndeclaredWriteError", "stats", "reset_stats", "report",
 ]
 __version__ = "0.1.0"
+
+
+def compile(model, *, dynamic: bool | None = None, fullgraph: bool = False, **options):
+    """`torch.compile(model, backend="pcg", options=options)`, with the options checked here and HF routing on.
+
+        model = pcg_backend.compile(model, max_capture_size=256, compiler="inductor")
+
+    `options` are the backend's options as keywords (see the README's table).
+    A bad one raises `PcgOptionError`, a `ValueError` naming the valid
+    choices, from this call, before anything is traced. When `model` is an
+    HF model (an `nn.Module` with transformers layers, or a method of one such
+    as `model.forward`), HF routing is enabled first (`pcg_backend.hf.enable()`),
+    so that Dynamo's first trace already goes through it.
+    """
+    parse_options(options)
+    if _is_hf_model(model):
+        hf.enable()
+    return torch.compile(model, backend="pcg", options=options or None, dynamic=dynamic, fullgraph=fullgraph)
+
+
+def _is_hf_model(model) -> bool:
+    if "transformers" not in sys.modules:
+        return False  # it cannot hold transformers layers
+    owner = getattr(model, "__self__", model)   # a bound method such as model.forward
+    return isinstance(owner, torch.nn.Module) and any(
+        type(m).__module__.startswith("transformers.") for m in owner.modules())
 
 
 def stats() -> dict:
@@ -52,17 +85,3 @@ def _register() -> None:
 
 
 _register()
-
-
-def _install_hf() -> None:
-    # transformers is optional: wrap HF families only if it can be imported.
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return
-    from .hf import install
-
-    install()
-
-
-_install_hf()

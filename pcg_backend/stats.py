@@ -1,8 +1,16 @@
-"""Counters for everything pcg does, and the human-readable report.
+"""Counters for everything pcg does, and the report a user reads.
 
 One `Stats` object per process. Tests assert against its counters exactly, so
 every path that runs a graph, a piece or a size *without* a CUDA graph must go
 through `Stats.eager` with a reason a user can read.
+
+`report()` puts a summary first: the graphs, whether CUDA graphs ran, each
+reason for running without one (once, with its count), the graphs whose
+padding is limited and why, and the HF routing. Details follow: each graph
+and its notes, the up-front captures, the routing of each HF layer (once
+per layer, by module path), and the raw counters of `stats()`. Where no
+CUDA graph could run at all (CPU, or `cuda_graphs=False`), it says so once
+and leaves out the GPU-only counters, which would all be 0.
 """
 
 from __future__ import annotations
@@ -12,6 +20,14 @@ import dataclasses
 import logging
 
 log = logging.getLogger("pcg_backend")
+
+# Reasons that mean a graph has no CUDA graphs at all (backend._cuda_graphs_off_reason).
+CUDA_GRAPHS_OFF = ("CUDA graphs off", "CUDA graphs disabled")
+# Counters that only a graph with CUDA graphs can move.
+GPU_ONLY = ("skinny_linears", "skinny_linears_small_buckets", "twin_captures", "cuda_graphs_captured",
+            "cuda_graph_replays", "new_address_captures", "capture_seconds", "graph_memory_bytes")
+# How the backend words a graph that cannot be padded (`GraphRecord.padding`).
+_EXACT_ONLY = "exact bucket sizes only: "
 
 
 @dataclasses.dataclass
@@ -51,7 +67,8 @@ class Stats:
         self.eager_runs = 0
         self.eager_reasons: collections.Counter[str] = collections.Counter()
         self.graphs: list[GraphRecord] = []
-        self.routing: list[str] = []
+        self.routing: list[str] = []          # "path (Class): decision", one line per layer and decision
+        self.routing_decisions: collections.Counter[tuple[str, bool]] = collections.Counter()
         self.capture_summaries: list[str] = []
         self._logged: set[str] = set()
 
@@ -66,6 +83,13 @@ class Stats:
         if message not in self._logged:
             self._logged.add(message)
             log.info("pcg: %s", message)
+
+    def route(self, layer: str, module_class: str, decision: str, routed: bool) -> None:
+        """Record how an HF layer was routed; a layer traced again (another graph) is not listed twice."""
+        line = f"{layer} ({module_class}): {decision}"
+        if line not in self.routing:
+            self.routing.append(line)
+            self.routing_decisions[(decision, routed)] += 1
 
     def as_dict(self) -> dict:
         return {
@@ -89,39 +113,85 @@ class Stats:
             "capture_summaries": list(self.capture_summaries),
         }
 
+    # ------------------------------------------------------------------ report
+
     def report(self) -> str:
         d = self.as_dict()
+        off = {r: c for r, c in self.eager_reasons.items() if r.startswith(CUDA_GRAPHS_OFF)}
+        no_cuda_graphs = bool(off) and not any(d[k] for k in GPU_ONLY)
+        limits = self._padding_limits()
         lines = ["pcg report", "=========="]
-        width = max(len(k) for k in d)
-        for key, value in d.items():
-            if key in ("eager_reasons", "routing", "capture_summaries"):
-                continue
-            lines.append(f"{key:<{width}}  {value}")
-        lines.append("")
-        lines.append("graphs:")
-        if not self.graphs:
-            lines.append("  (none compiled)")
-        for g in self.graphs:
-            lines.append(
-                f"  {g.name}: {g.pieces} pieces, {g.capturable_pieces} capturable, "
-                f"{g.split_op_nodes} split ops, token symbol {g.token_symbol}, padding {g.padding}"
-            )
-            lines.extend(f"    - {n}" for n in g.notes)
+        lines += self._summary(d, off if no_cuda_graphs else {}, limits)
+        lines += ["", "Graphs"]
+        lines += self._graph_details(limits) or ["  (none compiled)"]
         if self.capture_summaries:
-            lines.append("")
-            lines.append("up-front captures:")
-            lines.extend(f"  {c}" for c in self.capture_summaries)
-        lines.append("")
-        lines.append("runs without CUDA graphs (reason: count):")
-        if not self.eager_reasons:
-            lines.append("  (none)")
-        for reason, count in self.eager_reasons.most_common():
-            lines.append(f"  {count:>8}  {reason}")
+            lines += ["", "Up-front captures"]
+            lines += [f"  {c}" for c in self.capture_summaries]
         if self.routing:
-            lines.append("")
-            lines.append("HF layer routing:")
-            lines.extend(f"  {r}" for r in self.routing)
+            lines += ["", "HF layer routing (one line per layer)"]
+            lines += [f"  {r}" for r in self.routing]
+        lines += ["", "Counters (pcg_backend.stats())"]
+        shown = {k: v for k, v in d.items() if k not in ("eager_reasons", "routing", "capture_summaries")
+                 and not (no_cuda_graphs and k in GPU_ONLY)}
+        width = max(len(k) for k in shown)
+        lines += [f"  {k:<{width}}  {v}" for k, v in shown.items()]
+        if no_cuda_graphs:
+            lines.append("  (without CUDA graphs, the GPU-only counters are all 0: " + ", ".join(GPU_ONLY) + ")")
         return "\n".join(lines)
+
+    def _summary(self, d: dict, off: dict[str, int], limits: dict[str, list[str]]) -> list[str]:
+        lines = ["Summary",
+                 f"  {d['graphs_compiled']} graph(s) compiled: {d['pieces']} pieces, {d['capturable_pieces']} "
+                 f"capturable, {d['split_op_nodes']} split-op nodes ({d['split_ops_in_graphs']} of them inside "
+                 f"captured pieces), {d['padded_calls']} call(s) padded to a bucket"]
+        if off:
+            lines += [f"  {reason} ({count} runs). Every piece ran eagerly: the same results, no speed-up"
+                      for reason, count in off.items()]
+        else:
+            lines.append(f"  CUDA graphs: {d['cuda_graphs_captured']} captured ({d['capture_seconds']} s, "
+                         f"{d['graph_memory_bytes'] / 2**20:.0f} MiB of graph memory), "
+                         f"{d['cuda_graph_replays']} replays")
+        rest = [(r, c) for r, c in self.eager_reasons.most_common() if r not in off]
+        if rest:
+            lines.append(f"  Runs without a CUDA graph{' for another reason' if off else ''}, by reason (runs  reason):")
+            lines += [f"    {count:>8}  {reason}" for reason, count in rest]
+        elif not off:
+            lines.append("  Runs without a CUDA graph: none")
+        if limits:
+            lines.append("  Graphs that only use CUDA graphs at exact bucket sizes (graphs  reason):")
+            lines += [f"    {len(graphs):>8}  [{i}] {reason} ({', '.join(graphs)})"
+                      for i, (reason, graphs) in enumerate(limits.items(), 1)]
+        if self.routing_decisions:
+            routed = [(dec, n) for (dec, ok), n in self.routing_decisions.items() if ok]
+            not_routed = sum(n for (_, ok), n in self.routing_decisions.items() if not ok)
+            lines.append(f"  HF layers: {sum(n for _, n in routed)} routed through split ops"
+                         + (f" ({', '.join(f'{n} {dec}' for dec, n in routed)})" if routed else "")
+                         + f", {not_routed} not routed" + (" (see HF layer routing)" if not_routed else ""))
+        return lines
+
+    def _padding_limits(self) -> dict[str, list[str]]:
+        """Each reason a graph cannot be padded, once, with the graphs it applies to."""
+        limits: dict[str, list[str]] = {}
+        for g in self.graphs:
+            if g.padding.startswith(_EXACT_ONLY):
+                limits.setdefault(g.padding[len(_EXACT_ONLY):], []).append(g.name)
+        return limits
+
+    def _graph_details(self, limits: dict[str, list[str]]) -> list[str]:
+        # A long reason from the summary appears here as its [n], not again in full.
+        refs = {reason: f"[{i}]" for i, reason in enumerate(limits, 1)}
+
+        def short(text: str) -> str:
+            for reason, ref in refs.items():
+                text = text.replace(reason, ref)
+            return text
+
+        lines = []
+        for g in self.graphs:
+            lines.append(f"  {g.name}: {g.pieces} pieces, {g.capturable_pieces} capturable, "
+                         f"{g.split_op_nodes} split ops, token symbol {g.token_symbol}, padding {short(g.padding)}")
+            lines += [f"    - {short(n)}" for n in g.notes if n not in refs]
+        return lines
 
 
 STATS = Stats()

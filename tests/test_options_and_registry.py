@@ -5,9 +5,12 @@ import importlib.metadata
 import pytest
 import torch
 
+from torch._dynamo.exc import BackendCompilerFailed
+
 import pcg_backend
 from pcg_backend.buckets import MAX_PAD_WASTE, Ladder, default_ladder, pad_dims, slice_dims
-from pcg_backend.options import parse_options
+from pcg_backend.options import BackendOptionError, PcgOptionError, parse_backend_options, parse_options
+from toy_models import ToyModel
 
 
 def test_default_options():
@@ -18,26 +21,66 @@ def test_default_options():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"capture_size": [1]}, "unknown pcg option"),
-    ({"capture_sizes": [4, 2]}, "sorted"),
+    ({"capture_size": [1]}, r"unknown pcg option\(s\) \['capture_size'\]; valid options are \['capture"),
+    ({"capture_sizes": [4, 2]}, r"sorted ascending without repeats, got \[4, 2\]; pass \[2, 4\]"),
     ({"capture_sizes": [0, 2]}, "positive"),
     ({"capture_sizes": [-1]}, "positive"),
     ({"capture_sizes": []}, "non-empty"),
     ({"capture_sizes": "some"}, "auto"),
-    ({"compiler": "tvm"}, "eager"),
+    ({"compiler": "tvm"}, r"compiler must be one of \('eager', 'inductor'\), got 'tvm'"),
     ({"cuda_graphs": "yes"}, "True or False"),
     ({"max_capture_size": 0}, "positive int"),
     ({"gemm_library": "cublas"}, "cublaslt"),
+    ({"capture": "later"}, r"\('upfront', 'lazy'\)"),
+    ({"skinny_gemm": "some"}, r"\('static', 'all', 'off'\)"),
 ])
-def test_bad_options_raise(bad, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_options_raise_a_value_error_naming_the_choices(bad, match):
+    with pytest.raises(PcgOptionError, match=match) as e:
         parse_options(bad)
+    assert isinstance(e.value, ValueError)
 
 
-def test_bad_option_raises_at_compile_time():
+def test_compile_checks_options_before_tracing():
+    with pytest.raises(ValueError, match=r"unknown pcg option\(s\) \['max_capture_sizes'\]; valid options are"):
+        pcg_backend.compile(ToyModel(1), max_capture_size=16, max_capture_sizes=8)
+    with pytest.raises(PcgOptionError, match="compiler must be one of"):
+        pcg_backend.compile(ToyModel(1), compiler="tvm")
+    assert pcg_backend.stats()["graphs_compiled"] == 0   # nothing was traced
+
+
+def test_compile_passes_options_to_the_backend():
+    torch.manual_seed(0)
+    model = ToyModel(2)
+    compiled = pcg_backend.compile(model, capture_sizes=[1, 2, 4, 8], dynamic=True)
+    for n in (3, 8, 9):
+        x = torch.randn(n, 16)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
+    s = pcg_backend.stats()
+    assert (s["graphs_compiled"], s["pieces"], s["padded_calls"]) == (1, 5, 1)   # 3 padded to 4; 9 is above 8
+    assert s["eager_reasons"]["token count above the largest bucket 8"] == 3     # the 3 token-wise pieces
+
+
+def test_bad_option_through_torch_compile_fails_at_the_first_call():
+    # Dynamo calls the backend only then; the error names the choices either way.
     f = torch.compile(lambda x: x + 1, backend="pcg", options={"nope": 1})
-    with pytest.raises(Exception, match="unknown pcg option"):
+    with pytest.raises(BackendCompilerFailed, match=r"unknown pcg option\(s\) \['nope'\]; valid options") as e:
         f(torch.ones(3))
+    assert isinstance(e.value.inner_exception, PcgOptionError)
+
+
+def test_backend_option_error_reaches_the_caller_as_a_value_error():
+    # Dynamo wraps a backend's ValueError in BackendCompilerFailed, but passes on
+    # BackendOptionError as it is: a ValueError the caller can catch.
+    def backend(gm, example_inputs, options=None):
+        parse_backend_options(options, None, backend)
+        return gm.forward
+
+    f = torch.compile(lambda x: x * 2, backend=backend, options={"compiler": "tvm"})
+    with pytest.raises(ValueError, match=r"compiler must be one of \('eager', 'inductor'\), got 'tvm'") as e:
+        f(torch.ones(3))
+    assert type(e.value) is BackendOptionError
+    assert isinstance(e.value, BackendCompilerFailed) and isinstance(e.value.inner_exception, PcgOptionError)
+    torch.testing.assert_close(torch.compile(lambda x: x * 2, backend=backend)(torch.ones(3)), torch.full((3,), 2.0))
 
 
 def test_mode_keyword_is_accepted():
@@ -79,12 +122,46 @@ def test_register_split_op_forms():
     def double(x: torch.Tensor) -> torch.Tensor:
         return x * 2
 
-    for form in (double, torch.ops.pcg_test.double, torch.ops.pcg_test.double.default, "pcg_test::double"):
+    forms = (double, torch.ops.pcg_test.double, torch.ops.pcg_test.double.default, "pcg_test::double",
+             "pcg_test::double.default")
+    for form in forms:
         pcg_backend.unregister_split_op("pcg_test::double")
-        assert not pcg_backend.is_split_op(torch.ops.pcg_test.double.default)
+        assert [pcg_backend.is_split_op(f) for f in forms] == [False] * len(forms)
         assert pcg_backend.register_split_op(form) is form
-        assert pcg_backend.is_split_op(torch.ops.pcg_test.double.default)
+        assert [pcg_backend.is_split_op(f) for f in forms] == [True] * len(forms)   # every form, every form
     pcg_backend.unregister_split_op(double)
+    assert not pcg_backend.is_split_op(double)
+
+
+@pytest.mark.parametrize("not_an_op", [lambda x: x, 3, "nonamespace", "pcg_test::does_not_exist", None])
+def test_is_split_op_is_false_for_anything_else(not_an_op):
+    assert pcg_backend.is_split_op(not_an_op) is False
+
+
+def test_registering_again_with_other_flags_is_an_error():
+    from pcg_backend.ops.registry import is_cudagraph_safe, is_padding_safe
+
+    @torch.library.custom_op("pcg_test::tripled", mutates_args=())
+    def tripled(x: torch.Tensor) -> torch.Tensor:
+        return x * 3
+
+    name = "pcg_test::tripled"
+    try:
+        pcg_backend.register_split_op(tripled, cudagraph_safe=True)
+        assert pcg_backend.register_split_op("pcg_test::tripled", cudagraph_safe=True) == "pcg_test::tripled"
+        with pytest.raises(ValueError, match=r"pcg_test::tripled is already registered with cudagraph_safe=True, "
+                                             r"padding_safe=False; registering it again with cudagraph_safe=True, "
+                                             r"padding_safe=True would change its promises: call "
+                                             r"unregister_split_op\('pcg_test::tripled'\) first"):
+            pcg_backend.register_split_op(tripled, padding_safe=True)
+        with pytest.raises(ValueError, match="cudagraph_safe=False, padding_safe=False would change"):
+            pcg_backend.register_split_op(torch.ops.pcg_test.tripled.default)
+        assert is_cudagraph_safe(name) and not is_padding_safe(name)   # the failed calls changed nothing
+        pcg_backend.unregister_split_op(tripled)
+        pcg_backend.register_split_op(tripled, padding_safe=True)     # after unregistering, any flags
+        assert is_padding_safe(name) and is_cudagraph_safe(name)
+    finally:
+        pcg_backend.unregister_split_op(tripled)
 
 
 @pytest.mark.parametrize("bad", [lambda x: x, 3, "nonamespace", "pcg_test::does_not_exist"])
@@ -118,10 +195,9 @@ def test_padding_safe_implies_cudagraph_safe_and_unregisters_cleanly():
     name = "pcg_test::scaled"
     pcg_backend.register_split_op(scaled, padding_safe=True)
     assert is_padding_safe(name) and is_cudagraph_safe(name)
-    pcg_backend.register_split_op(scaled, cudagraph_safe=True)   # re-registering narrows the promise
-    assert not is_padding_safe(name) and is_cudagraph_safe(name)
-    pcg_backend.register_split_op(scaled)
-    assert not is_padding_safe(name) and not is_cudagraph_safe(name)
+    pcg_backend.register_split_op(scaled, cudagraph_safe=True, padding_safe=True)   # the same promise: a no-op
+    assert is_padding_safe(name) and is_cudagraph_safe(name)
+    pcg_backend.unregister_split_op(scaled)
     pcg_backend.register_split_op(padding_safe=True)(scaled)       # decorator form
     assert is_padding_safe(name)
     pcg_backend.unregister_split_op(scaled)

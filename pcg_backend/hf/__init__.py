@@ -1,13 +1,18 @@
-"""Hugging Face hybrid models: finding Mamba2 mixers and attention, and routing them through split ops.
+"""Hugging Face hybrid models: routing their Mamba2 mixers and attention through pcg's split ops.
 
-`install()` runs when pcg is imported and again whenever an HF model is
-built. It wraps, at class level, the Mamba2 mixer `forward` of every loaded
-transformers model family whose source looks like a Mamba2 mixer, and the KV
-updates of `DynamicLayer`/`StaticLayer` and HF's attention functions. Each
-wrapper takes pcg's path only while Dynamo traces for the pcg backend
-(`gate.tracing_for_pcg`), so eager runs and other backends are untouched.
+    import pcg_backend
+    model = pcg_backend.compile(model)          # enables routing, then torch.compile(backend="pcg")
+
+Routing wraps, at class level, the layers that an adapter (`adapters/`)
+recognises in transformers' code. Each wrapper takes pcg's path only while
+Dynamo traces for the pcg backend (`gate.tracing_for_pcg`), so eager runs and
+other backends run HF's own code. `enable()` installs the wrappers,
+`disable()` restores every original; `lifecycle.py` says when pcg enables
+routing by itself. Importing this package imports no transformers.
 """
 
-from .install import install, routed_layers
+from .adapters import Adapter, adapters, register_adapter, unregister_adapter
+from .lifecycle import disable, enable, install, is_enabled
 
-__all__ = ["install", "routed_layers"]
+__all__ = ["Adapter", "adapters", "disable", "enable", "install", "is_enabled", "register_adapter",
+           "unregister_adapter"]

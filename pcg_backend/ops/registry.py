@@ -3,7 +3,13 @@
 A split op is a torch custom op that mixes tokens or touches state. The
 backend cuts every graph at its nodes and runs it eagerly, so it may use
 kernels that cannot be traced or captured. Register it by OpOverload,
-OpOverloadPacket, "ns::name", or as a decorator over `torch.library.custom_op`.
+OpOverloadPacket, "ns::name", the CustomOpDef that `torch.library.custom_op`
+returns, or as a decorator over `torch.library.custom_op`; `is_split_op`
+accepts the same forms.
+
+An op has one set of promises (`cudagraph_safe`, `padding_safe`) at a time:
+registering it again with the same flags does nothing, with other flags
+raises `ValueError`. To change them, `unregister_split_op` first.
 """
 
 from __future__ import annotations
@@ -15,19 +21,27 @@ _CUDAGRAPH_SAFE: set[str] = set()
 _PADDING_SAFE: set[str] = set()
 
 
-def _qualname(op) -> str:
-    """The "ns::name" of a custom op given in any accepted form, or raise ValueError."""
+def _form_name(op) -> str | None:
+    """The "ns::name" of `op` in any form `register_split_op` accepts, without checking that it exists."""
     if isinstance(op, torch._library.custom_ops.CustomOpDef):
         return op._qualname
     if isinstance(op, torch._ops.OpOverload):
         return op._schema.name
     if isinstance(op, torch._ops.OpOverloadPacket):
         return op._qualified_op_name
-    if isinstance(op, str):
-        if "::" not in op:
-            raise ValueError(f"split op name {op!r} must look like 'namespace::name'")
+    if isinstance(op, str) and "::" in op:
         ns, name = op.split("::", 1)
-        name = name.split(".")[0]
+        return f"{ns}::{name.split('.')[0]}"   # "ns::name.overload" names the op
+    return None
+
+
+def _qualname(op) -> str:
+    """The "ns::name" of a custom op given in any accepted form, or raise ValueError."""
+    name = _form_name(op)
+    if isinstance(op, str):
+        if name is None:
+            raise ValueError(f"split op name {op!r} must look like 'namespace::name'")
+        ns, name = name.split("::", 1)
         try:
             getattr(getattr(torch.ops, ns), name)
         except (AttributeError, RuntimeError) as e:
@@ -35,6 +49,8 @@ def _qualname(op) -> str:
                 f"{op!r} is not a registered torch op; define it with torch.library.custom_op first"
             ) from e
         return f"{ns}::{name}"
+    if name is not None:
+        return name
     raise ValueError(
         f"register_split_op needs a torch custom op (OpOverload, OpOverloadPacket, 'ns::name' or a "
         f"torch.library.custom_op), got {type(op).__name__}: wrap your function with "
@@ -63,19 +79,32 @@ def register_split_op(op=None, *, cudagraph_safe: bool = False, padding_safe: bo
     if op is None:
         return lambda real_op: register_split_op(real_op, cudagraph_safe=cudagraph_safe, padding_safe=padding_safe)
     name = _qualname(op)
+    flags = (bool(cudagraph_safe or padding_safe), bool(padding_safe))
+    if name in _SPLIT_OPS:
+        old = (name in _CUDAGRAPH_SAFE, name in _PADDING_SAFE)
+        if old != flags:
+            raise ValueError(
+                f"split op {name} is already registered with {_describe(*old)}; registering it again with "
+                f"{_describe(*flags)} would change its promises: call unregister_split_op({name!r}) first"
+            )
+        return op
     _SPLIT_OPS.add(name)
-    for flag, names in ((cudagraph_safe or padding_safe, _CUDAGRAPH_SAFE), (padding_safe, _PADDING_SAFE)):
-        if flag:
-            names.add(name)
-        else:
-            names.discard(name)
+    if flags[0]:
+        _CUDAGRAPH_SAFE.add(name)
+    if flags[1]:
+        _PADDING_SAFE.add(name)
     return op
 
 
+def _describe(cudagraph_safe: bool, padding_safe: bool) -> str:
+    return f"cudagraph_safe={cudagraph_safe}, padding_safe={padding_safe}"
+
+
 def unregister_split_op(op) -> None:
-    _SPLIT_OPS.discard(_qualname(op))
-    _CUDAGRAPH_SAFE.discard(_qualname(op))
-    _PADDING_SAFE.discard(_qualname(op))
+    """Forget `op` (any form `register_split_op` accepts) and its flags; a no-op if it is not registered."""
+    name = _qualname(op)
+    for names in (_SPLIT_OPS, _CUDAGRAPH_SAFE, _PADDING_SAFE):
+        names.discard(name)
 
 
 def is_cudagraph_safe(name: str) -> bool:
@@ -101,5 +130,7 @@ def split_op_name(target) -> str | None:
     return name if name in _SPLIT_OPS else None
 
 
-def is_split_op(target) -> bool:
-    return split_op_name(target) is not None
+def is_split_op(op) -> bool:
+    """True if `op`, in any form `register_split_op` accepts, is a registered split op; False for anything else."""
+    name = _form_name(op)
+    return name is not None and name in _SPLIT_OPS

@@ -1,0 +1,92 @@
+"""Adapter for HF attention: the KV writes in the cache layers, the core in the attention function.
+
+HF attention modules call `cache.update(k, v, layer_idx)` and then an
+attention function looked up by `config._attn_implementation`. Neither is a
+layer class of its own, so this adapter recognises attention by those two
+shared entry points instead of by a module's source:
+
+* library-wide: `DynamicLayer.update`, `StaticLayer.update` and the "sdpa"
+  entry of `ALL_ATTENTION_FUNCTIONS`;
+* per modeling module: its `eager_attention_forward`, if it has one.
+
+Inside a pcg trace the wrappers turn the KV write into `pcg::kv_append` or
+`pcg::kv_write_static` and the core into `pcg::attention`, split ops that
+see only the real tokens. Outside a pcg trace the originals run unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ...ops import attention as ops
+from ..gate import tracing_for_pcg
+from ..layers import note_routing
+from . import Adapter, register_adapter
+
+# Implementations HF dispatches to by name; "eager" is each modeling module's own function.
+ATTENTION_IMPLEMENTATIONS = ("sdpa",)
+
+
+def _append(layer, key_states, value_states) -> None:
+    layer.keys = torch.ops.pcg.kv_append(key_states, layer.keys)
+    layer.values = torch.ops.pcg.kv_append(value_states, layer.values)
+
+
+def _write_static(layer, key_states, value_states) -> None:
+    torch.ops.pcg.kv_write_static(key_states, value_states, layer.keys, layer.values, layer.cumulative_length)
+
+
+def _wrap_update(original, write):
+    @functools.wraps(original)
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not tracing_for_pcg():
+            return original(self, key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        write(self, key_states, value_states)
+        return self.keys, self.values
+
+    return update
+
+
+def wrap_attention_function(original, impl: str):
+    # pcg::attention runs the original by this name, in every graph routed through it,
+    # so the entry outlives `disable()` (graphs compiled before it still call it).
+    ops.ORIGINAL_ATTENTION[impl] = original
+
+    @functools.wraps(original)
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if not tracing_for_pcg():
+            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        batch, heads, seq_len, head_dim = query.shape
+        out = query.new_empty(batch, seq_len, heads, value.shape[-1])
+        scale = float(scaling) if scaling is not None else head_dim ** -0.5
+        note_routing(type(module).__name__, str(getattr(module, "layer_idx", "?")),
+                     f"attention via pcg::attention ({impl})", True)
+        torch.ops.pcg.attention(query, key, value, attention_mask, out, scale, impl,
+                                int(getattr(module, "num_key_value_groups", 1)), bool(getattr(module, "is_causal", True)))
+        return out, None
+
+    return attention
+
+
+def patch_library(patches) -> None:
+    from transformers import cache_utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    patches.wrap(cache_utils.DynamicLayer, "update", lambda f: _wrap_update(f, _append))
+    patches.wrap(cache_utils.StaticLayer, "update", lambda f: _wrap_update(f, _write_static))
+    for impl in ATTENTION_IMPLEMENTATIONS:
+        patches.wrap_item(ALL_ATTENTION_FUNCTIONS._global_mapping, impl,
+                          lambda f, impl=impl: wrap_attention_function(f, impl))
+
+
+def patch_modeling_module(module, patches) -> None:
+    if callable(getattr(module, "eager_attention_forward", None)):
+        patches.wrap(module, "eager_attention_forward",
+                     lambda f: wrap_attention_function(f, f"eager:{module.__name__}"))
+
+
+ADAPTER = register_adapter(Adapter("attention", patch_modeling_module, patch_library))
