@@ -7,11 +7,13 @@
 Importing this package registers the "pcg" backend and nothing else: it
 imports no transformers and patches nothing (HF routing: `pcg_backend.hf`).
 After `pip install .` the `torch_dynamo_backends` entry point registers the
-backend without an import. Reading order: backend -> split (token_dim, node_kinds, schedule, fx_facts) -> runtime
--> cudagraph (captured pieces) and
-eager_pieces (split ops and pieces that cannot be captured), with options,
-buckets, context and stats beside them; split ops live in `ops/`, HF routing
-in `hf/`, the benchmark in `bench.py`.
+backend without an import.
+
+Reading order: backend -> split (token_dim, node_kinds, schedule, fx_facts)
+-> runtime -> cudagraph (captured pieces) and eager_pieces (split ops and
+pieces that cannot be captured), with options, buckets, context and stats
+beside them; split ops live in `ops/`, HF routing in `hf/`, the benchmark in
+`bench.py`.
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ def compile(model, *, dynamic: bool | None = None, fullgraph: bool = False, **op
 
         model = pcg_backend.compile(model, max_capture_size=256, compiler="inductor")
 
-    `options` are the backend's options as keywords (see the README's table).
-    A bad one raises `PcgOptionError`, a `ValueError` naming the valid
-    choices, from this call, before anything is traced. When `model` is an
-    HF model (an `nn.Module` with transformers layers, or a method of one such
-    as `model.forward`), HF routing is enabled first (`pcg_backend.hf.enable()`),
-    so that Dynamo's first trace already goes through it.
+    `options` are the backend's options as keywords (see the README's table);
+    `dynamic` and `fullgraph` go to `torch.compile`. A bad option raises
+    `PcgOptionError`, a `ValueError` naming the valid choices, from this call,
+    before anything is traced. When `model` is an HF model (an `nn.Module`
+    with transformers layers, or a method of one such as `model.forward`), HF
+    routing is enabled first (`pcg_backend.hf.enable()`), so that Dynamo's
+    first trace goes through it. (Plain `torch.compile(..., backend="pcg")`
+    gets there too: the backend enables routing at its first HF graph and
+    makes Dynamo trace that frame once more.)
     """
     parse_options(options)
     if _is_hf_model(model):
@@ -71,7 +76,13 @@ def reset_stats() -> None:
 
 
 def report() -> str:
-    """A readable table of graphs, pieces, captures, replays and every reason pcg ran without graphs."""
+    """What pcg did, for a reader: a summary first, then each graph, the captures, the HF routing and the counters.
+
+    The summary gives the graphs, whether CUDA graphs ran (or, where none
+    could, says once that they are off), each reason pcg ran something
+    without a CUDA graph (once, with its count), the graphs it could not pad
+    and why, and how many HF layers were routed. See `stats.py`.
+    """
     return STATS.report()
 
 

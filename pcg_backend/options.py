@@ -154,9 +154,15 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
     )
 
 
-def parse_backend_options(options: dict | None, mode: str | None, backend_fn) -> PcgOptions:
-    """`parse_options` for the backend: a bad option raises `BackendOptionError`, which Dynamo passes on."""
+def parse_backend_options(options: dict | None, mode: str | None, backend_fn, unexpected=()) -> PcgOptions:
+    """`parse_options` for the backend: a bad option raises `BackendOptionError`, which Dynamo passes on.
+
+    `unexpected` are keywords the backend got besides `options` and `mode`.
+    """
     try:
+        if unexpected:
+            raise PcgOptionError(f"pcg backend got unexpected keyword(s) {sorted(unexpected)}; "
+                                 f"pass settings in options={{...}}; valid options are {sorted(_DEFAULTS)}")
         return parse_options(options, mode)
     except PcgOptionError as error:
         # This frame is where the caller's traceback starts: Dynamo strips the frames above it.

@@ -178,10 +178,13 @@ class Stats:
         return limits
 
     def _graph_details(self, limits: dict[str, list[str]]) -> list[str]:
-        # A long reason from the summary appears here as its [n], not again in full.
+        # A reason the summary gives in full appears here by reference: a padding
+        # limit as its [n], a piece's runs without CUDA graphs as a pointer.
         refs = {reason: f"[{i}]" for i, reason in enumerate(limits, 1)}
 
         def short(text: str) -> str:
+            if text in self.eager_reasons:
+                return f"{text.split(': ', 1)[0]} (reason and runs in the summary)"
             for reason, ref in refs.items():
                 text = text.replace(reason, ref)
             return text

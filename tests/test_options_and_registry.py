@@ -71,8 +71,8 @@ def test_bad_option_through_torch_compile_fails_at_the_first_call():
 def test_backend_option_error_reaches_the_caller_as_a_value_error():
     # Dynamo wraps a backend's ValueError in BackendCompilerFailed, but passes on
     # BackendOptionError as it is: a ValueError the caller can catch.
-    def backend(gm, example_inputs, options=None):
-        parse_backend_options(options, None, backend)
+    def backend(gm, example_inputs, options=None, **kwargs):
+        parse_backend_options(options, None, backend, kwargs)
         return gm.forward
 
     f = torch.compile(lambda x: x * 2, backend=backend, options={"compiler": "tvm"})
@@ -81,6 +81,8 @@ def test_backend_option_error_reaches_the_caller_as_a_value_error():
     assert type(e.value) is BackendOptionError
     assert isinstance(e.value, BackendCompilerFailed) and isinstance(e.value.inner_exception, PcgOptionError)
     torch.testing.assert_close(torch.compile(lambda x: x * 2, backend=backend)(torch.ones(3)), torch.full((3,), 2.0))
+    with pytest.raises(PcgOptionError, match=r"unexpected keyword\(s\) \['turbo'\]; pass settings in options="):
+        parse_backend_options(None, None, backend, {"turbo": True})
 
 
 def test_mode_keyword_is_accepted():

@@ -83,3 +83,27 @@ def test_gpu_counters_stay_when_cuda_graphs_ran():
     assert "  CUDA graphs: 4 captured (0.0 s, 3 MiB of graph memory), 12 replays" in text
     assert all(f"  {key} " in text for key in GPU_ONLY)
     assert "CUDA graphs off" not in text
+
+
+@torch._dynamo.config.patch(capture_scalar_outputs=True)
+def test_a_piece_that_runs_eagerly_is_explained_once():
+    from pcg_backend.ops import toy  # noqa: F401  (registers pcg_toy::mix)
+
+    lin = torch.nn.Linear(4, 4)
+
+    def f(x):
+        y = lin(x)
+        out = torch.empty_like(y)
+        torch.ops.pcg_toy.mix(y, out)
+        return lin(out) * lin.bias[0].item()     # a host read of a tensor value: that piece runs eagerly
+
+    compiled = torch.compile(f, backend="pcg", options={"capture_sizes": SIZES}, dynamic=True)
+    for n in (3, 5):
+        x = torch.randn(n, 4)
+        torch.testing.assert_close(compiled(x), f(x), atol=1e-5, rtol=0)
+    text = pcg_backend.report()
+    reason = "item() reads a tensor's value on the host"
+    assert text.count(reason) == 1
+    [piece] = [r for r in pcg_backend.stats()["eager_reasons"] if reason in r]
+    assert f"           2  {piece}" in text                      # in the summary, with its runs
+    assert f"    - {piece.split(': ')[0]} (reason and runs in the summary)" in text
