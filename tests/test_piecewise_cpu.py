@@ -221,6 +221,8 @@ def test_decode_batch_is_keyed_not_padded():
 def test_cudagraph_safe_split_ops_join_pieces_only_at_exact_sizes(capture_split_ops):
     from toy_models import StatefulToyModel
 
+    # Re-registering with other promises is an error: unregister first, and restore the toy's own at the end.
+    pcg_backend.unregister_split_op(torch.ops.pcg_toy.running_sum)
     pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum, cudagraph_safe=True)
     try:
         torch.manual_seed(0)
@@ -245,6 +247,7 @@ def test_cudagraph_safe_split_ops_join_pieces_only_at_exact_sizes(capture_split_
         torch.testing.assert_close(compiled(x, s_pcg), model(x, s_ref), atol=ATOL, rtol=0)
         assert pcg_backend.stats()["split_ops_in_graphs"] == s["split_ops_in_graphs"]
     finally:
+        pcg_backend.unregister_split_op(torch.ops.pcg_toy.running_sum)
         pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum)
 
 
