@@ -54,15 +54,15 @@ SAFE = {
     "diff": lambda x, p: torch.diff(x, dim=0, prepend=x[:1] - 1),
     "first_row": lambda x, p: x + x[:1],
     "shift_down": lambda x, p: torch.cat([x[:1] * 0, x[:-1]], 0),
-    "arange_positions": lambda x, p: x + torch.arange(x.shape[0])[:, None].float() * 0.01,
+    "arange_positions": lambda x, p: x + torch.arange(x.shape[0], device=x.device)[:, None].float() * 0.01,
     # an HF-style (tokens, tokens) causal mask: row i counts the keys it may see, i + 1
-    "causal_mask": lambda x, p: x + torch.where(torch.arange(x.shape[0])[None, :] <= torch.arange(x.shape[0])[:, None],
+    "causal_mask": lambda x, p: x + torch.where(torch.arange(x.shape[0], device=x.device)[None, :] <= torch.arange(x.shape[0], device=x.device)[:, None],
                                                 1.0, 0.0).cumsum(1)[:, -1:] * 0.1,
     "split_op": lambda x, p: _mix(x),
 }
 REWRITABLE = {
     "count_scale": lambda x, p: x * x.shape[0] / 10,
-    "count_positions": lambda x, p: x + (torch.arange(x.shape[0]) / x.shape[0])[:, None],
+    "count_positions": lambda x, p: x + (torch.arange(x.shape[0], device=x.device) / x.shape[0])[:, None],
     "count_affine": lambda x, p: x * (x.shape[0] - 1),
 }
 UNSAFE = {
@@ -161,7 +161,7 @@ def test_rewrites_are_counted_in_the_report(monkeypatch):
 # The issue's own examples: each was silently wrong before the rule, with a split op in the graph.
 ISSUE_CASES = {
     "times_count": lambda h: h * h.shape[0],
-    "positions_over_count": lambda h: h + (torch.arange(h.shape[0]) / h.shape[0])[:, None],
+    "positions_over_count": lambda h: h + (torch.arange(h.shape[0], device=h.device) / h.shape[0])[:, None],
     "flip": lambda h: h.flip(0),
 }
 
