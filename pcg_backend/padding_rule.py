@@ -31,7 +31,7 @@ it inside. An MoE block sorts the tokens by expert, counts them and runs
 grouped GEMMs, all across the token dim, yet with per-token top-k routing and
 no capacity limit a padded token can never change a real token's experts or
 result. Nodes inside a module whose class is registered as row-wise
-(`register_row_wise_module`; HF's Granite and NemotronH MoE blocks by
+(`register_row_wise`; HF's Granite and NemotronH MoE blocks by
 default) are not tainted by what they do inside; taint that enters the module
 still flows through it.
 """
@@ -88,16 +88,37 @@ class PaddingPlan:
 # Classes (by name) whose forward maps each token row to its own output row: MoE blocks with
 # per-token top-k routing and no capacity limit.
 ROW_WISE_MODULES: set[str] = {"GraniteMoeHybridMoE", "NemotronHMoE"}
+# Custom ops (by "ns::name") declared row-wise by their authors.
+ROW_WISE_OPS: set[str] = set()
 
 
-def register_row_wise_module(cls) -> None:
-    """Declare that `cls.forward` computes each output row from its own input row alone.
+def register_row_wise(target) -> None:
+    """Declare that an op, or a module class's forward, computes each output row from its own input row alone.
 
-    Only true declarations keep padding sound: an MoE with a capacity limit
-    (tokens dropped when an expert is full) is not row-wise, since padded
-    tokens could take a real token's place.
+    `target` is a module class, or a torch custom op (OpOverload,
+    OpOverloadPacket or "ns::name"). An op pcg does not know otherwise keeps
+    its graph at exact sizes. Only true declarations keep padding sound: an MoE
+    with a capacity limit (tokens dropped when an expert is full) is not
+    row-wise, since padded tokens could take a real token's place.
     """
-    ROW_WISE_MODULES.add(cls.__name__ if isinstance(cls, type) else str(cls))
+    if isinstance(target, type):
+        ROW_WISE_MODULES.add(target.__name__)
+    elif isinstance(target, str) and "::" in target:
+        ROW_WISE_OPS.add(target.split(".")[0])
+    elif isinstance(target, torch._ops.OpOverload):
+        ROW_WISE_OPS.add(target._schema.name)
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        ROW_WISE_OPS.add(target._qualified_op_name)
+    else:
+        raise ValueError(f"register_row_wise takes a module class or a torch custom op, got {target!r}")
+
+
+def _op_name(target) -> str | None:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    return None
 
 
 def _row_wise_module(node) -> str | None:
@@ -267,7 +288,9 @@ class _Analysis:
         if node.op == "call_function" and node.target is operator.getitem and not isinstance(
                 node_value(node.args[0]), torch.Tensor):
             return   # an element of a tuple (split, max(dim), ...)
-        if is_pointwise(node):
+        if _op_name(node.target) in ROW_WISE_OPS:
+            pass    # declared row-wise (`register_row_wise`)
+        elif is_pointwise(node):
             self.pointwise(node, name)
         elif name in _PERMUTES:
             self.permute(node, name)

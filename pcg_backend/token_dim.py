@@ -82,13 +82,16 @@ def find_token_symbol(gm: torch.fx.GraphModule):
 
 
 def token_aliases(gm: torch.fx.GraphModule, token, keyed: set) -> set:
-    """Other symbols of graph inputs that equal the token count when traced: padded along with it.
+    """Other symbols of graph inputs that equal the token count when traced and meet it: padded along with it.
 
     Dynamo may give one length two symbols (HF's 2-D attention mask gets its own
-    beside the input ids'). Left apart, the mask's symbol would keep every node
-    that meets it eager. pcg treats such a symbol as the token count, and the
-    runtime checks on every call that it still is; a call where it is not runs
-    at its exact size, with that reason counted.
+    beside the input ids', and the graph slices the mask to the ids' length).
+    Left apart, the mask's symbol would keep every node that meets it eager.
+    pcg treats such a symbol as the token count, and the runtime checks on
+    every call that it still is; a call where it is not runs at its exact size,
+    with that reason counted. Equal values alone are not enough: a state of
+    two rows traced with two tokens is not a token dim, and no node relates it
+    to one.
     """
     if token is None:
         return set()
@@ -103,7 +106,17 @@ def token_aliases(gm: torch.fx.GraphModule, token, keyed: set) -> set:
                 hints[size.node.expr] = size.node.hint
     if token not in hints:
         return set()
-    return {sym for sym, hint in hints.items() if sym != token and sym not in keyed and hint == hints[token]}
+    candidates = {sym for sym, hint in hints.items() if sym != token and sym not in keyed and hint == hints[token]}
+    aliases: set = set()
+    for node in gm.graph.nodes:
+        if not candidates - aliases or node.op not in ("call_function", "call_method") or split_op_name(node.target):
+            continue
+        syms: set = set()
+        for value in (node_value(node), *(node_value(a) for a in node.all_input_nodes)):
+            syms |= symbols_of(value)
+        if token in syms:
+            aliases |= candidates & syms
+    return aliases
 
 
 def written_input_reason(gm: torch.fx.GraphModule, token, mutated: set[str]) -> str | None:

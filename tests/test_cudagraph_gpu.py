@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pcg_backend
+from pcg_backend.padding_rule import register_row_wise
 from conftest import requires_cuda
 from pcg_backend.cudagraph import CudaGraphPiece
 from toy_models import NoSplitModel, ToyModel, compile_toy
@@ -262,6 +263,10 @@ def _(x):
     return torch.empty_like(x)
 
 
+# Row-wise (it returns its input): declared so, the padding rule may pad the graph around it.
+register_row_wise(torch.ops.pcg_test.hidden_host_sync)
+
+
 def test_hidden_host_sync_is_found_before_capture():
     # The sync is invisible in the FX graph. A capture that hits it fails, and a
     # failed capture leaves torch's CUDA RNG and the pools damaged for the rest of
@@ -300,6 +305,7 @@ def test_hidden_host_sync_is_found_before_capture():
 def test_safe_split_ops_are_captured_at_exact_size_and_state_advances_once():
     from toy_models import StatefulToyModel
 
+    pcg_backend.unregister_split_op(torch.ops.pcg_toy.running_sum)   # other promises need a fresh registration
     pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum, cudagraph_safe=True)
     try:
         torch.manual_seed(0)
@@ -318,6 +324,7 @@ def test_safe_split_ops_are_captured_at_exact_size_and_state_advances_once():
             assert s["cuda_graph_replays"] == 3 * (cache + 1)
         del keep
     finally:
+        pcg_backend.unregister_split_op(torch.ops.pcg_toy.running_sum)
         pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum)
 
 
@@ -328,6 +335,7 @@ def test_address_sets_are_kept_most_recent_first_and_the_least_recent_is_dropped
     from pcg_backend.cudagraph import MAX_VERSIONS_PER_KEY
     from toy_models import StatefulToyModel
 
+    pcg_backend.unregister_split_op(torch.ops.pcg_toy.running_sum)   # other promises need a fresh registration
     pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum, cudagraph_safe=True)
     try:
         torch.manual_seed(0)
@@ -346,4 +354,5 @@ def test_address_sets_are_kept_most_recent_first_and_the_least_recent_is_dropped
         # 0-3 capture; 0 replays; 4 captures and drops 1 (0 was used after it); 0 replays; 1 captures again.
         assert [step(k) for k in [0, 1, 2, 3, 0, 4, 0, 1]] == [1, 2, 3, 4, 4, 5, 5, 6]
     finally:
+        pcg_backend.unregister_split_op(torch.ops.pcg_toy.running_sum)
         pcg_backend.register_split_op(torch.ops.pcg_toy.running_sum)

@@ -92,10 +92,14 @@ def test_toy_fuzz_500_counts_no_recompiles_no_recaptures(device):
         driver.step("prefill", n)
         driver.step("decode", 1)
     before = pcg_backend.stats()
-    for kind, n in _fuzz_plan(random.Random(0), TOY_SIZES[-1], FUZZ_CALLS):
+    plan = _fuzz_plan(random.Random(0), TOY_SIZES[-1], FUZZ_CALLS)
+    for kind, n in plan:
         driver.step(kind, n)
     after = pcg_backend.stats()
     assert after["graphs_compiled"] == before["graphs_compiled"] == 2   # dynamic counts, and Dynamo's n=1 graph
+    # Every prefill between buckets is padded (the state's two rows are not a token dim, whatever n was traced).
+    padded = sum(1 for kind, n in plan if kind == "prefill" and 1 < n <= TOY_SIZES[-1] and n not in TOY_SIZES)
+    assert after["padded_calls"] - before["padded_calls"] == padded
     assert after["cuda_graphs_captured"] == before["cuda_graphs_captured"]
     if device == "cuda":
         # 3 capturable pieces; the dynamic graph took every bucket >= 2 up front, the n=1 graph its one shape
