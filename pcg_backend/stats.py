@@ -153,7 +153,7 @@ class Stats:
                          f"{d['cuda_graph_replays']} replays")
         rest = [(r, c) for r, c in self.eager_reasons.most_common() if r not in off]
         if rest:
-            lines.append(f"  Runs without a CUDA graph{' for another reason' if off else ''}, by reason (runs  reason):")
+            lines.append(f"  Runs without a CUDA graph{' for other reasons' if off else ''} (runs  reason):")
             lines += [f"    {count:>8}  {reason}" for reason, count in rest]
         elif not off:
             lines.append("  Runs without a CUDA graph: none")

@@ -27,7 +27,7 @@ def test_cpu_report_summarises_first_and_says_once_that_cuda_graphs_are_off():
                         "captured pieces), 2 call(s) padded to a bucket")
     assert lines[4] == ("  CUDA graphs off: the graph runs on CPU (6 runs). Every piece ran eagerly: "
                         "the same results, no speed-up")
-    assert lines[5:7] == ["  Runs without a CUDA graph for another reason, by reason (runs  reason):",
+    assert lines[5:7] == ["  Runs without a CUDA graph for other reasons (runs  reason):",
                           "           3  token count above the largest bucket 16"]
     assert text.count("CUDA graphs off") == 1
     assert "  graph0: 5 pieces, 3 capturable, 2 split ops, token symbol s" in text
@@ -54,7 +54,7 @@ def test_a_reason_shared_by_graphs_is_given_once_and_referred_to():
     assert summary.startswith("           1  [1] sum_1: ") and summary.endswith(" (graph0)")
     graph = [line for line in text.splitlines() if line.startswith("  graph0:")][0]
     assert graph.endswith(", padding exact bucket sizes only: [1]")
-    assert "  Runs without a CUDA graph for another reason, by reason (runs  reason):" in text
+    assert "  Runs without a CUDA graph for other reasons (runs  reason):" in text
     assert "           2  graph0: token count is not a bucket size and the graph cannot be padded" in text
 
 
