@@ -14,27 +14,19 @@ import logging
 
 import torch
 
+from . import hf
 from .buckets import Ladder
 from .cudagraph import CudaGraphPiece, pool_for, release_pools
 from .eager_pieces import EagerPiece, SplitOpPiece
 from .fx_facts import node_value, op_argument_names, written_inputs
 from .node_kinds import Kind
 from .ops import skinny_gemm
-from .options import parse_options
+from .options import parse_backend_options
 from .skinny_routing import route_skinny_linears, routed_twin
 from .split import split_graph
 from .stats import STATS, GraphRecord
 
 log = logging.getLogger("pcg_backend")
-
-
-def _install_hf_routing() -> None:
-    import sys
-
-    if "transformers" in sys.modules:
-        from .hf import install
-
-        install()
 
 
 def _compile_piece(sub: torch.fx.GraphModule, compiler: str):
@@ -86,10 +78,8 @@ def check_one_device(gm: torch.fx.GraphModule) -> None:
 
 def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None, **kwargs):
     """The backend callable: `torch.compile(..., backend="pcg", options=..., mode=...)` lands here."""
-    if kwargs:
-        raise ValueError(f"pcg backend got unexpected keyword(s) {sorted(kwargs)}; pass settings in options={{...}}")
-    opts = parse_options(options, mode)
-    _install_hf_routing()  # families imported since the last graph get wrapped for the next trace
+    opts = parse_backend_options(options, mode, pcg_backend, kwargs)
+    hf.install(gm)  # an HF graph traced before routing was on: turn it on and make Dynamo trace again
     name = f"graph{STATS.graphs_compiled}"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     check_one_device(gm)

@@ -51,7 +51,7 @@ def test_routing_is_only_active_for_pcg():
 
 
 def test_unroutable_mixer_is_reported(monkeypatch):
-    from pcg_backend.hf import mixer
+    from pcg_backend.hf.adapters import mamba2 as mixer
 
     # Pretend routing needs an attribute these mixers lack: they must keep their own forward, and say so.
     monkeypatch.setattr(mixer, "REQUIRED", mixer.REQUIRED + ("pcg_test_attribute",))

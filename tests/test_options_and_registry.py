@@ -68,7 +68,6 @@ def test_bad_option_through_torch_compile_fails_at_the_first_call():
     assert isinstance(e.value.inner_exception, PcgOptionError)
 
 
-@pytest.mark.xfail(strict=False, reason="until backend.py calls options.parse_backend_options (drop this mark then)")
 def test_bad_option_through_torch_compile_is_a_value_error():
     f = torch.compile(lambda x: x + 1, backend="pcg", options={"nope": 1})
     with pytest.raises(ValueError, match=r"unknown pcg option\(s\) \['nope'\]; valid options are"):
