@@ -1,6 +1,7 @@
 """Benchmark: a Nemotron-Nano-9B-v2-shaped HF NemotronH with random bf16 weights.
 
     python -m pcg_backend.bench [--quick] [--layers N] [--variants eager,pcg-eager,...] [--out DIR]
+    python -m pcg_backend.bench --traffic [--calls N] [--batches 1,4,8] [--variants ...]
 
 Variants, run one after another in this process: `eager` (HF eager),
 `compile` (torch.compile default), `reduce-overhead`, `pcg-eager` and
@@ -9,18 +10,23 @@ time per step through greedy `generate`, first-call time (compile plus
 capture), graph memory, and the weight-read floor measured in the same run.
 Writes a table to stdout and `bench.json` (after every measurement) plus
 `bench.png` to --out. `--quick` runs fewer sizes and, unless --variants is
-given, only eager and pcg-inductor.
+given, only eager and pcg-inductor. `--traffic` measures `generate()` calls
+at random prompt lengths and batch sizes instead (`traffic.py`), into
+`traffic.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import time
 
 import torch
+
+from .buckets import Ladder
 
 PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
 KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
@@ -343,6 +349,11 @@ def main(argv=None):
                         help="profile a batch-1 generate and one prefill per size of each variant")
     parser.add_argument("--trace", action="store_true",
                         help="with --profile: also write gzipped Chrome traces and a by-shape table")
+    parser.add_argument("--traffic", action="store_true",
+                        help="time --calls generate() calls at seeded random prompt lengths and batch sizes, each "
+                             "with a new cache, against the ideal (prefill at its bucket plus decode steps)")
+    parser.add_argument("--calls", type=int, default=100, help="with --traffic: how many generate() calls")
+    parser.add_argument("--new-tokens", type=int, default=16, help="with --traffic: new tokens per call")
     parser.add_argument("--pcg-options", type=_json_object, default={},
                         help='extra pcg options as JSON for the pcg variants, e.g. \'{"max_capture_size": 1024}\'')
     args = parser.parse_args(argv)
@@ -352,6 +363,8 @@ def main(argv=None):
         parser.error(f"unknown variant(s) {bad}; choose from {VARIANTS}")
     if not torch.cuda.is_available():
         parser.error("the benchmark needs a CUDA GPU")
+    if args.traffic:
+        return run_traffic(args, variants)
 
     prefill = [1, 16, 128] if args.quick else [1, 16, 128, 512, 2048]
     batches = [1, 8] if args.quick else [1, 8, 32]
@@ -399,6 +412,54 @@ def main(argv=None):
         plot(results, floor_ms, os.path.join(args.out, "bench.png"))
     except ImportError:
         print("matplotlib is not installed: no bench.png (pip install .[bench])")
+
+
+def run_traffic(args, variants: list[str]) -> dict:
+    """`--traffic`: the same seeded generate() calls for each variant, then the ideal on the last pcg variant."""
+    import pcg_backend
+    from pcg_backend import traffic
+    from pcg_backend.options import parse_options
+
+    opts = parse_options(args.pcg_options)
+    batches = [int(b) for b in (args.batches or "1,4,8").split(",")]
+    # Each batch size is its own Dynamo graph for prefill and decode: with three of them Dynamo's
+    # default limit of 8 graphs per frame runs later shapes without any backend, silently.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    calls = traffic.plan(0, args.calls, opts.largest, batches)
+    device = torch.cuda.get_device_name()
+    os.makedirs(args.out, exist_ok=True)
+    model = build_model(args.layers)
+    print(f"traffic: {device}; {len(calls)} generate() calls of {args.new_tokens} new tokens, batches {batches}, "
+          f"prompts 1..{2 * opts.largest} (largest bucket {opts.largest}); variants {','.join(variants)}", flush=True)
+    results: dict = {}
+    ideal = None
+    sequences = {}
+    for v in variants:
+        install_variant(model, v, args.skip_module_guards, args.pcg_options)
+        try:
+            r = traffic.run(model, calls, args.new_tokens)
+        except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
+            results[v] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            continue
+        sequences[v] = r.pop("sequences")
+        if v.startswith("pcg"):
+            r["pcg_stats"] = {k: val for k, val in pcg_backend.stats().items() if k != "routing"}
+            ideal = traffic.ideal(model, calls, args.new_tokens, Ladder(opts.capture_sizes))
+        results[v] = r
+        print(f"  {v:>14} p50 {1e3 * r['p50_s']:.1f} ms, captures after warm-up {r['captures_after_warm_up']}, "
+              f"compiles {r['compiles_after_warm_up']}", flush=True)
+        torch.cuda.empty_cache()
+    if "eager" in sequences:
+        # bf16 greedy decoding: the share of calls whose tokens equal eager's (padding changes GEMM shapes).
+        for v, seqs in sequences.items():
+            if v in results and "failed" not in results[v]:
+                results[v]["same_tokens_as_eager"] = sum(
+                    torch.equal(a, b) for a, b in zip(seqs, sequences["eager"])) / len(seqs)
+    with open(os.path.join(args.out, "traffic.json"), "w") as f:
+        json.dump({"device": device, "calls": [dataclasses.asdict(c) for c in calls], "new_tokens": args.new_tokens,
+                   "results": results, "ideal": ideal}, f, indent=1, default=str)
+    print(f"\n{device}\n{traffic.table(results, ideal)}")
+    return results
 
 
 if __name__ == "__main__":

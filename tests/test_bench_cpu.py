@@ -68,3 +68,29 @@ def test_quick_runs_eager_and_pcg_inductor_unless_variants_are_named():
     assert bench.chosen_variants(None, quick=True) == ["eager", "pcg-inductor"]
     assert bench.chosen_variants(None, quick=False) == list(bench.VARIANTS)
     assert bench.chosen_variants("eager,compile", quick=True) == ["eager", "compile"]
+
+
+def test_traffic_plan_is_seeded_and_spans_the_buckets():
+    from pcg_backend import traffic
+
+    calls = traffic.plan(0, 400, 64, [1, 4, 8])
+    assert calls == traffic.plan(0, 400, 64, [1, 4, 8])
+    assert {c.batch for c in calls} == {1, 4, 8}
+    prompts = [c.prompt for c in calls]
+    assert min(prompts) == 1 and 64 < max(prompts) <= 128
+    assert 0.05 < sum(p > 64 for p in prompts) / len(prompts) < 0.15   # a share above the largest bucket
+
+
+def test_traffic_prompts_are_left_padded_with_a_full_first_row():
+    import torch
+
+    from pcg_backend import traffic
+
+    ids, mask = traffic.prompts(traffic.Call(4, 12), 128, "cpu", torch.Generator().manual_seed(0))
+    assert ids.shape == mask.shape == (4, 12) and bool(mask[0].all())
+    for row in range(4):
+        pad = int((mask[row] == 0).sum())
+        assert bool((mask[row, :pad] == 0).all()) and bool((mask[row, pad:] == 1).all()) and pad <= 4
+        assert bool((ids[row, :pad] == 0).all())
+    assert traffic.warm_up_calls([traffic.Call(1, 5), traffic.Call(4, 9), traffic.Call(1, 30)]) == [
+        traffic.Call(1, 5), traffic.Call(1, 30), traffic.Call(4, 9), traffic.Call(4, 9)]

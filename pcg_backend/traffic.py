@@ -1,0 +1,214 @@
+"""Traffic: `generate()` called the way users call it, measured per call.
+
+    python -m pcg_backend.bench --traffic [--calls N] [--variants eager,pcg-inductor]
+
+Each variant makes the same seeded sequence of `generate()` calls: prompt
+lengths from 1 to the largest bucket plus a share above it, batch sizes from
+`--batches` with left-padded prompts (every row but the first is shorter), and
+a new cache on every call. Before the timed calls each variant gets one
+documented warm-up: a `generate()` per batch size at the smallest and the
+largest prompt of the plan. For each variant the result holds per-call latency
+(p50, p90, max), time to first token, tokens per second, the CUDA graphs
+captured and Dynamo graphs compiled during the timed calls, and allocated
+memory before and after them. The ideal of a call, measured in the same run
+on the pcg variant, is its prefill at its bucket plus one decode step per
+further token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import time
+
+import torch
+
+from .buckets import Ladder
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    batch: int
+    prompt: int        # tokens in the longest row; shorter rows are left-padded
+
+
+def plan(seed: int, calls: int, largest: int, batches: list[int], above_share: float = 0.15) -> list[Call]:
+    """A seeded list of calls: prompt lengths uniform in 1..largest, a share of them up to twice that."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(calls):
+        top = 2 * largest if rng.random() < above_share else largest
+        out.append(Call(rng.choice(batches), rng.randint(1, top)))
+    return out
+
+
+def prompts(call: Call, vocab: int, device, generator: torch.Generator, pad_id: int = 0):
+    """(input_ids, attention_mask) for `call`: row 0 is full, later rows lose up to a third of it to left padding."""
+    ids = torch.randint(3, vocab, (call.batch, call.prompt), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(1, call.batch):
+        short = int(torch.randint(0, call.prompt // 3 + 1, (1,), generator=generator))
+        ids[row, :short] = pad_id
+        mask[row, :short] = 0
+    return ids.to(device), mask.to(device)
+
+
+class _FirstToken:
+    """A logits processor that notes when the first token's logits are ready (the end of the prefill)."""
+
+    def __init__(self, sync):
+        self.sync = sync
+        self.at = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.sync()
+            self.at = time.perf_counter()
+        return scores
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def one_call(model, call: Call, new_tokens: int, generator: torch.Generator) -> dict:
+    """Run one `generate()` on a new cache; seconds for the call and to its first token."""
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    ids, mask = prompts(call, model.config.vocab_size, device, generator)
+    first = _FirstToken(lambda: _sync(device))
+    _sync(device)
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([first]))
+    _sync(device)
+    end = time.perf_counter()
+    return {"batch": call.batch, "prompt": call.prompt, "seconds": end - start, "ttft": first.at - start,
+            "tokens": call.batch * new_tokens, "sequences": out.cpu()}
+
+
+def _counts() -> tuple[int, int]:
+    """(CUDA graphs pcg captured, Dynamo graphs compiled) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    from .stats import STATS
+
+    return STATS.cuda_graphs_captured, counters["stats"]["unique_graphs"]
+
+
+def _allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if torch.device(device).type == "cuda" else 0
+
+
+def warm_up_calls(calls: list[Call]) -> list[Call]:
+    """The documented warm-up: per batch size, the plan's shortest and longest prompt."""
+    out = []
+    for batch in sorted({c.batch for c in calls}):
+        lengths = [c.prompt for c in calls if c.batch == batch]
+        out += [Call(batch, min(lengths)), Call(batch, max(lengths))]
+    return out
+
+
+def run(model, calls: list[Call], new_tokens: int, seed: int = 0) -> dict:
+    """Warm up, then make every call; the measurements described in the module docstring."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for call in warm_up_calls(calls):
+            one_call(model, call, new_tokens, generator)
+        generator = torch.Generator().manual_seed(seed)
+        captured, compiled = _counts()
+        before = _allocated(device)
+        results = [one_call(model, call, new_tokens, generator) for call in calls]
+        after = _allocated(device)
+        captured_after, compiled_after = _counts()
+    seconds = [r["seconds"] for r in results]
+    return {
+        "calls": [{k: v for k, v in r.items() if k != "sequences"} for r in results],
+        "sequences": [r["sequences"] for r in results],
+        "p50_s": statistics.median(seconds),
+        "p90_s": _quantile(seconds, 0.9),
+        "max_s": max(seconds),
+        "ttft_p50_s": statistics.median(r["ttft"] for r in results),
+        "tokens_per_s": sum(r["tokens"] for r in results) / sum(seconds),
+        "captures_after_warm_up": captured_after - captured,
+        "compiles_after_warm_up": compiled_after - compiled,
+        "allocated_before_mib": before / 2**20,
+        "allocated_after_mib": after / 2**20,
+    }
+
+
+def _quantile(values, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: int = 3) -> dict:
+    """Per call: the prefill of its batch at its bucket plus `new_tokens - 1` decode steps, as measured now.
+
+    Prefill is timed as a forward at the bucket (or the prompt above the
+    largest bucket); a decode step as the difference of two `generate()`
+    calls of 2 and 1 new tokens, which both make a new cache. Returns the
+    per-call ideal seconds and the p50 over the plan.
+    """
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    prefill: dict = {}
+    step: dict = {}
+
+    def timed(fn):
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with torch.no_grad():
+        for call in calls:
+            size = ladder.bucket(call.prompt) or call.prompt
+            if (call.batch, size) not in prefill:
+                ids = torch.randint(3, vocab, (call.batch, size), device=device)
+                model(ids)
+                prefill[(call.batch, size)] = timed(lambda: model(ids))
+            if call.batch not in step:
+                ids = torch.randint(3, vocab, (call.batch, 16), device=device)
+
+                def gen(k):
+                    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
+                                          min_new_tokens=k, do_sample=False, pad_token_id=0)
+
+                gen(2)
+                step[call.batch] = max(0.0, timed(lambda: gen(2)) - timed(lambda: gen(1)))
+    per_call = [prefill[(c.batch, ladder.bucket(c.prompt) or c.prompt)] + (new_tokens - 1) * step[c.batch]
+                for c in calls]
+    return {"per_call_s": per_call, "p50_s": statistics.median(per_call),
+            "decode_step_ms": {b: 1e3 * s for b, s in step.items()}}
+
+
+def table(results: dict, ideal_result: dict | None) -> str:
+    """One row per variant: latency percentiles, time to first token, tokens/s, captures and compiles."""
+    header = (f"{'variant':>14} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} {'TTFT ms':>8} {'tok/s':>8} "
+              f"{'x eager':>8} {'x ideal':>8} {'captures':>8} {'compiles':>8} {'MiB before/after':>17}")
+    lines = [header, "-" * len(header)]
+    eager = results.get("eager")
+    for name, r in results.items():
+        if "failed" in r:
+            lines.append(f"{name:>14} FAILED: {r['failed']}")
+            continue
+        speed = f"{eager['p50_s'] / r['p50_s']:8.2f}" if eager else f"{'-':>8}"
+        over = f"{r['p50_s'] / ideal_result['p50_s']:8.2f}" if ideal_result else f"{'-':>8}"
+        lines.append(f"{name:>14} {1e3 * r['p50_s']:8.1f} {1e3 * r['p90_s']:8.1f} {1e3 * r['max_s']:8.1f} "
+                     f"{1e3 * r['ttft_p50_s']:8.1f} {r['tokens_per_s']:8.1f} {speed} {over} "
+                     f"{r['captures_after_warm_up']:8d} {r['compiles_after_warm_up']:8d} "
+                     f"{r['allocated_before_mib']:8.0f}/{r['allocated_after_mib']:<8.0f}")
+    if ideal_result:
+        lines.append(f"{'ideal':>14} {1e3 * ideal_result['p50_s']:8.1f}  (prefill at its bucket + decode steps, "
+                     f"decode step ms by batch {', '.join(f'{b}: {s:.2f}' for b, s in ideal_result['decode_step_ms'].items())})")
+    lines.append("(captures and compiles: during the timed calls, after the warm-up; x eager: p50 speed-up)")
+    return "\n".join(lines)

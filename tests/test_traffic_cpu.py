@@ -1,0 +1,39 @@
+"""generate() traffic on CPU: after the warm-up, no Dynamo graph is compiled, and tokens equal eager's (fp32).
+
+The calls mix prompt lengths (1 to twice the largest bucket) and batch sizes
+1, 4 and 8 with left padding, each with a new cache, as `bench --traffic` does
+on the GPU. On CPU no CUDA graph is captured, so only compiles are asserted.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pcg_backend
+from pcg_backend import traffic
+from conftest import requires_reference_kernels
+from hf_models import tiny_model
+
+pytestmark = requires_reference_kernels
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "bamba"])
+# Three batch sizes give Dynamo more graphs per frame than its default limit of 8, past which it
+# would run new shapes with no backend at all (the benchmark raises the limit the same way).
+@torch._dynamo.config.patch(recompile_limit=64)    # monkeypatch would delete the config key on undo
+def test_traffic_compiles_nothing_after_warm_up_and_matches_eager(family):
+    model = tiny_model(family)
+    calls = traffic.plan(0, 24, 32, [1, 4, 8])
+    eager = traffic.run(model, calls, 4)
+    compiled = copy.copy(model)
+    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32})
+    got = traffic.run(compiled, calls, 4)
+    assert got["compiles_after_warm_up"] == 0, pcg_backend.report()
+    assert got["captures_after_warm_up"] == 0          # CPU: CUDA graphs are off
+    assert all(torch.equal(a, b) for a, b in zip(got["sequences"], eager["sequences"]))
+    padded = sum(1 for c in calls if c.prompt <= 32 and c.prompt not in (1, 2, 4) and c.prompt % 8)
+    assert pcg_backend.stats()["padded_calls"] >= padded   # the timed calls' prefills, plus the warm-up's
+    assert "cannot be padded" not in pcg_backend.report()
