@@ -9,11 +9,12 @@ imports no transformers and patches nothing (HF routing: `pcg_backend.hf`).
 After `pip install .` the `torch_dynamo_backends` entry point registers the
 backend without an import.
 
-Reading order: backend -> split (token_dim, node_kinds, schedule, fx_facts)
--> runtime -> cudagraph (captured pieces) and eager_pieces (split ops and
-pieces that cannot be captured), with options, buckets, context and stats
-beside them; split ops live in `ops/`, HF routing in `hf/`, the benchmark in
-`bench.py`.
+Reading order: backend -> split -> analyse/ (fx_facts, token_dim,
+padding_rule, node_kinds) -> rewrite/ (row_rewrites, schedule,
+skinny_routing) -> pieces: cudagraph (captured pieces) and eager_pieces
+(split ops and pieces that cannot be captured) -> runtime, with options,
+buckets, context and stats beside them; split ops live in `ops/`, HF routing
+in `hf/`, the benchmark in `bench.py`.
 """
 
 from __future__ import annotations

@@ -15,14 +15,14 @@ import logging
 import torch
 
 from . import hf
+from .analyse.fx_facts import node_value, op_argument_names, written_inputs
+from .analyse.node_kinds import Kind
 from .buckets import Ladder
 from .cudagraph import CudaGraphPiece, pool_for, release_pools
 from .eager_pieces import EagerPiece, SplitOpPiece
-from .fx_facts import node_value, op_argument_names, written_inputs
-from .node_kinds import Kind
 from .ops import skinny_gemm
 from .options import parse_backend_options
-from .skinny_routing import route_skinny_linears, routed_twin
+from .rewrite.skinny_routing import route_skinny_linears, routed_twin
 from .split import split_graph
 from .stats import STATS, GraphRecord
 

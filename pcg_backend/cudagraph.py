@@ -143,8 +143,8 @@ def _recover_from_failed_capture(device: torch.device, handle) -> None:
     # is over, and later allocations on the capture stream would keep landing
     # in the graph pool. Calling this after a capture_end that succeeded would
     # end the pool's allocation twice. The CUDA RNG is not restored in that
-    # case; pcg avoids such captures up front (node_kinds.py sends host syncs
-    # and host-to-device copies it can see to eager pieces, `_host_sync_in`
+    # case; pcg avoids such captures up front (analyse/node_kinds.py sends host
+    # syncs and host-to-device copies it can see to eager pieces, `_host_sync_in`
     # finds the hidden ones), so this is a last resort.
     try:
         torch._C._cuda_endAllocateToPool(device.index, handle)
@@ -229,7 +229,7 @@ class CudaGraphPiece(torch.nn.Module):
         super().__init__()
         self.runnable = runnable
         # A second compile of the piece for captures at padded token counts of at most
-        # `small_tokens` (`skinny_routing.routed_twin`): its kernels only pay off there, so
+        # `small_tokens` (`rewrite/skinny_routing.routed_twin`): its kernels only pay off there, so
         # larger buckets and uncaptured calls keep `runnable`.
         self.small_runnable = small_runnable
         self.small_tokens = small_tokens

@@ -27,10 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import context
+from .analyse.fx_facts import node_value
 from .batched_copy import clone_all
 from .buckets import Ladder, fit_dims, pad_dims, slice_dims
 from .cudagraph import CudaGraphPiece, any_pool_owns, begin_forward
-from .fx_facts import node_value
 from .options import PcgOptions
 from .split import SplitResult
 from .stats import STATS

@@ -1,9 +1,13 @@
 """Cutting a Dynamo FX graph into pieces at split-op nodes.
 
-`token_dim.py` finds the token symbol, `node_kinds.py` gives every node a
-kind; consecutive nodes of one kind form a piece. Piece ids grow with node
-order, so `split_module(keep_original_order=True)` keeps the original order,
-which matters because graphs mutate tensors (KV and SSM state).
+The analyses in `analyse/` read the graph: `token_dim.py` finds the token
+symbol, `padding_rule.py` decides whether the graph may be padded,
+`node_kinds.py` gives every node a kind. The rewrites in `rewrite/` change
+no value: `row_rewrites.py` keeps a paddable graph paddable, `schedule.py`
+moves nodes so that fewer pieces form. Consecutive nodes of one kind form a
+piece. Piece ids grow with node order, so
+`split_module(keep_original_order=True)` keeps the original order, which
+matters because graphs mutate tensors (KV and SSM state).
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
 
-from . import padding_rule, row_rewrites
-from .fx_facts import mutated_inputs, node_value, symbols_of, tensors_in
-from .node_kinds import Kind, _fuse_safe_split_ops, classify
-from .schedule import drop_unused_size_arithmetic, hoist_uncapturable_inputs, pull_allocations_up
-from .token_dim import find_token_symbol, token_aliases, written_input_reason
+from .analyse import padding_rule
+from .analyse.fx_facts import mutated_inputs, node_value, symbols_of, tensors_in
+from .analyse.node_kinds import Kind, _fuse_safe_split_ops, classify
+from .analyse.token_dim import find_token_symbol, token_aliases, written_input_reason
+from .rewrite import row_rewrites
+from .rewrite.schedule import drop_unused_size_arithmetic, hoist_uncapturable_inputs, pull_allocations_up
 
 
 @dataclasses.dataclass
@@ -45,9 +50,9 @@ class SplitResult:
     exact_reason: str | None   # why only exact bucket sizes may use CUDA graphs, if so
     fused_split_ops: int       # safe split ops captured inside pieces
     aliases: set = dataclasses.field(default_factory=set)   # symbols padded as the token count (`token_aliases`)
-    row_picks: int = 0         # rows picked from the end, rewritten as gathers at the real count (`row_rewrites.py`)
+    row_picks: int = 0         # rows picked from the end, now gathers at the real count (`rewrite/row_rewrites.py`)
     count_values: int = 0      # uses of the token count as a value, rewritten to read the device count
-    row_wise_modules: list = dataclasses.field(default_factory=list)   # trusted as row-wise (`padding_rule`)
+    row_wise_modules: list = dataclasses.field(default_factory=list)   # trusted as row-wise (`analyse/padding_rule.py`)
 
     @property
     def row_rewrites(self) -> int:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pcg_backend
-from pcg_backend.padding_rule import register_row_wise
+from pcg_backend.analyse.padding_rule import register_row_wise
 from conftest import requires_cuda
 from pcg_backend.cudagraph import CudaGraphPiece
 from toy_models import NoSplitModel, ToyModel, compile_toy

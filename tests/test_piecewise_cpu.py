@@ -209,7 +209,7 @@ def test_host_read_of_a_tensor_value_runs_eagerly():
 
 def test_decode_batch_is_keyed_not_padded():
     # (B, 1, H): the symbolic batch is not a token count; the state it indexes cannot be padded.
-    from pcg_backend.token_dim import _row_symbol
+    from pcg_backend.analyse.token_dim import _row_symbol
 
     b = torch.fx.experimental.symbolic_shapes.ShapeEnv().create_unbacked_symint()
     assert _row_symbol((b, 1, 16)) is None
@@ -256,7 +256,7 @@ def test_host_to_device_copies_are_found_before_capture():
     # host-to-device copies in the graph and runs them eagerly instead of trying.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from pcg_backend.node_kinds import _copies_host_to_device
+    from pcg_backend.analyse.node_kinds import _copies_host_to_device
 
     with FakeTensorMode():
         on_gpu, on_host = torch.empty(3, device="cuda"), torch.empty(3)
@@ -319,7 +319,7 @@ def test_input_only_eager_work_moves_to_one_prologue(monkeypatch):
     # sinks to just before its first consumer's run: after the split op, so
     # the GPU would already run `lin` while the host works on it.
     from pcg_backend import backend
-    from pcg_backend.node_kinds import Kind
+    from pcg_backend.analyse.node_kinds import Kind
 
     order = []
 
@@ -370,7 +370,7 @@ def test_allocation_between_split_ops_joins_the_captured_piece_before():
 def test_bitwise_operator_is_not_an_in_place_write():
     import operator
 
-    from pcg_backend.fx_facts import written_args
+    from pcg_backend.analyse.fx_facts import written_args
 
     graph = torch.fx.Graph()
     a, b = graph.placeholder("a"), graph.placeholder("b")
@@ -400,8 +400,8 @@ def test_unused_size_arithmetic_is_dropped_and_runtime_asserts_stay():
     # Dynamo leaves size arithmetic nothing reads (a decode step's numel() of a KV
     # tensor and sym_sums); it would form a host piece in front of the first replay.
     # Runtime asserts have no users either, but are impure and must stay.
-    from pcg_backend.node_kinds import Kind
-    from pcg_backend.schedule import drop_unused_size_arithmetic
+    from pcg_backend.analyse.node_kinds import Kind
+    from pcg_backend.rewrite.schedule import drop_unused_size_arithmetic
 
     graph = torch.fx.Graph()
     x = graph.placeholder("x")

@@ -11,7 +11,7 @@ import torch
 import pcg_backend
 from pcg_backend.ops import skinny_gemm
 from pcg_backend.options import parse_options
-from pcg_backend.skinny_routing import route_skinny_linears, routed_twin
+from pcg_backend.rewrite.skinny_routing import route_skinny_linears, routed_twin
 
 
 class ThreeLinears(torch.nn.Module):

@@ -20,7 +20,7 @@ The op takes the kernel only where it measured faster: CUDA, bf16 or fp16,
 at most MAX_ROWS rows, at least MIN_COLUMNS output columns (with fewer, too
 few programs fill the GPU: `kv_proj`'s 1024 columns took 11.9 µs against
 cuBLASLt's 8.5). Anything else goes to `F.linear`, which is also what a CPU
-run uses. `pcg_backend/skinny_routing.py` decides which graph nodes call it.
+run uses. `pcg_backend/rewrite/skinny_routing.py` decides which graph nodes call it.
 """
 
 from __future__ import annotations

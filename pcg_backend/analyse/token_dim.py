@@ -15,7 +15,7 @@ import torch
 import torch.fx
 
 from .fx_facts import node_value, symbols_of, written_args
-from .ops.registry import split_op_name
+from ..ops.registry import split_op_name
 
 
 def _row_symbol(shape):

@@ -37,8 +37,8 @@ import math
 import torch
 import torch.fx
 
-from .fx_facts import node_value
-from .ops import skinny_gemm
+from ..analyse.fx_facts import node_value
+from ..ops import skinny_gemm
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 HALF_TYPES = (torch.bfloat16, torch.float16)

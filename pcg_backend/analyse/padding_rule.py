@@ -15,7 +15,7 @@ inputs' rows:
   from data, the token count used as a number). Such a node *taints* its
   value, and taint flows to every node that reads it.
 
-Two kinds of tainted node are rewritten instead (`row_rewrites.py`), so that
+Two kinds of tainted node are rewritten instead (`rewrite/row_rewrites.py`), so that
 the graph stays paddable: a row picked from the end (`x[:, -1]`, `x[:, -k:]`,
 `narrow`/`select` with an end-relative start, HF's `logits_to_keep`) becomes a
 gather at the real rows n-k..n-1, and the token count used as a value in a
@@ -46,7 +46,7 @@ import torch
 import torch.fx
 
 from .fx_facts import DATA_FREE, node_value, target_name, written_args
-from .ops.registry import split_op_name
+from ..ops.registry import split_op_name
 
 
 @dataclasses.dataclass

@@ -21,9 +21,9 @@ import sympy
 import torch
 import torch.fx
 
-from . import context
-from .fx_facts import node_value
-from .padding_rule import PaddingPlan, _normalize_index
+from .. import context
+from ..analyse.fx_facts import node_value
+from ..analyse.padding_rule import PaddingPlan, _normalize_index
 
 COUNT_ATTR = "_pcg_token_count"
 

@@ -21,7 +21,7 @@ import torch.fx
 
 from .fx_facts import (DATA_FREE, input_roots, mutated_inputs, written_args, symbols_of, target_name, tensors_in,
                        node_value)
-from .ops.registry import is_cudagraph_safe, is_padding_safe, split_op_name
+from ..ops.registry import is_cudagraph_safe, is_padding_safe, split_op_name
 
 
 class Kind(enum.Enum):

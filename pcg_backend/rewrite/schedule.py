@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch.fx
 
-from .fx_facts import DATA_FREE, VIEW_NAMES, node_value, target_name, tensors_in, written_args
-from .node_kinds import Kind
+from ..analyse.fx_facts import DATA_FREE, VIEW_NAMES, node_value, target_name, tensors_in, written_args
+from ..analyse.node_kinds import Kind
 
 # Ops that create a tensor from sizes and metadata only: moving them earlier cannot change a value.
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like",

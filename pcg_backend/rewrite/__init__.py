@@ -1,0 +1,10 @@
+"""Rewrites of a Dynamo FX graph, none of which changes what a call returns.
+
+* `row_rewrites`: rows picked from the end, and the token count used as a
+  value, read the real count from the device, so that the graph stays
+  paddable (`split.py` applies them where `analyse/padding_rule` asks);
+* `schedule`: moves nodes so that the graph falls into fewer, larger pieces
+  (`split.py`, before it cuts);
+* `skinny_routing`: sends few-row linear layers of captured pieces to
+  `pcg::skinny_linear` (`backend.py`, for each captured piece).
+"""
