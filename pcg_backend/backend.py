@@ -10,6 +10,7 @@ return a `PiecewiseRunner` (`runtime.py`) that pads each call to its bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -91,10 +92,31 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
         t.device for t in (node_value(n) for n in placeholders) if isinstance(t, torch.Tensor) and t.is_cuda
     ))
 
-    capturable = 0
-    skinny = 0          # linears routed in the compiled pieces
-    skinny_small = 0    # more, in the routed twins that only small buckets capture
-    notes = []
+    wrapped = _wrap_pieces(split, name, opts, pool)
+    notes = wrapped.notes + _graph_notes(split, opts, wrapped)
+    padding = "off (static shapes)" if split.token_symbol is None else f"to buckets {opts.capture_sizes[0]}..{opts.largest}"
+    ladder = Ladder(opts.capture_sizes)
+    runner = PiecewiseRunner(split, gm.graph, ladder, off_reason is None, off_reason or "", name, opts)
+    if runner.unpaddable:
+        padding = "exact bucket sizes only: " + runner.unpaddable
+        notes.append(runner.unpaddable)
+    _count_graph(name, split, wrapped, padding, notes, opts, pool)
+    return runner
+
+
+@dataclasses.dataclass
+class _Wrapped:
+    """What wrapping a split graph's pieces found, for the graph's notes and counters."""
+
+    capturable: int = 0
+    skinny: int = 0          # linears routed in the compiled pieces
+    skinny_small: int = 0    # more, in the routed twins that only small buckets capture
+    notes: list = dataclasses.field(default_factory=list)   # one per piece that runs eagerly
+
+
+def _wrap_pieces(split, name: str, opts, pool) -> _Wrapped:
+    """Replace each piece of `split.module` by what runs it: a split op, an eager piece or a captured one."""
+    wrapped = _Wrapped()
     for piece in split.pieces:
         sub = getattr(split.module, piece.name)
         if piece.kind is Kind.HOST:
@@ -105,30 +127,43 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
             continue
         if piece.kind is Kind.DYNAMIC:
             reason = f"{name}.{piece.name} runs eagerly: {piece.reason}"
-            notes.append(reason)
+            wrapped.notes.append(reason)
             STATS.note(reason)
             setattr(split.module, piece.name, EagerPiece(sub.forward, reason, written_inputs(sub)))
             continue
-        capturable += 1
-        twin = None
-        if pool and opts.skinny_gemm != "off":
-            skinny += route_skinny_linears(sub)
-            # A twin only where a capture can use it: a graph with a token dim (static graphs
-            # never consult it) and a bucket of at most MAX_ROWS tokens.
-            if (opts.skinny_gemm == "all" and split.token_symbol is not None
-                    and opts.capture_sizes[0] <= skinny_gemm.MAX_ROWS):
-                # Made before `sub` is compiled: Inductor's passes may rewrite `sub` in place.
-                twin, routed = routed_twin(sub)
-                skinny_small += routed
-        written = written_inputs(sub)
-        runnable = _compile_piece(sub, opts.compiler)
-        wrapper = (CudaGraphPiece(runnable, f"{name}.{piece.name}", pool, written, write_back=split.paddable,
-                                  gemm_library=opts.gemm_library,
-                                  small_runnable=None if twin is None else _compile_piece(twin, opts.compiler),
-                                  small_tokens=skinny_gemm.MAX_ROWS)
-                   if pool else EagerPiece(runnable, None, written))
-        setattr(split.module, piece.name, wrapper)
+        wrapped.capturable += 1
+        setattr(split.module, piece.name, _capturable_piece(sub, f"{name}.{piece.name}", split, opts, pool, wrapped))
+    return wrapped
 
+
+def _capturable_piece(sub: torch.fx.GraphModule, name: str, split, opts, pool, wrapped: _Wrapped):
+    """Compile a capturable piece, with its linears routed to pcg::skinny_linear where they qualify.
+
+    With CUDA graphs it runs as a `CudaGraphPiece`, else as a plain eager piece.
+    """
+    twin = None
+    if pool and opts.skinny_gemm != "off":
+        wrapped.skinny += route_skinny_linears(sub)
+        # A twin only where a capture can use it: a graph with a token dim (static graphs
+        # never consult it) and a bucket of at most MAX_ROWS tokens.
+        if (opts.skinny_gemm == "all" and split.token_symbol is not None
+                and opts.capture_sizes[0] <= skinny_gemm.MAX_ROWS):
+            # Made before `sub` is compiled: Inductor's passes may rewrite `sub` in place.
+            twin, routed = routed_twin(sub)
+            wrapped.skinny_small += routed
+    written = written_inputs(sub)
+    runnable = _compile_piece(sub, opts.compiler)
+    if not pool:
+        return EagerPiece(runnable, None, written)
+    return CudaGraphPiece(runnable, name, pool, written, write_back=split.paddable,
+                          gemm_library=opts.gemm_library,
+                          small_runnable=None if twin is None else _compile_piece(twin, opts.compiler),
+                          small_tokens=skinny_gemm.MAX_ROWS)
+
+
+def _graph_notes(split, opts, wrapped: _Wrapped) -> list[str]:
+    """The report's notes on what the split and the rewrites did to this graph."""
+    notes = []
     if split.fused_split_ops and split.paddable:
         notes.append(f"{split.fused_split_ops} padding-safe split op(s) captured inside pieces at every bucket "
                      f"(they read the real token count on the device)")
@@ -142,40 +177,37 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
         names = sorted({m.rsplit(" ", 1)[-1] for m in split.row_wise_modules})
         notes.append(f"{len(split.row_wise_modules)} module(s) of class {', '.join(names)} read across tokens inside but "
                      f"route each token alone (registered row-wise), so padded tokens cannot change real ones")
-    if skinny:
-        notes.append(f"{skinny} linear layer(s) in captured pieces call pcg::skinny_linear, a Triton kernel for "
-                     f"at most {skinny_gemm.MAX_ROWS} rows (option skinny_gemm={opts.skinny_gemm!r})")
-    if skinny_small:
-        notes.append(f"{skinny_small} more linear layer(s) call pcg::skinny_linear in routed twins of the pieces, "
-                     f"compiled a second time; buckets of at most {skinny_gemm.MAX_ROWS} tokens capture the twins, "
-                     f"larger buckets and uncaptured calls run the pieces (option skinny_gemm='all')")
+    if wrapped.skinny:
+        notes.append(f"{wrapped.skinny} linear layer(s) in captured pieces call pcg::skinny_linear, a Triton kernel "
+                     f"for at most {skinny_gemm.MAX_ROWS} rows (option skinny_gemm={opts.skinny_gemm!r})")
+    if wrapped.skinny_small:
+        notes.append(f"{wrapped.skinny_small} more linear layer(s) call pcg::skinny_linear in routed twins of the "
+                     f"pieces, compiled a second time; buckets of at most {skinny_gemm.MAX_ROWS} tokens capture the "
+                     f"twins, larger buckets and uncaptured calls run the pieces (option skinny_gemm='all')")
     if split.split_op_nodes == 0:
         notes.append("no split op in this graph: it is one bucketed piece")
-    padding = "off (static shapes)" if split.token_symbol is None else f"to buckets {opts.capture_sizes[0]}..{opts.largest}"
-    ladder = Ladder(opts.capture_sizes)
-    runner = PiecewiseRunner(split, gm.graph, ladder, off_reason is None, off_reason or "", name, opts)
-    if runner.unpaddable:
-        padding = "exact bucket sizes only: " + runner.unpaddable
-        notes.append(runner.unpaddable)
+    return notes
 
+
+def _count_graph(name: str, split, wrapped: _Wrapped, padding: str, notes: list[str], opts, pool) -> None:
+    """Add the graph to pcg's counters and graph records, and log one line about it."""
     STATS.graphs_compiled += 1
     STATS.pieces += len(split.pieces)
-    STATS.capturable_pieces += capturable
+    STATS.capturable_pieces += wrapped.capturable
     STATS.split_op_nodes += split.split_op_nodes
     STATS.split_ops_in_graphs += split.fused_split_ops
-    STATS.skinny_linears += skinny
-    STATS.skinny_linears_small_buckets += skinny_small
+    STATS.skinny_linears += wrapped.skinny
+    STATS.skinny_linears_small_buckets += wrapped.skinny_small
     STATS.graphs.append(GraphRecord(
-        name, len(split.pieces), capturable, split.split_op_nodes,
+        name, len(split.pieces), wrapped.capturable, split.split_op_nodes,
         None if split.token_symbol is None else str(split.token_symbol), padding, notes,
     ))
     log.info("pcg: %s split into %d pieces (%d capturable, %d split ops), padding %s, compiler %s, "
              "GEMM library while capturing %s, %d linear layer(s) to pcg::skinny_linear "
              "(%d more in twins for buckets of at most %d tokens)",
-             name, len(split.pieces), capturable, split.split_op_nodes, padding,
-             opts.compiler, opts.gemm_library if pool else "(no CUDA graphs)", skinny, skinny_small,
-             skinny_gemm.MAX_ROWS)
-    return runner
+             name, len(split.pieces), wrapped.capturable, split.split_op_nodes, padding,
+             opts.compiler, opts.gemm_library if pool else "(no CUDA graphs)", wrapped.skinny,
+             wrapped.skinny_small, skinny_gemm.MAX_ROWS)
 
 
 from .runtime import PiecewiseRunner  # noqa: E402  (runtime imports nothing from here; kept last for reading order)

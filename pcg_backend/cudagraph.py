@@ -216,6 +216,17 @@ class CaptureRefused(RuntimeError):
     """A piece whose inputs make capture impossible (e.g. a CPU tensor)."""
 
 
+@dataclasses.dataclass
+class _Recording:
+    """A graph just captured, with the strong references its capture made."""
+
+    graph: torch.cuda.CUDAGraph
+    outputs: object
+    copies: list[tuple[int, torch.Tensor]]   # arg index -> static input the graph reads (copied into on replay)
+    fixed: list[tuple[int, int]]             # arg index -> data_ptr captured in place
+    buffers: list[tuple[int, torch.Tensor]]  # the static inputs allocated in the pool for this capture
+
+
 class CudaGraphPiece(torch.nn.Module):
     """Runs `runnable` through a CUDA graph per capture key, capturing on first use of a key."""
 
@@ -314,15 +325,60 @@ class CudaGraphPiece(torch.nn.Module):
         return self.runnable
 
     def _capture(self, key, args):
+        """Capture a graph of this piece for `key`, replay it for this call, and keep it for later calls.
+
+        A piece that cannot be captured (a CPU input, a host sync, a failed
+        capture) is refused for good and runs eagerly from then on.
+        """
+        reason = self._cpu_input(args)
+        if reason is not None:
+            return self._refuse(reason, args)
+        run = self._runnable_to_capture()
+        reason = self._warm_up(run, args)
+        if reason is not None:
+            return self._refuse(reason, args)
+        start = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(self.pool.device)
+        recording = self._record(run, args)
+        if isinstance(recording, str):
+            return self._refuse(recording, args)
+        # A capture records kernels without running them: this call's inputs go
+        # into the static buffers, and its results come from a first replay.
+        copy_pairs([(buf, args[i]) for i, buf in recording.buffers])
+        recording.graph.replay()
+        written_back = [(i, t) for i, t in recording.copies if i in self.written]
+        # An up-front capture forward must leave the caller's state as it was.
+        if written_back and not context.current().warmup:
+            self._write_back(written_back, args)
+        self._keep(key, recording, args, written_back)
+        # The replay right after capture is part of the capture, not counted as a replay.
+        STATS.cuda_graphs_captured += 1
+        STATS.twin_captures += run is not self.runnable
+        STATS.capture_seconds += time.perf_counter() - start
+        STATS.graph_memory_bytes += max(0, torch.cuda.memory_reserved(self.pool.device) - reserved)
+        return recording.outputs
+
+    def _refuse(self, reason: str, args):
+        """Run this piece eagerly, for this call and every later one, for `reason` (counted for the report)."""
+        self.refused = reason
+        STATS.eager(reason)
+        return self.runnable(*args)
+
+    def _cpu_input(self, args) -> str | None:
+        """Why a CUDA graph cannot read this call's inputs (a tensor off the GPU), or None."""
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor) and a.device.type != "cuda":
-                self.refused = f"{self.name}: input {i} is a {a.device.type} tensor, which a CUDA graph cannot read"
-                STATS.eager(self.refused)
-                return self.runnable(*args)
-        run = self._runnable_to_capture()
-        # Warm up outside the capture: lazy inits (cuBLAS handles, Triton
-        # autotuning) must not happen while the stream is capturing. Written
-        # inputs get private copies there, or the state would advance twice.
+                return f"{self.name}: input {i} is a {a.device.type} tensor, which a CUDA graph cannot read"
+        return None
+
+    def _warm_up(self, run, args) -> str | None:
+        """Run the piece once outside the capture; before its first capture, probe it for host syncs.
+
+        The warm-up does the lazy inits (cuBLAS handles, Triton autotuning)
+        that must not happen while the stream is capturing. Written inputs get
+        private copies there, or the state would advance twice. Returns why
+        the piece cannot be captured, or None.
+        """
         run(*private_copies(args, self.written))
         if not self._probed:
             # Once per piece, after the warm-up above did the lazy inits (Triton
@@ -332,12 +388,12 @@ class CudaGraphPiece(torch.nn.Module):
             self._probed = True
             sync = _host_sync_in(lambda: run(*private_copies(args, self.written)))
             if sync:
-                self.refused = (f"{self.name}: synchronizes with the host ({sync}), which a CUDA graph cannot "
-                                f"hold; found in a trial run before capture")
-                STATS.eager(self.refused)
-                return self.runnable(*args)
-        start = time.perf_counter()
-        reserved = torch.cuda.memory_reserved(self.pool.device)
+                return (f"{self.name}: synchronizes with the host ({sync}), which a CUDA graph cannot "
+                        f"hold; found in a trial run before capture")
+        return None
+
+    def _record(self, run, args) -> _Recording | str:
+        """Capture `run` on static stand-ins for `args`: the recording, or why the capture failed."""
         graph = torch.cuda.CUDAGraph()
         static_args = list(args)
         copies, fixed, buffers = [], [], []
@@ -370,16 +426,13 @@ class CudaGraphPiece(torch.nn.Module):
                 _recover_from_failed_capture(self.pool.device, handle)
             self._failed.append(graph)
             torch.cuda.synchronize(self.pool.device)
-            self.refused = f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
-            STATS.eager(self.refused)
-            return self.runnable(*args)
+            return f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
         torch.cuda.current_stream().wait_stream(stream)
-        copy_pairs([(buf, args[i]) for i, buf in buffers])
-        graph.replay()
-        written_back = [(i, t) for i, t in copies if i in self.written]
-        # An up-front capture forward must leave the caller's state as it was.
-        if written_back and not context.current().warmup:
-            self._write_back(written_back, args)
+        return _Recording(graph, outputs, copies, fixed, buffers)
+
+    def _keep(self, key, recording: _Recording, args, written_back) -> None:
+        """Store the graph for `key`, holding only weak aliases of its pool memory (see the module docstring)."""
+        outputs = recording.outputs
         single = not isinstance(outputs, (tuple, list))
         weak_outputs = []
         for o in ([outputs] if single else outputs):
@@ -388,7 +441,7 @@ class CudaGraphPiece(torch.nn.Module):
                 weak_outputs.append(weak_alias(o))
             else:
                 weak_outputs.append(o)
-        for _, buf in buffers:
+        for _, buf in recording.buffers:
             self.pool.remember(buf)
         versions = self.entries.setdefault(key, [])
         if len(versions) >= MAX_VERSIONS_PER_KEY:
@@ -396,16 +449,10 @@ class CudaGraphPiece(torch.nn.Module):
             STATS.note(f"{self.name}: more than {MAX_VERSIONS_PER_KEY} address sets for key {key}; "
                        f"dropping the least recently used graph")
         versions.insert(0, _Entry(
-            graph,
-            [(i, weak_alias(t)) for i, t in copies],
-            fixed,
+            recording.graph,
+            [(i, weak_alias(t)) for i, t in recording.copies],
+            recording.fixed,
             [(i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor)],
             weak_outputs[0] if single else tuple(weak_outputs),
             [(i, weak_alias(t)) for i, t in written_back],
         ))
-        # The replay right after capture is part of the capture, not counted as a replay.
-        STATS.cuda_graphs_captured += 1
-        STATS.twin_captures += run is not self.runnable
-        STATS.capture_seconds += time.perf_counter() - start
-        STATS.graph_memory_bytes += max(0, torch.cuda.memory_reserved(self.pool.device) - reserved)
-        return outputs

@@ -63,6 +63,35 @@ def _lower_bound(placeholders, token) -> int:
     return 2
 
 
+def _symbol_sources(placeholders) -> dict:
+    """Where each symbol's value can be read from a call's arguments: symbol -> (arg index, dim or None).
+
+    A size passed as an argument of its own wins over a tensor dim that has it.
+    """
+    sources: dict = {}
+    for i, node in enumerate(placeholders):
+        val = node_value(node)
+        if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
+            sources.setdefault(val.node.expr, (i, None))
+    for i, node in enumerate(placeholders):
+        val = node_value(node)
+        if isinstance(val, torch.Tensor):
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    sources.setdefault(size.node.expr, (i, d))
+    return sources
+
+
+def _count_buffer(placeholders) -> torch.Tensor:
+    """pcg's device buffer for the real token count, on the device of the graph's GPU inputs.
+
+    A leading 0-dim CPU scalar input must not pick the device.
+    """
+    tensors = [node_value(n) for n in placeholders if isinstance(node_value(n), torch.Tensor)]
+    device = next((t.device for t in tensors if t.device.type == "cuda"), tensors[0].device)
+    return context.count_buffer(device)
+
+
 @dataclasses.dataclass
 class _DimPlan:
     index: int
@@ -89,18 +118,7 @@ class PiecewiseRunner:
         self._token_symbols = {token, *split.aliases}
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
 
-        # Where each symbol's value can be read from the call's arguments.
-        sources: dict = {}
-        for i, node in enumerate(placeholders):
-            val = node_value(node)
-            if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
-                sources.setdefault(val.node.expr, (i, None))
-        for i, node in enumerate(placeholders):
-            val = node_value(node)
-            if isinstance(val, torch.Tensor):
-                for d, size in enumerate(val.shape):
-                    if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                        sources.setdefault(size.node.expr, (i, d))
+        sources = _symbol_sources(placeholders)
         self.aliases = split.aliases
         self.other_symbols = sorted((s for s in sources if s != token and s not in self.aliases), key=str)
         # Aliases of the token count (`token_dim.token_aliases`) must equal it on every call that pads.
@@ -109,41 +127,11 @@ class PiecewiseRunner:
         self._key_getters = [_value_getter(*sources[s]) for s in split.keyed_symbols if s != token and s in sources]
         self._token_getter = _value_getter(*sources[token]) if token is not None and token in sources else None
 
-        # Which inputs get padded, and how.
-        self.pad_plan: list[_DimPlan] = []
-        self.sym_plan: list[tuple[int, object]] = []
-        for i, node in enumerate(placeholders):
-            val = node_value(node)
-            if token is None:
-                break
-            if isinstance(val, torch.SymInt):
-                if val.node.expr.free_symbols & self._token_symbols:
-                    self.sym_plan.append((i, _size_fn(val.node.expr, token, self.other_symbols, self.aliases)))
-            elif isinstance(val, torch.Tensor):
-                dims = self._token_dims(val)
-                if dims:
-                    self.pad_plan.append(_DimPlan(i, dims))
+        self.pad_plan, self.sym_plan = self._input_plans(placeholders)
         self.unpaddable = split.exact_reason
         # Padding-safe split ops inside pieces, and row rewrites, read the real count from this buffer.
-        self.count = None
-        if split.needs_device_count:
-            # The device of the graph's GPU inputs: a leading 0-dim CPU scalar input must not pick it.
-            tensors = [node_value(n) for n in placeholders if isinstance(node_value(n), torch.Tensor)]
-            device = next((t.device for t in tensors if t.device.type == "cuda"), tensors[0].device)
-            self.count = context.count_buffer(device)
-
-        # Which outputs get sliced back to the real size.
-        output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
-        out_args = output_node.args[0]
-        self.single_output = not isinstance(out_args, (tuple, list))
-        flat = [out_args] if self.single_output else list(out_args)
-        self.out_plan: list[_DimPlan] = []
-        for j, out in enumerate(flat):
-            val = node_value(out) if isinstance(out, torch.fx.Node) else None
-            if token is not None and isinstance(val, torch.Tensor):
-                dims = self._token_dims(val)
-                if dims:
-                    self.out_plan.append(_DimPlan(j, dims))
+        self.count = _count_buffer(placeholders) if split.needs_device_count else None
+        self.single_output, self.out_plan = self._output_plan(graph)
         if self.unpaddable:
             STATS.note(f"{name}: {self.unpaddable}")
 
@@ -156,6 +144,38 @@ class PiecewiseRunner:
         # graph never sees sizes below its symbol's lower bound.
         lowest = _lower_bound(placeholders, token) if self.upfront else 2
         self.upfront_sizes = sorted((b for b in ladder.sizes if b >= lowest), reverse=True)
+
+    def _input_plans(self, placeholders) -> tuple[list[_DimPlan], list[tuple[int, object]]]:
+        """Which inputs get padded, and how: the tensors' token dims, and the size inputs that follow the token."""
+        pad_plan: list[_DimPlan] = []
+        sym_plan: list[tuple[int, object]] = []
+        for i, node in enumerate(placeholders):
+            val = node_value(node)
+            if self.token is None:
+                break
+            if isinstance(val, torch.SymInt):
+                if val.node.expr.free_symbols & self._token_symbols:
+                    sym_plan.append((i, _size_fn(val.node.expr, self.token, self.other_symbols, self.aliases)))
+            elif isinstance(val, torch.Tensor):
+                dims = self._token_dims(val)
+                if dims:
+                    pad_plan.append(_DimPlan(i, dims))
+        return pad_plan, sym_plan
+
+    def _output_plan(self, graph: torch.fx.Graph) -> tuple[bool, list[_DimPlan]]:
+        """Whether the graph returns a single value, and which outputs get sliced back to the real size."""
+        output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+        out_args = output_node.args[0]
+        single_output = not isinstance(out_args, (tuple, list))
+        flat = [out_args] if single_output else list(out_args)
+        out_plan: list[_DimPlan] = []
+        for j, out in enumerate(flat):
+            val = node_value(out) if isinstance(out, torch.fx.Node) else None
+            if self.token is not None and isinstance(val, torch.Tensor):
+                dims = self._token_dims(val)
+                if dims:
+                    out_plan.append(_DimPlan(j, dims))
+        return single_output, out_plan
 
     def _context(self, args) -> tuple[context.ForwardContext, int | None]:
         if self._token_getter is None:
