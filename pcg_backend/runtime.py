@@ -51,6 +51,12 @@ def _size_fn(expr, token, symbols, aliases=()):
     return lambda bucket, env: int(fn(bucket, *env))
 
 
+def _value_fn(expr, token, symbols, aliases, cast):
+    """(n, env) -> the Python value of an expression of the token count (an output such as `x.shape[0] * 2`)."""
+    fn = sympy.lambdify([token, *symbols], expr.xreplace({a: token for a in aliases}), modules="math")
+    return lambda n, env: cast(fn(n, *env))
+
+
 def _lower_bound(placeholders, token) -> int:
     """The smallest value Dynamo lets the token symbol take (2 unless the user marked otherwise)."""
     for node in placeholders:
@@ -131,7 +137,7 @@ class PiecewiseRunner:
         self.unpaddable = split.exact_reason
         # Padding-safe split ops inside pieces, and row rewrites, read the real count from this buffer.
         self.count = _count_buffer(placeholders) if split.needs_device_count else None
-        self.single_output, self.out_plan = self._output_plan(graph)
+        self.single_output, self.out_plan, self.value_out_plan = self._output_plan(graph)
         if self.unpaddable:
             STATS.note(f"{name}: {self.unpaddable}")
 
@@ -162,20 +168,29 @@ class PiecewiseRunner:
                     pad_plan.append(_DimPlan(i, dims))
         return pad_plan, sym_plan
 
-    def _output_plan(self, graph: torch.fx.Graph) -> tuple[bool, list[_DimPlan]]:
-        """Whether the graph returns a single value, and which outputs get sliced back to the real size."""
+    def _output_plan(self, graph: torch.fx.Graph) -> tuple[bool, list[_DimPlan], list[tuple[int, object]]]:
+        """Whether the graph returns a single value; which outputs get sliced back to the real size; and
+        which outputs are numbers of the token count (`x.shape[0] * 2`), recomputed from the real count."""
         output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
         out_args = output_node.args[0]
         single_output = not isinstance(out_args, (tuple, list))
         flat = [out_args] if single_output else list(out_args)
         out_plan: list[_DimPlan] = []
+        value_plan: list[tuple[int, object]] = []
         for j, out in enumerate(flat):
             val = node_value(out) if isinstance(out, torch.fx.Node) else None
-            if self.token is not None and isinstance(val, torch.Tensor):
+            if self.token is None:
+                continue
+            if isinstance(val, torch.Tensor):
                 dims = self._token_dims(val)
                 if dims:
                     out_plan.append(_DimPlan(j, dims))
-        return single_output, out_plan
+            elif isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                expr = val.node.expr
+                if expr.free_symbols & self._token_symbols:
+                    cast = {torch.SymInt: int, torch.SymFloat: float, torch.SymBool: bool}[type(val)]
+                    value_plan.append((j, _value_fn(expr, self.token, self.other_symbols, self.aliases, cast)))
+        return single_output, out_plan, value_plan
 
     def _context(self, args) -> tuple[context.ForwardContext, int | None]:
         if self._token_getter is None:
@@ -236,6 +251,8 @@ class PiecewiseRunner:
             for plan in self.out_plan:
                 sizes = {d: (ctx.num_tokens if fn is None else fn(ctx.num_tokens, env)) for d, fn in plan.dims.items()}
                 outs[plan.index] = slice_dims(outs[plan.index], sizes)
+            for j, fn in self.value_out_plan:
+                outs[j] = fn(ctx.num_tokens, env)
         owned = [j for j, o in enumerate(outs) if isinstance(o, torch.Tensor) and any_pool_owns(o)]
         if owned:
             # One grouped copy, not a clone per output: a forward that creates its cache returns every state.

@@ -198,3 +198,37 @@ def test_last_rows_of_a_3d_activation_without_split_op(pick):
             assert got.shape == ref.shape
             torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
     assert pcg_backend.stats()["padded_calls"] == 2
+
+
+def test_numbers_of_the_count_returned_by_a_padded_graph_are_the_real_ones():
+    lin = torch.nn.Linear(H, H)
+
+    def f(x):
+        y = lin(x)
+        return y, y.shape[0] * 2, y.shape[0] - 1      # Dynamo returns these sizes as graph outputs
+
+    compiled = torch.compile(f, backend="pcg", dynamic=True, options={"capture_sizes": SIZES})
+    for n in [3, 5, 9]:
+        x = torch.randn(n, H)
+        got, ref = compiled(x), f(x)
+        assert got[1:] == ref[1:] == (2 * n, n - 1)
+        torch.testing.assert_close(got[0], ref[0], atol=ATOL, rtol=0)
+    assert pcg_backend.stats()["padded_calls"] == 3
+
+
+def test_rows_from_the_end_written_in_place_keep_the_graph_exact(monkeypatch):
+    # A gather would be a copy, and the write through the view would be lost: no rewrite, no padding.
+    lin = torch.nn.Linear(H, H)
+
+    def f(x):
+        y = lin(x)
+        y[-2:].mul_(0)
+        return y
+
+    compiled = torch.compile(f, backend="pcg", dynamic=True, options={"capture_sizes": SIZES})
+    monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
+    for n in [3, 5, 9]:
+        x = torch.randn(n, H)
+        torch.testing.assert_close(compiled(x), f(x), atol=ATOL, rtol=0)
+    assert pcg_backend.stats()["padded_calls"] == 0
+    assert "rows picked from the token dim's end are written in place" in pcg_backend.report()

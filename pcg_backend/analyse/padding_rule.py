@@ -45,7 +45,7 @@ import sympy
 import torch
 import torch.fx
 
-from .fx_facts import DATA_FREE, node_value, target_name, written_args
+from .fx_facts import DATA_FREE, VIEW_NAMES, node_value, target_name, written_args
 from ..ops.registry import split_op_name
 
 
@@ -550,6 +550,9 @@ class _Analysis:
             raise _Tainted(f"{node.name}: picks a count-dependent number of rows from the token dim's end")
         if not _emittable(start) or start.free_symbols - {self.token}:
             raise _Tainted(f"{node.name}: picks rows from {start}, which pcg cannot compute on the device")
+        if _written_through(node):
+            # A gather is a copy: a write through the view would no longer reach the source.
+            raise _Tainted(f"{node.name}: rows picked from the token dim's end are written in place")
         self.picks.append(Pick(node, source, dim, start, length, keep_dim, position))
 
     def narrow_or_select(self, node, name) -> None:
@@ -607,6 +610,22 @@ class _Analysis:
             dim += 1
         if iota_out is not None and not advanced:
             self.iota[node] = iota_out
+
+
+def _written_through(node: torch.fx.Node) -> bool:
+    """Whether some node writes `node`'s value in place, directly or through views of it."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for user in current.users:
+            if current in written_args(user):
+                return True
+            if target_name(user) in VIEW_NAMES and user.args and user.args[0] is current:
+                stack.append(user)
+    return False
 
 
 def _normalize_index(index, ndim: int):
