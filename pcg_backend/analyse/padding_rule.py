@@ -189,6 +189,19 @@ def is_pointwise(node: torch.fx.Node) -> bool:
     return _POINTWISE_CACHE[name]
 
 
+# Casts and position masks among the row-wise names take ints that must stay Python numbers.
+_SCALAR_VALUE_NAMES = {"masked_fill", "masked_fill_", "clamp_min", "clamp_max", "fill_"}
+
+
+def _takes_tensor_values(node, name: str) -> bool:
+    """Whether a number argument of this pointwise op may be a 0-dim device tensor instead (arithmetic, compares)."""
+    if node.op == "call_function" and node.target in _OPERATOR_POINTWISE:
+        return True
+    if name in _SCALAR_VALUE_NAMES:
+        return True
+    return name not in _POINTWISE_NAMES
+
+
 def _arg(node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
@@ -329,7 +342,7 @@ class _Analysis:
         elif name in _ALLOCATIONS:
             pass    # shapes only: a token dim of an allocation is padded like any other
         elif name in _FILLS:
-            self.count_arg(node, _FILLS[name], "fill_value")
+            self.count_fill(node, _FILLS[name])
         elif name == "arange":
             self.arange(node)
         elif name == "scaled_dot_product_attention":
@@ -370,14 +383,12 @@ class _Analysis:
             if isinstance(a, torch.fx.Node) and self.token_dims(node_value(a)):
                 raise _Tainted(f"{node.name}: {what} have the token dim")
 
-    def count_arg(self, node, index: int, kwarg: str) -> None:
-        """The token count passed as a value (not a shape): rewrite it to the device count, or taint."""
-        for position in (index, kwarg):
-            arg = node.args[position] if isinstance(position, int) and position < len(node.args) else (
-                node.kwargs.get(position) if isinstance(position, str) else None)
-            v = node_value(arg) if isinstance(arg, torch.fx.Node) else None
-            if isinstance(v, (torch.SymInt, torch.SymFloat)) and self.has_token(v):
-                self.count_use(node, position, self.expr(v))
+    def count_fill(self, node, index: int) -> None:
+        """`full(size, n)`: a fill value must be a Python number, so the count as a fill keeps the graph exact."""
+        arg = _arg(node, index, "fill_value")
+        v = node_value(arg) if isinstance(arg, torch.fx.Node) else None
+        if isinstance(v, (torch.SymInt, torch.SymFloat)) and self.has_token(v):
+            raise _Tainted(f"{node.name}: fills a tensor with the token count")
 
     def count_use(self, node, position, expr) -> None:
         if expr.free_symbols - {self.token}:
@@ -390,6 +401,9 @@ class _Analysis:
         for position, arg in [*enumerate(node.args), *node.kwargs.items()]:
             v = node_value(arg) if isinstance(arg, torch.fx.Node) else None
             if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) and self.has_token(v):
+                if not _takes_tensor_values(node, name):
+                    # `tril(x, diagonal=n)`, `x.to(...)`: an int parameter, not a value a tensor can stand for
+                    raise _Tainted(f"{node.name}: {name} takes the token count as a parameter")
                 self.count_use(node, position, self.expr(v))
         first = node.args[0] if node.args else None
         if (first in self.iota and name in ("add", "sub", "to", "int", "long", "contiguous", "clone", "type")
