@@ -1,6 +1,6 @@
-"""Benchmark: a Nemotron-Nano-9B-v2-shaped HF NemotronH with random bf16 weights.
+"""Benchmark: a 7-9 B-shaped HF hybrid model with random bf16 weights (NemotronH by default).
 
-    python -m pcg_backend.bench [--quick] [--layers N] [--variants eager,pcg-eager,...] [--out DIR]
+    python -m pcg_backend.bench [--quick] [--family F] [--layers N] [--variants eager,pcg-eager,...] [--out DIR]
     python -m pcg_backend.bench --traffic [--calls N] [--batches 1,4,8] [--variants ...]
 
 Variants, run one after another in this process: `eager` (HF eager),
@@ -27,6 +27,7 @@ import time
 import torch
 
 from .buckets import Ladder
+from .families import FAMILIES
 
 PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
 KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
@@ -65,12 +66,16 @@ def nano9b_config(layers: int | None = None):
     )
 
 
-def build_model(layers: int | None):
+def build_model(layers: int | None, family: str = "nemotron_h"):
+    """The benchmark model of `family` (`families.py`) with random bf16 weights, on the GPU."""
     from transformers import AutoModelForCausalLM
+
+    from .families import config
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(nano9b_config(layers), dtype=torch.bfloat16)
+        cfg = nano9b_config(layers) if family == "nemotron_h" else config(family)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     return model.eval()
 
 
@@ -332,7 +337,10 @@ def _json_object(text: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=None, help="use only the first N layers of the pattern")
+    parser.add_argument("--family", default="nemotron_h", choices=FAMILIES,
+                        help="the model family to build, in a 7-9 B shape (pcg_backend/families.py)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="nemotron_h only: use only the first N layers of the pattern")
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer sizes and repeats, and unless --variants is given only {','.join(QUICK_VARIANTS)}: "
                              "about 5 minutes on an H100 (4.8 in run 14). compile and reduce-overhead take far longer "
@@ -361,6 +369,8 @@ def main(argv=None):
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         parser.error(f"unknown variant(s) {bad}; choose from {VARIANTS}")
+    if args.layers and args.family != "nemotron_h":
+        parser.error("--layers shortens the nemotron_h pattern only")
     if not torch.cuda.is_available():
         parser.error("the benchmark needs a CUDA GPU")
     if args.traffic:
@@ -375,12 +385,12 @@ def main(argv=None):
     new_tokens, repeats = 32, (3 if args.quick else 5)
     device = torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
-    model = build_model(args.layers)
+    model = build_model(args.layers, args.family)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * weight_bytes / bandwidth
     print(f"variants: {','.join(variants)}; prefill {prefill}; decode batches {batches}", flush=True)
-    print(f"pattern: {short_pattern(args.layers)}; module guards {'skipped' if args.skip_module_guards else 'kept'}; "
+    print(f"family: {args.family}; pattern: {short_pattern(args.layers) if args.family == 'nemotron_h' else '-'}; module guards {'skipped' if args.skip_module_guards else 'kept'}; "
           f"extra pcg options {args.pcg_options}", flush=True)
     print(f"device: {device}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
           f"{weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.2f} ms", flush=True)
@@ -389,7 +399,7 @@ def main(argv=None):
     def save():
         # Written after every measurement, so a run cut short keeps what it measured.
         with open(os.path.join(args.out, "bench.json"), "w") as f:
-            json.dump({"device": device, "floor_ms": floor_ms, "weight_bytes": weight_bytes,
+            json.dump({"device": device, "family": args.family, "floor_ms": floor_ms, "weight_bytes": weight_bytes,
                        "bandwidth_bytes_s": bandwidth, "skip_module_guards": args.skip_module_guards,
                        "pcg_options": args.pcg_options,
                        "results": results}, f, indent=1, default=str)
@@ -428,8 +438,8 @@ def run_traffic(args, variants: list[str]) -> dict:
     calls = traffic.plan(0, args.calls, opts.largest, batches)
     device = torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
-    model = build_model(args.layers)
-    print(f"traffic: {device}; {len(calls)} generate() calls of {args.new_tokens} new tokens, batches {batches}, "
+    model = build_model(args.layers, args.family)
+    print(f"traffic: {args.family}; {device}; {len(calls)} generate() calls of {args.new_tokens} new tokens, batches {batches}, "
           f"prompts 1..{2 * opts.largest} (largest bucket {opts.largest}); variants {','.join(variants)}", flush=True)
     results: dict = {}
     ideal = None

@@ -94,3 +94,37 @@ def test_traffic_prompts_are_left_padded_with_a_full_first_row():
         assert bool((ids[row, :pad] == 0).all())
     assert traffic.warm_up_calls([traffic.Call(1, 5), traffic.Call(4, 9), traffic.Call(1, 30)]) == [
         traffic.Call(1, 5), traffic.Call(1, 30), traffic.Call(4, 9), traffic.Call(4, 9)]
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "bamba", "falcon_h1", "zamba2", "granitemoehybrid", "mamba2"])
+def test_family_shapes_are_7_to_10_b_parameters_with_their_layer_mix(family):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pcg_backend import families
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(families.config(family))
+    params = sum(p.numel() for p in model.parameters())
+    assert 7e9 < params < 10e9, params
+    cfg = model.config
+    attention = {
+        "nemotron_h": lambda: sum(t in ("attention", "full_attention") for t in cfg.layers_block_type),
+        "bamba": lambda: len(cfg.attn_layer_indices),
+        "falcon_h1": lambda: cfg.num_hidden_layers,            # attention beside Mamba2 in every layer
+        "zamba2": lambda: cfg.layers_block_type.count("hybrid"),   # uses of the shared blocks
+        "granitemoehybrid": lambda: sum(t in ("attention", "full_attention") for t in cfg.layer_types),
+        "mamba2": lambda: 0,
+    }[family]()
+    assert attention == {"nemotron_h": 4, "bamba": 3, "falcon_h1": 44, "zamba2": 9, "granitemoehybrid": 4,
+                         "mamba2": 0}[family]
+
+
+def test_unknown_family_and_layers_outside_nemotron_h_are_errors(capsys):
+    from pcg_backend import families
+
+    with pytest.raises(ValueError, match="unknown family 'jamba'"):
+        families.config("jamba")
+    with pytest.raises(SystemExit):
+        bench.main(["--family", "bamba", "--layers", "8"])
+    assert "--layers shortens the nemotron_h pattern only" in capsys.readouterr().err
