@@ -45,7 +45,7 @@ import sympy
 import torch
 import torch.fx
 
-from .fx_facts import DATA_FREE, VIEW_NAMES, node_value, target_name, written_args
+from .fx_facts import DATA_FREE, VIEW_NAMES, node_value, target_name, tensors_in, written_args
 from ..ops.registry import split_op_name
 
 
@@ -241,7 +241,7 @@ class _Analysis:
 
     def check_form(self, node, value) -> None:
         """A token dim must be the count plus a constant: its real rows are then a prefix the runtime can slice."""
-        for t in _tensors(value):
+        for t in tensors_in(value):
             for size in t.shape:
                 e = self.expr(size)
                 if self.token in e.free_symbols and not (e - self.token).is_Integer:
@@ -292,7 +292,7 @@ class _Analysis:
 
     def visit(self, node: torch.fx.Node, name: str) -> None:
         value = node_value(node)
-        if not any(True for _ in _tensors(value)):
+        if not any(True for _ in tensors_in(value)):
             return   # host values (sizes, arithmetic on them): a size of the count is fine as a shape
         self.check_form(node, value)
         self.meets_other_sizes(node)
@@ -361,7 +361,7 @@ class _Analysis:
             return
         syms = set()
         for v in (node_value(node), *(node_value(a) for a in node.all_input_nodes)):
-            for t in _tensors(v):
+            for t in tensors_in(v):
                 for size in t.shape:
                     syms |= self.expr(size).free_symbols
         if self.token in syms and syms - self.foreign_ok:
@@ -371,7 +371,7 @@ class _Analysis:
 
     def touches_tokens(self, node) -> bool:
         values = [node_value(node), *(node_value(a) for a in node.all_input_nodes)]
-        return any(self.token_dims(t) for v in values for t in _tensors(v)) or any(
+        return any(self.token_dims(t) for v in values for t in tensors_in(v)) or any(
             self.has_token(v) for v in values if isinstance(v, (torch.SymInt, torch.SymFloat)))
 
     def unknown(self, node, name) -> None:
@@ -661,14 +661,6 @@ def _normalize_index(index, ndim: int):
 
 def _same(a, b) -> bool:
     return a == b or sympy.expand(a - b) == 0
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
 
 
 def _emittable(expr: sympy.Expr) -> bool:
