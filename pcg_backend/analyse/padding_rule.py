@@ -184,8 +184,9 @@ def is_pointwise(node: torch.fx.Node) -> bool:
     if name in ("max", "min"):   # max(a, b) is pointwise; max(a, dim) a reduction
         return len(node.args) > 1 and isinstance(node_value(node.args[1]), torch.Tensor)
     if name not in _POINTWISE_CACHE:
-        _POINTWISE_CACHE[name] = _aten_pointwise(name.rstrip("_") if name.endswith("_") else name) or (
-            name.endswith("_") and _aten_pointwise(name))
+        # `add_` is as row-wise as `add`; dunders such as `__and__` are looked up as they are.
+        in_place = name.endswith("_") and not name.endswith("__")
+        _POINTWISE_CACHE[name] = _aten_pointwise(name) or (in_place and _aten_pointwise(name[:-1]))
     return _POINTWISE_CACHE[name]
 
 
