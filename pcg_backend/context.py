@@ -39,10 +39,6 @@ class ForwardContext:
     warmup: bool = False
     device_count: torch.Tensor | None = None   # holds num_tokens, for padding-safe ops captured in pieces
 
-    @property
-    def is_padded(self) -> bool:
-        return self.padded_tokens != self.num_tokens
-
 
 _local = threading.local()
 

@@ -212,10 +212,6 @@ class _Entry:
         return True
 
 
-class CaptureRefused(RuntimeError):
-    """A piece whose inputs make capture impossible (e.g. a CPU tensor)."""
-
-
 @dataclasses.dataclass
 class _Recording:
     """A graph just captured, with the strong references its capture made."""

@@ -108,10 +108,5 @@ class Patches:
         self._keys.clear()
         return count
 
-    def describe(self) -> list[str]:
-        """`owner.name` of every patch, for tests and debugging."""
-        return [f"{getattr(p.owner, '__qualname__', getattr(p.owner, '__name__', type(p.owner).__name__))}"
-                f"{'[' + repr(p.name) + ']' if p.is_item else '.' + p.name}" for p in self._patches]
-
 
 PATCHES = Patches()
