@@ -444,12 +444,20 @@ def run_traffic(args, variants: list[str]) -> dict:
     results: dict = {}
     ideal = None
     sequences = {}
+
+    def save():
+        # Written after every variant, so a run cut short keeps what it measured.
+        with open(os.path.join(args.out, "traffic.json"), "w") as f:
+            json.dump({"device": device, "family": args.family, "calls": [dataclasses.asdict(c) for c in calls],
+                       "new_tokens": args.new_tokens, "results": results, "ideal": ideal}, f, indent=1, default=str)
+
     for v in variants:
         install_variant(model, v, args.skip_module_guards, args.pcg_options)
         try:
             r = traffic.run(model, calls, args.new_tokens)
         except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
             results[v] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            save()
             continue
         sequences[v] = r.pop("sequences")
         if v.startswith("pcg"):
@@ -458,6 +466,7 @@ def run_traffic(args, variants: list[str]) -> dict:
         results[v] = r
         print(f"  {v:>14} p50 {1e3 * r['p50_s']:.1f} ms, captures after warm-up {r['captures_after_warm_up']}, "
               f"compiles {r['compiles_after_warm_up']}", flush=True)
+        save()
         torch.cuda.empty_cache()
     if "eager" in sequences:
         # bf16 greedy decoding: the share of calls whose tokens equal eager's (padding changes GEMM shapes).
@@ -465,10 +474,12 @@ def run_traffic(args, variants: list[str]) -> dict:
             if v in results and "failed" not in results[v]:
                 results[v]["same_tokens_as_eager"] = sum(
                     torch.equal(a, b) for a, b in zip(seqs, sequences["eager"])) / len(seqs)
-    with open(os.path.join(args.out, "traffic.json"), "w") as f:
-        json.dump({"device": device, "calls": [dataclasses.asdict(c) for c in calls], "new_tokens": args.new_tokens,
-                   "results": results, "ideal": ideal}, f, indent=1, default=str)
+    save()
     print(f"\n{device}\n{traffic.table(results, ideal)}")
+    try:
+        traffic.plot(results, ideal, calls, os.path.join(args.out, "traffic.png"))
+    except ImportError:
+        print("matplotlib is not installed: no traffic.png (pip install .[bench])")
     return results
 
 

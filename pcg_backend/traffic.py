@@ -212,3 +212,25 @@ def table(results: dict, ideal_result: dict | None) -> str:
                      f"decode step ms by batch {', '.join(f'{b}: {s:.2f}' for b, s in ideal_result['decode_step_ms'].items())})")
     lines.append("(captures and compiles: during the timed calls, after the warm-up; x eager: p50 speed-up)")
     return "\n".join(lines)
+
+
+def plot(results: dict, ideal_result: dict | None, calls: list[Call], path: str) -> None:
+    """Per-call latency against prompt length, one series per variant and the ideal (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    prompts = [c.prompt for c in calls]
+    for name, r in results.items():
+        if "failed" not in r:
+            ax.scatter(prompts, [1e3 * c["seconds"] for c in r["calls"]], s=10, label=name)
+    if ideal_result:
+        ax.scatter(prompts, [1e3 * s for s in ideal_result["per_call_s"]], s=10, marker="x", label="ideal")
+    ax.set_xlabel("prompt tokens (longest row)")
+    ax.set_ylabel("ms per generate() call")
+    ax.set_title("generate() traffic: a new cache per call")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
