@@ -26,13 +26,14 @@ import torch
 from . import context, hf
 from .backend import pcg_backend
 from .eager_pieces import UndeclaredWriteError
+from .analyse.padding_rule import register_row_wise
 from .ops.registry import is_split_op, register_split_op, unregister_split_op
 from .options import BackendOptionError, PcgOptionError, parse_options
 from .stats import STATS
 
 __all__ = [
     "compile", "context", "hf", "pcg_backend", "register_split_op", "unregister_split_op", "is_split_op",
-    "PcgOptionError", "BackendOptionError", "UndeclaredWriteError", "stats", "reset_stats", "report",
+    "register_row_wise", "PcgOptionError", "BackendOptionError", "UndeclaredWriteError", "stats", "reset_stats", "report",
 ]
 __version__ = "0.1.0"
 

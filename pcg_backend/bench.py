@@ -34,7 +34,7 @@ KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
 VARIANTS = ("eager", "compile", "reduce-overhead", "pcg-eager", "pcg-inductor")
 # What --quick runs unless --variants says otherwise: on the full model, `compile` and
 # `reduce-overhead` recompile the whole model for each new size class (50-140 s each on the
-# H100 in run 16), which no 5-minute run holds.
+# H100), which no 5-minute run holds.
 QUICK_VARIANTS = ("eager", "pcg-inductor")
 FIRST_CALL_TOKENS = 16  # the first call is a 16-token prefill: compile, plus capture for pcg
 
@@ -227,7 +227,7 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
     with torch.no_grad():
         first = torch.randint(2, vocab, (1, FIRST_CALL_TOKENS), device="cuda")
         if variant.startswith("pcg"):
-            # The token dim marked dynamic up front (DESIGN.md lesson 4): the first call
+            # The token dim marked dynamic up front (no recompile on live traffic): the first call
             # compiles the one prefill graph and captures every bucket, largest first.
             torch._dynamo.mark_dynamic(first, 1)
         _warm_up(result, "first call", lambda: model(first))
@@ -343,9 +343,9 @@ def main(argv=None):
                         help="nemotron_h only: use only the first N layers of the pattern")
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer sizes and repeats, and unless --variants is given only {','.join(QUICK_VARIANTS)}: "
-                             "about 5 minutes on an H100 (4.8 in run 14). compile and reduce-overhead take far longer "
+                             "about 5 minutes on an H100. compile and reduce-overhead take far longer "
                              "on the full model, where each new size class recompiles the whole model (50-140 s each "
-                             "in run 16)")
+                             "on an H100)")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {VARIANTS} (default: all; with --quick {','.join(QUICK_VARIANTS)})")
     parser.add_argument("--prefill", default=None, help="comma-separated prefill token counts (overrides --quick)")

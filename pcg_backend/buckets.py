@@ -2,7 +2,8 @@
 
 A bucket is a padded token count. A call with `n` real tokens runs at the
 smallest bucket >= n; the padded rows are zeros (never uninitialised memory,
-see DESIGN.md "Lessons from the field" 1) and are sliced off the outputs.
+which has spread NaNs into real tokens in other serving engines) and are
+sliced off the outputs.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Capture policy (option `capture`): with "upfront" (the default), the first
 call of a paddable graph captures every bucket before it returns, largest
 bucket first, so that each smaller capture reuses the pool memory the larger
-one left free (DESIGN.md lesson 6); each of those forwards runs on the
+one left free (docs/design.md, "Memory"); each of those forwards runs on the
 caller's inputs padded or cut to the bucket, with `warmup` set in the context
 so that no model state is written (split ops get private copies of what they
 write, `eager_pieces.py`). Graphs that only run at exact sizes (no

@@ -232,3 +232,42 @@ def test_rows_from_the_end_written_in_place_keep_the_graph_exact(monkeypatch):
         torch.testing.assert_close(compiled(x), f(x), atol=ATOL, rtol=0)
     assert pcg_backend.stats()["padded_calls"] == 0
     assert "rows picked from the token dim's end are written in place" in pcg_backend.report()
+
+
+# Named like the `double()` cast on purpose: a custom op must not pass for a torch op by its name.
+@torch.library.custom_op("pcg_rowtest::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_double.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_a_custom_op_pcg_does_not_know_keeps_the_graph_exact_until_declared_row_wise():
+    lin = torch.nn.Linear(H, H)
+
+    def f(x):
+        return torch.ops.pcg_rowtest.double(lin(x))
+
+    def run():
+        torch._dynamo.reset()
+        pcg_backend.reset_stats()
+        compiled = torch.compile(f, backend="pcg", dynamic=True, options={"capture_sizes": SIZES})
+        for n in [3, 5, 9]:
+            x = torch.randn(n, H)
+            torch.testing.assert_close(compiled(x), f(x), atol=ATOL, rtol=0)
+        return pcg_backend.stats()["padded_calls"]
+
+    assert run() == 0
+    assert "pcg_rowtest::double is not known to keep rows apart along the token dim" in pcg_backend.report()
+    pcg_backend.register_row_wise(torch.ops.pcg_rowtest.double)
+    try:
+        assert run() == 3
+    finally:
+        from pcg_backend.analyse import padding_rule
+
+        padding_rule.ROW_WISE_OPS.discard("pcg_rowtest::double")
+    with pytest.raises(ValueError, match="register_row_wise takes a module class or a torch custom op"):
+        pcg_backend.register_row_wise(42)

@@ -302,8 +302,11 @@ class _Analysis:
         if node.op == "call_function" and node.target is operator.getitem and not isinstance(
                 node_value(node.args[0]), torch.Tensor):
             return   # an element of a tuple (split, max(dim), ...)
-        if _op_name(node.target) in ROW_WISE_OPS:
-            pass    # declared row-wise (`register_row_wise`)
+        custom = _op_name(node.target)
+        if custom is not None and not custom.startswith("aten::"):
+            # A custom op is known only by its declaration, never by a name it shares with a torch op.
+            if custom not in ROW_WISE_OPS:
+                self.unknown(node, custom)
         elif is_pointwise(node):
             self.pointwise(node, name)
         elif name in _PERMUTES:

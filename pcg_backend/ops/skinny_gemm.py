@@ -5,8 +5,8 @@ whole weight to do very little arithmetic, so its time is the weight's bytes
 over the bandwidth it reaches. On the H100, cuBLASLt reads the benchmark
 model's projections at 2395-2852 GB/s at one row, this kernel at 2475-3086
 GB/s: one forward's GEMMs take 5.96 ms instead of 6.50 at 1 row, 6.01
-instead of 6.86 at 8 and 6.03 instead of 6.60 at 16 (`tools/skinny_gemm.py`,
-README "Performance", runs 14 and 15).
+instead of 6.86 at 8 and 6.03 instead of 6.60 at 16 (`tools/skinny_gemm.py`;
+docs/benchmarks.md).
 
 Every program owns a block of BLOCK_N output columns (weight rows) and all
 of x's rows, so each weight byte is read once, and x's rows go through the

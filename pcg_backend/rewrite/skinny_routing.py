@@ -12,14 +12,14 @@ Graphs whose row count is symbolic (padded prefill graphs) need more care.
 Routing such a piece in place helped its small buckets (a 16-token prefill
 of the benchmark model went from 9.73 to 9.00 ms on the H100) but slowed the
 calls above the largest bucket, which run the same compiled piece without
-graphs (2048 tokens: 68.1 to 72.6 ms; README, "Performance", run 14's A/B).
+graphs (2048 tokens: 68.1 to 72.6 ms; docs/benchmarks.md).
 So `routed_twin` leaves the piece as it is and returns a routed copy; the
 backend compiles both, and the copy serves only the captures at buckets of
 at most MAX_ROWS tokens (`cudagraph.CudaGraphPiece`). Larger buckets and
 uncaptured calls run the unrouted piece.
 
 Option `skinny_gemm`: `"all"` (the default) routes static graphs in place
-and padded ones through twins. On the H100 (run 16) a 16-token prefill then
+and padded ones through twins. On the H100 a 16-token prefill then
 took 9.03 ms (1.53x the weight-read floor) and a 2048-token one 66.63 ms
 (1.25x faster than eager); the price is a second compile of each padded
 piece (first call 65.3 s with Inductor, 48.8 s before). `"static"` routes
