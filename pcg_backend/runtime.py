@@ -42,19 +42,17 @@ def _value_getter(args_index: int, dim: int | None):
     return lambda args: args[args_index].shape[dim]
 
 
-def _size_fn(expr, token, symbols, aliases=()):
-    """A fast function (bucket, env) -> int for a dim size expression (aliases of the token read as the token)."""
-    expr = expr.xreplace({a: token for a in aliases})
-    if expr == token:
-        return None  # the common case: the dim *is* the token dim
-    fn = sympy.lambdify([token, *symbols], expr, modules="math")
-    return lambda bucket, env: int(fn(bucket, *env))
-
-
-def _value_fn(expr, token, symbols, aliases, cast):
-    """(n, env) -> the Python value of an expression of the token count (an output such as `x.shape[0] * 2`)."""
+def _value_fn(expr, token, symbols, aliases=(), cast=int):
+    """(count, env) -> the value of an expression of the token count (aliases of the token read as the token)."""
     fn = sympy.lambdify([token, *symbols], expr.xreplace({a: token for a in aliases}), modules="math")
-    return lambda n, env: cast(fn(n, *env))
+    return lambda count, env: cast(fn(count, *env))
+
+
+def _size_fn(expr, token, symbols, aliases=()):
+    """A fast function (bucket, env) -> int for a dim size expression; None when the dim *is* the token dim."""
+    if expr.xreplace({a: token for a in aliases}) == token:
+        return None  # the common case
+    return _value_fn(expr, token, symbols, aliases)
 
 
 def _lower_bound(placeholders, token) -> int:
@@ -86,16 +84,6 @@ def _symbol_sources(placeholders) -> dict:
                 if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
                     sources.setdefault(size.node.expr, (i, d))
     return sources
-
-
-def _count_buffer(placeholders) -> torch.Tensor:
-    """pcg's device buffer for the real token count, on the device of the graph's GPU inputs.
-
-    A leading 0-dim CPU scalar input must not pick the device.
-    """
-    tensors = [node_value(n) for n in placeholders if isinstance(node_value(n), torch.Tensor)]
-    device = next((t.device for t in tensors if t.device.type == "cuda"), tensors[0].device)
-    return context.count_buffer(device)
 
 
 @dataclasses.dataclass
@@ -136,7 +124,7 @@ class PiecewiseRunner:
         self.pad_plan, self.sym_plan = self._input_plans(placeholders)
         self.unpaddable = split.exact_reason
         # Padding-safe split ops inside pieces, and row rewrites, read the real count from this buffer.
-        self.count = _count_buffer(placeholders) if split.needs_device_count else None
+        self.count = context.count_buffer(split.device) if split.needs_device_count else None
         self.single_output, self.out_plan, self.value_out_plan = self._output_plan(graph)
         if self.unpaddable:
             STATS.note(f"{name}: {self.unpaddable}")

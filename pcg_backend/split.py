@@ -47,6 +47,7 @@ class SplitResult:
     keyed_symbols: list[sympy.Symbol]
     split_op_nodes: int
     on_cuda: bool
+    device: torch.device       # where the graph runs: the device-count buffer lives there
     exact_reason: str | None   # why only exact bucket sizes may use CUDA graphs, if so
     fused_split_ops: int       # safe split ops captured inside pieces
     aliases: set = dataclasses.field(default_factory=set)   # symbols padded as the token count (`token_aliases`)
@@ -84,23 +85,16 @@ def _refuse_unkeyed_inputs(piece: PieceInfo, sub: torch.fx.GraphModule, keyed: s
                 return
 
 
-def graph_device_is_cuda(gm: torch.fx.GraphModule) -> bool:
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            for t in tensors_in(node_value(node)):
-                if t.device.type == "cuda":
-                    return True
-    return False
-
-
-def _graph_device(gm: torch.fx.GraphModule) -> torch.device:
+def graph_device(gm: torch.fx.GraphModule) -> torch.device:
+    """The device of the graph's GPU inputs, else of its first tensor input (a 0-dim CPU scalar never picks it)."""
     devices = [t.device for n in gm.graph.nodes if n.op == "placeholder" for t in tensors_in(node_value(n))]
     return next((d for d in devices if d.type == "cuda"), devices[0] if devices else torch.device("cpu"))
 
 
 def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> SplitResult:
     """Cut `gm` at split ops and at changes of node kind, keeping the original order."""
-    on_cuda = graph_device_is_cuda(gm)
+    device = graph_device(gm)
+    on_cuda = device.type == "cuda"
     token, keyed = find_token_symbol(gm)
     aliases = token_aliases(gm, token, keyed)
     exact_reason = written_input_reason(gm, token, mutated_inputs(gm))
@@ -110,7 +104,7 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
         plan = padding_rule.analyse(gm, token, aliases, keyed)
         exact_reason = plan.reason
         if not exact_reason:
-            row_rewrites.apply(gm, plan, token, _graph_device(gm))
+            row_rewrites.apply(gm, plan, token, device)
             picks, counts, row_wise = len(plan.picks), len(plan.counts), plan.row_wise_modules
     # Aliases are padded with the token count, so their sizes never key a capture.
     keyed = keyed | aliases
@@ -156,5 +150,5 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     for piece in pieces:
         if piece.kind is Kind.STATIC:
             _refuse_unkeyed_inputs(piece, getattr(split, piece.name), keyed)
-    return SplitResult(split, pieces, token, sorted(keyed - aliases, key=str), split_nodes, on_cuda, exact_reason,
+    return SplitResult(split, pieces, token, sorted(keyed - aliases, key=str), split_nodes, on_cuda, device, exact_reason,
                        fused, aliases, picks, counts, row_wise)
