@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from . import hf
+from . import hf, state_slots
 from .analyse.fx_facts import node_value, op_argument_names, written_inputs
 from .analyse.node_kinds import Kind
 from .buckets import Ladder
@@ -217,10 +217,12 @@ def reset() -> None:
     """Called by `torch._dynamo.reset()`: destroy every captured graph and drop the shared pools.
 
     Dynamo drops its compiled code too; once the caller also drops its own
-    references, `torch.cuda.empty_cache()` returns the pool memory.
+    references (and its caches, which hold state slots), `torch.cuda.empty_cache()`
+    returns the pool memory.
     """
     CudaGraphPiece.release_all()
     release_pools()
+    state_slots.POOL.release()
 
 
 # Lets HF routing recognise a pcg trace through torch's wrappers (hf/gate.py).

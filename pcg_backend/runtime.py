@@ -26,7 +26,7 @@ import sympy
 import torch
 from tqdm.auto import tqdm
 
-from . import context
+from . import context, state_slots
 from .analyse.fx_facts import node_value
 from .batched_copy import clone_all
 from .buckets import Ladder, fit_dims, pad_dims, slice_dims
@@ -126,6 +126,7 @@ class PiecewiseRunner:
         # Padding-safe split ops inside pieces, and row rewrites, read the real count from this buffer.
         self.count = context.count_buffer(split.device) if split.needs_device_count else None
         self.single_output, self.out_plan, self.value_out_plan = self._output_plan(graph)
+        self._state_positions = frozenset(split.state_outputs)
         if self.unpaddable:
             STATS.note(f"{name}: {self.unpaddable}")
 
@@ -241,12 +242,28 @@ class PiecewiseRunner:
                 outs[plan.index] = slice_dims(outs[plan.index], sizes)
             for j, fn in self.value_out_plan:
                 outs[j] = fn(ctx.num_tokens, env)
-        owned = [j for j, o in enumerate(outs) if isinstance(o, torch.Tensor) and any_pool_owns(o)]
+        if self.split.state_outputs:
+            self._lend_state_slots(outs)
+        owned = [j for j, o in enumerate(outs) if j not in self._state_positions
+                 and isinstance(o, torch.Tensor) and any_pool_owns(o)]
         if owned:
             # One grouped copy, not a clone per output: a forward that creates its cache returns every state.
             for j, clone in zip(owned, clone_all([outs[j] for j in owned])):
                 outs[j] = clone
         return outs[0] if self.single_output else tuple(outs)
+
+    def _lend_state_slots(self, outs: list) -> None:
+        """Hand the model state this forward created to pcg's slots, so its address is the one decode graphs know.
+
+        A graph returns a state tensor once per place the cache keeps it; each
+        distinct tensor gets one slot, and every position that returned it gets its handle.
+        """
+        distinct: dict[int, torch.Tensor] = {}
+        for j in self.split.state_outputs:
+            distinct.setdefault(id(outs[j]), outs[j])
+        handles = dict(zip(distinct, state_slots.POOL.lend(list(distinct.values()))))
+        for j in self.split.state_outputs:
+            outs[j] = handles[id(outs[j])]
 
     def _begin_forward(self, key: tuple) -> None:
         late = key in self._seen_keys

@@ -20,9 +20,10 @@ import torch.fx
 from torch.fx.passes.split_module import split_module
 
 from .analyse import padding_rule
-from .analyse.fx_facts import mutated_inputs, node_value, symbols_of, tensors_in
+from .analyse.fx_facts import created_state_outputs, mutated_inputs, node_value, symbols_of, tensors_in
 from .analyse.node_kinds import Kind, _fuse_safe_split_ops, classify
 from .analyse.token_dim import find_token_symbol, token_aliases, written_input_reason
+from .ops.registry import split_op_name
 from .rewrite import row_rewrites
 from .rewrite.schedule import drop_unused_size_arithmetic, hoist_uncapturable_inputs, pull_allocations_up
 
@@ -54,6 +55,7 @@ class SplitResult:
     row_picks: int = 0         # rows picked from the end, now gathers at the real count (`rewrite/row_rewrites.py`)
     count_values: int = 0      # uses of the token count as a value, rewritten to read the device count
     row_wise_modules: list = dataclasses.field(default_factory=list)   # trusted as row-wise (`analyse/padding_rule.py`)
+    state_outputs: list = dataclasses.field(default_factory=list)   # outputs that are state the graph created
 
     @property
     def row_rewrites(self) -> int:
@@ -95,6 +97,8 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     """Cut `gm` at split ops and at changes of node kind, keeping the original order."""
     device = graph_device(gm)
     on_cuda = device.type == "cuda"
+    state_outputs = created_state_outputs(
+        gm, lambda node: node.op == "call_function" and split_op_name(node.target) is not None)
     token, keyed = find_token_symbol(gm)
     aliases = token_aliases(gm, token, keyed)
     exact_reason = written_input_reason(gm, token, mutated_inputs(gm))
@@ -151,4 +155,4 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
         if piece.kind is Kind.STATIC:
             _refuse_unkeyed_inputs(piece, getattr(split, piece.name), keyed)
     return SplitResult(split, pieces, token, sorted(keyed - aliases, key=str), split_nodes, on_cuda, device, exact_reason,
-                       fused, aliases, picks, counts, row_wise)
+                       fused, aliases, picks, counts, row_wise, state_outputs)

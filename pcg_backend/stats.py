@@ -64,6 +64,8 @@ class Stats:
         self.capture_seconds = 0.0
         self.graph_memory_bytes = 0
         self.padded_calls = 0
+        self.state_slots = 0          # model-state buffers pcg allocated and lends to caches (`state_slots.py`)
+        self.state_slot_bytes = 0
         self.eager_runs = 0
         self.eager_reasons: collections.Counter[str] = collections.Counter()
         self.graphs: list[GraphRecord] = []
@@ -107,6 +109,8 @@ class Stats:
             "capture_seconds": round(self.capture_seconds, 3),
             "graph_memory_bytes": self.graph_memory_bytes,
             "padded_calls": self.padded_calls,
+            "state_slots": self.state_slots,
+            "state_slot_bytes": self.state_slot_bytes,
             "eager_runs": self.eager_runs,
             "eager_reasons": dict(self.eager_reasons),
             "routing": list(self.routing),
@@ -151,6 +155,9 @@ class Stats:
             lines.append(f"  CUDA graphs: {d['cuda_graphs_captured']} captured ({d['capture_seconds']} s, "
                          f"{d['graph_memory_bytes'] / 2**20:.0f} MiB of graph memory), "
                          f"{d['cuda_graph_replays']} replays")
+        if d["state_slots"]:
+            lines.append(f"  Model state: {d['state_slots']} buffers ({d['state_slot_bytes'] / 2**20:.0f} MiB) lent to "
+                         f"caches at stable addresses; a new slot is allocated only for a cache alive beside another")
         rest = [(r, c) for r, c in self.eager_reasons.most_common() if r not in off]
         if rest:
             lines.append(f"  Runs without a CUDA graph{' for other reasons' if off else ''} (runs  reason):")

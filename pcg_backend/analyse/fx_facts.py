@@ -143,3 +143,21 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[str]:
     """Names of the graph inputs that some node writes in place (through views too)."""
     roots = input_roots(gm)
     return {roots[a] for node in gm.graph.nodes for a in written_args(node) if a in roots}
+
+
+def created_state_outputs(gm: torch.fx.GraphModule, is_state_writer) -> list[int]:
+    """Positions of graph outputs that the graph allocated and a state writer wrote in place.
+
+    These are model state the graph created (HF allocates a cache's Mamba
+    states, or a static cache's KV rows, lazily inside the first forward):
+    the runtime hands them to `state_slots.POOL`. `is_state_writer(node)`
+    says which nodes count (the split ops); tensors that alias a graph input
+    are the caller's and are never returned in a slot.
+    """
+    roots = input_roots(gm)
+    written = {a for node in gm.graph.nodes if is_state_writer(node)
+               for a in written_args(node) if a not in roots}
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    outs = output.args[0]
+    flat = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    return [j for j, out in enumerate(flat) if isinstance(out, torch.fx.Node) and out in written]

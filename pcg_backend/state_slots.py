@@ -1,0 +1,83 @@
+"""Model state at stable addresses: buffers pcg owns and lends to each new cache.
+
+HF allocates a cache's Mamba states (and a static cache's KV rows) lazily,
+inside the first forward of each `generate()` call. A decode graph reads and
+writes that state at the address it was captured with, so a new cache at new
+addresses would mean a new capture on every call. Serving engines avoid this
+by owning a state pool indexed by request slot; this module is that pool for
+HF caches.
+
+A graph output that the graph itself allocated and a split op wrote in place
+is model state (`analyse/fx_facts.created_state_outputs`). The runtime copies
+each such output into a *slot*: a buffer pcg allocated once for that shape
+and dtype, and returns a handle that shares the slot's memory. The cache
+keeps the handle. When the last reference to the handle dies (the cache, and
+any view of it, since views keep their base alive), the slot is free again.
+The next call takes the free slots of each shape lowest index first, so a
+new cache gets the very addresses of the one before it, and the decode graphs
+captured at warm-up replay. A second cache alive at the same time takes
+other slots (a new one the first time, counted), never another cache's.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .batched_copy import copy_pairs
+from .stats import STATS
+
+
+def _shape_key(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+class StatePool:
+    """Every slot pcg allocated, per (shape, strides, dtype, device), and which are lent out."""
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple, list[torch.Tensor]] = {}
+        self._lent: dict[tuple, set[int]] = {}
+
+    def lend(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Handles to free slots holding a copy of each of `states` (one grouped copy)."""
+        handles, pairs = [], []
+        for state in states:
+            key = _shape_key(state)
+            index, slot = self._free_slot(key, state)
+            handle = torch.empty((0,), dtype=state.dtype, device=state.device).set_(
+                slot.untyped_storage(), slot.storage_offset(), slot.size(), slot.stride())
+            lent = self._lent[key]
+            lent.add(index)
+            # The slot is free once the handle's TensorImpl dies: views keep it alive through their base.
+            weakref.finalize(handle, lent.discard, index)
+            handles.append(handle)
+            pairs.append((slot, state))
+        copy_pairs(pairs)
+        return handles
+
+    def _free_slot(self, key: tuple, like: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The lowest-index free slot for `key` (allocated if none is free), and its index."""
+        slots = self._slots.setdefault(key, [])
+        lent = self._lent.setdefault(key, set())
+        for i, slot in enumerate(slots):
+            if i not in lent:
+                return i, slot
+        slot = torch.empty_strided(like.size(), like.stride(), dtype=like.dtype, device=like.device)
+        slots.append(slot)
+        STATS.state_slots += 1
+        STATS.state_slot_bytes += slot.untyped_storage().nbytes()
+        return len(slots) - 1, slot
+
+    def lent(self) -> int:
+        """How many slots a live cache holds."""
+        return sum(len(s) for s in self._lent.values())
+
+    def release(self) -> None:
+        """Forget every slot (live handles keep their memory; new calls allocate afresh)."""
+        self._slots.clear()
+        self._lent = {}
+
+
+POOL = StatePool()
