@@ -454,7 +454,7 @@ def run_traffic(args, variants: list[str]) -> dict:
     for v in variants:
         install_variant(model, v, args.skip_module_guards, args.pcg_options)
         try:
-            r = traffic.run(model, calls, args.new_tokens)
+            r = traffic.run(model, calls, args.new_tokens, log=lambda m: print(f"  {v:>14} {m}", flush=True))
         except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
             results[v] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
             save()

@@ -112,21 +112,34 @@ def warm_up_calls(calls: list[Call]) -> list[Call]:
     return out
 
 
-def run(model, calls: list[Call], new_tokens: int, seed: int = 0) -> dict:
-    """Warm up, then make every call; the measurements described in the module docstring."""
+def run(model, calls: list[Call], new_tokens: int, seed: int = 0, log=lambda message: None) -> dict:
+    """Warm up, then make every call; the measurements described in the module docstring.
+
+    `log` receives a line per warm-up call (seconds, graphs captured and
+    compiled so far) and one every tenth timed call.
+    """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
+    warm_up = []
     with torch.no_grad():
         for call in warm_up_calls(calls):
-            one_call(model, call, new_tokens, generator)
+            r = one_call(model, call, new_tokens, generator)
+            warm_up.append({"batch": call.batch, "prompt": call.prompt, "seconds": r["seconds"]})
+            log(f"warm-up batch {call.batch}, prompt {call.prompt}: {r['seconds']:.1f} s "
+                f"(graphs captured, compiled so far: {_counts()})")
         generator = torch.Generator().manual_seed(seed)
         captured, compiled = _counts()
         before = _allocated(device)
-        results = [one_call(model, call, new_tokens, generator) for call in calls]
+        results = []
+        for i, call in enumerate(calls, 1):
+            results.append(one_call(model, call, new_tokens, generator))
+            if i % 10 == 0:
+                log(f"{i} calls, last {1e3 * results[-1]['seconds']:.1f} ms (captured, compiled: {_counts()})")
         after = _allocated(device)
         captured_after, compiled_after = _counts()
     seconds = [r["seconds"] for r in results]
     return {
+        "warm_up": warm_up,
         "calls": [{k: v for k, v in r.items() if k != "sequences"} for r in results],
         "sequences": [r["sequences"] for r in results],
         "p50_s": statistics.median(seconds),
