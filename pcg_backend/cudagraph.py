@@ -72,8 +72,8 @@ class GraphPool:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._mempool = _owned_pool(device)
-        self.handle = self._mempool.id
+        self.mempool = _owned_pool(device)
+        self.handle = self.mempool.id
         self.stream = _capture_stream(device)
         self._storages: set[int] = set()
 
@@ -110,7 +110,7 @@ def begin_forward(late: bool) -> None:
     _forward.fresh = None
 
 
-def _capture_pool(pool: GraphPool):
+def _capture_pool(pool: GraphPool) -> torch.cuda.MemPool:
     """The pool a capture allocates from.
 
     Captures of a key's first forward go to the shared pool: every piece is
@@ -119,12 +119,15 @@ def _capture_pool(pool: GraphPool):
     same key (weights or state at new addresses) sits between pieces that
     replay, whose outputs the allocator sees as free (weak aliases): in the
     shared pool it could land on them. It gets a fresh pool, one per forward.
+    The graphs captured into a pool hold it (`_Entry.mempool`): a `MemPool`
+    that dies empties its cache, and the memory its graphs replay into (free
+    in the allocator's eyes after capture) would go back to the driver.
     """
     if not getattr(_forward, "late", False):
-        return pool.handle
+        return pool.mempool
     if getattr(_forward, "fresh", None) is None:
         _forward.fresh = _owned_pool(pool.device)
-    return _forward.fresh.id
+    return _forward.fresh
 
 
 def any_pool_owns(t: torch.Tensor) -> bool:
@@ -192,6 +195,7 @@ class _Entry:
     scalars: list[tuple[int, object]]        # arg index -> Python value baked into the graph
     outputs: tuple
     written_back: list[tuple[int, torch.Tensor]]  # written inputs captured in a static buffer: copied back
+    mempool: torch.cuda.MemPool                   # the pool the graph replays into, alive as long as the graph
 
     def __post_init__(self):
         self._pick_fixed = _picker([i for i, _ in self.fixed])
@@ -221,6 +225,7 @@ class _Recording:
     copies: list[tuple[int, torch.Tensor]]   # arg index -> static input the graph reads (copied into on replay)
     fixed: list[tuple[int, int]]             # arg index -> data_ptr captured in place
     buffers: list[tuple[int, torch.Tensor]]  # the static inputs allocated in the pool for this capture
+    mempool: torch.cuda.MemPool
 
 
 class CudaGraphPiece(torch.nn.Module):
@@ -396,7 +401,8 @@ class CudaGraphPiece(torch.nn.Module):
         stream = self.pool.stream
         stream.wait_stream(torch.cuda.current_stream())
         ended = False
-        handle = _capture_pool(self.pool)
+        mempool = _capture_pool(self.pool)
+        handle = mempool.id
         try:
             with torch.cuda.stream(stream):
                 graph.capture_begin(pool=handle)
@@ -424,7 +430,7 @@ class CudaGraphPiece(torch.nn.Module):
             torch.cuda.synchronize(self.pool.device)
             return f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
         torch.cuda.current_stream().wait_stream(stream)
-        return _Recording(graph, outputs, copies, fixed, buffers)
+        return _Recording(graph, outputs, copies, fixed, buffers, mempool)
 
     def _keep(self, key, recording: _Recording, args, written_back) -> None:
         """Store the graph for `key`, holding only weak aliases of its pool memory (see the module docstring)."""
@@ -451,4 +457,5 @@ class CudaGraphPiece(torch.nn.Module):
             [(i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor)],
             weak_outputs[0] if single else tuple(weak_outputs),
             [(i, weak_alias(t)) for i, t in written_back],
+            recording.mempool,
         ))

@@ -17,10 +17,14 @@ The next call takes the free slots of each shape lowest index first, so a
 new cache gets the very addresses of the one before it, and the decode graphs
 captured at warm-up replay. A second cache alive at the same time takes
 other slots (a new one the first time, counted), never another cache's.
+Before allocating a slot while all of a shape's slots are lent, the pool runs
+the garbage collector once: a dropped cache caught in a reference cycle
+would otherwise hold its slots until Python collects it.
 """
 
 from __future__ import annotations
 
+import gc
 import weakref
 
 import torch
@@ -39,10 +43,12 @@ class StatePool:
     def __init__(self) -> None:
         self._slots: dict[tuple, list[torch.Tensor]] = {}
         self._lent: dict[tuple, set[int]] = {}
+        self._collected = False   # gc already run in this `lend`
 
     def lend(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """Handles to free slots holding a copy of each of `states` (one grouped copy)."""
         handles, pairs = [], []
+        self._collected = False
         for state in states:
             key = _shape_key(state)
             index, slot = self._free_slot(key, state)
@@ -61,6 +67,12 @@ class StatePool:
         """The lowest-index free slot for `key` (allocated if none is free), and its index."""
         slots = self._slots.setdefault(key, [])
         lent = self._lent.setdefault(key, set())
+        if slots and len(lent) == len(slots) and not self._collected:
+            # A cache dropped by its caller may still wait in a reference cycle (the
+            # calls that compile leave some); collecting once here saves a slot, and the
+            # capture that new addresses would cost.
+            self._collected = True
+            gc.collect()
         for i, slot in enumerate(slots):
             if i not in lent:
                 return i, slot

@@ -56,6 +56,21 @@ def test_a_live_handle_keeps_its_slot_and_a_view_keeps_the_handle():
     assert pool.lent() == 2
 
 
+def test_a_dropped_handle_waiting_in_a_reference_cycle_is_collected_before_a_new_slot():
+    pool, states = _pool_and_states((2, 3))
+    holder = {"state": pool.lend(states)[0]}
+    holder["self"] = holder                  # a cycle: only the garbage collector frees it
+    ptr = holder["state"].data_ptr()
+    gc.disable()
+    try:
+        del holder
+        assert pool.lent() == 1
+        again = pool.lend([torch.randn(2, 3)])
+    finally:
+        gc.enable()
+    assert again[0].data_ptr() == ptr and STATS.state_slots == 1
+
+
 def test_shapes_and_dtypes_never_share_slots():
     pool = state_slots.StatePool()
     a = pool.lend([torch.ones(2, 3)])
