@@ -462,11 +462,14 @@ def run_traffic(args, variants: list[str]) -> dict:
         sequences[v] = r.pop("sequences")
         if v.startswith("pcg"):
             r["pcg_stats"] = {k: val for k, val in pcg_backend.stats().items() if k != "routing"}
-            ideal = traffic.ideal(model, calls, args.new_tokens, Ladder(opts.capture_sizes))
         results[v] = r
         print(f"  {v:>14} p50 {1e3 * r['p50_s']:.1f} ms, captures after warm-up {r['captures_after_warm_up']}, "
               f"compiles {r['compiles_after_warm_up']}", flush=True)
         save()
+        if v.startswith("pcg"):
+            ideal = traffic.ideal(model, calls, args.new_tokens, Ladder(opts.capture_sizes))
+            print(f"  ideal p50 {1e3 * ideal['p50_s']:.1f} ms, decode step ms {ideal['decode_step_ms']}", flush=True)
+            save()
         torch.cuda.empty_cache()
     if "eager" in sequences:
         # bf16 greedy decoding: the share of calls whose tokens equal eager's (padding changes GEMM shapes).

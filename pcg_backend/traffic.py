@@ -162,9 +162,10 @@ def _quantile(values, q: float) -> float:
 def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: int = 3) -> dict:
     """Per call: the prefill of its batch at its bucket plus `new_tokens - 1` decode steps, as measured now.
 
-    Prefill is timed as a forward at the bucket (or the prompt above the
-    largest bucket); a decode step as the difference of two `generate()`
-    calls of 2 and 1 new tokens, which both make a new cache. Returns the
+    Both go through `generate()`, so that they use the graphs the calls used:
+    the prefill is a `generate()` of one new token on a prompt of the bucket's
+    length (the prompt itself above the largest bucket), a decode step the
+    difference of `generate()` calls of 2 and 1 new tokens. Returns the
     per-call ideal seconds and the p50 over the plan.
     """
     device = next(model.parameters()).device
@@ -182,22 +183,19 @@ def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: in
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def generate(ids, k):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                              do_sample=False, pad_token_id=0)
+
     with torch.no_grad():
         for call in calls:
             size = ladder.bucket(call.prompt) or call.prompt
             if (call.batch, size) not in prefill:
                 ids = torch.randint(3, vocab, (call.batch, size), device=device)
-                model(ids)
-                prefill[(call.batch, size)] = timed(lambda: model(ids))
+                prefill[(call.batch, size)] = timed(lambda: generate(ids, 1))
             if call.batch not in step:
                 ids = torch.randint(3, vocab, (call.batch, 16), device=device)
-
-                def gen(k):
-                    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
-                                          min_new_tokens=k, do_sample=False, pad_token_id=0)
-
-                gen(2)
-                step[call.batch] = max(0.0, timed(lambda: gen(2)) - timed(lambda: gen(1)))
+                step[call.batch] = max(0.0, timed(lambda: generate(ids, 2)) - timed(lambda: generate(ids, 1)))
     per_call = [prefill[(c.batch, ladder.bucket(c.prompt) or c.prompt)] + (new_tokens - 1) * step[c.batch]
                 for c in calls]
     return {"per_call_s": per_call, "p50_s": statistics.median(per_call),

@@ -37,3 +37,13 @@ def test_traffic_compiles_nothing_after_warm_up_and_matches_eager(family):
     padded = sum(1 for c in calls if c.prompt <= 32 and c.prompt not in (1, 2, 4) and c.prompt % 8)
     assert pcg_backend.stats()["padded_calls"] >= padded   # the timed calls' prefills, plus the warm-up's
     assert "cannot be padded" not in pcg_backend.report()
+
+
+def test_ideal_times_each_bucket_and_batch_once_through_generate():
+    model = tiny_model("bamba")
+    calls = [traffic.Call(1, 3), traffic.Call(1, 4), traffic.Call(2, 9), traffic.Call(1, 40)]
+    result = traffic.ideal(model, calls, 4, pcg_backend.buckets.Ladder((4, 8, 16, 32)), repeats=1)
+    assert sorted(result["decode_step_ms"]) == [1, 2]
+    per_call = result["per_call_s"]
+    assert len(per_call) == 4 and per_call[0] == per_call[1] > 0     # prompts 3 and 4 share the bucket 4
+    assert result["p50_s"] == sorted(per_call)[1] / 2 + sorted(per_call)[2] / 2
