@@ -13,6 +13,7 @@ from __future__ import annotations
 import types
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import context
 from .lean_op import lean_op
@@ -20,6 +21,12 @@ from .registry import register_split_op
 
 # The HF attention functions the routed wrappers replaced, by implementation name.
 ORIGINAL_ATTENTION: dict[str, object] = {}
+
+# SDPA backends pcg::attention lets torch choose from. cuDNN's is left out: it builds an
+# execution plan for every new shape (about half a second of host time on an H200), and
+# a decode step meets a new KV length every time, so each call at a prompt length not
+# seen before paid it ~15 times over. Flash and memory-efficient attention have no plans.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @register_split_op(cudagraph_safe=True)
@@ -74,7 +81,8 @@ def attention(
         mask = mask[:, :, :n, : key.shape[-2]]
     # HF attention functions read only these attributes of the module.
     module = types.SimpleNamespace(num_key_value_groups=num_key_value_groups, is_causal=is_causal, training=False)
-    result, _ = ORIGINAL_ATTENTION[impl](module, query[:, :, :n], key, value, mask, dropout=0.0, scaling=scaling)
+    with sdpa_kernel(SDPA_BACKENDS):
+        result, _ = ORIGINAL_ATTENTION[impl](module, query[:, :, :n], key, value, mask, dropout=0.0, scaling=scaling)
     out[:, :n] = result
     if n < padded:
         out[:, n:] = 0
