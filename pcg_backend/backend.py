@@ -170,6 +170,10 @@ def _graph_notes(split, opts, wrapped: _Wrapped) -> list[str]:
     elif split.fused_split_ops:
         notes.append(f"{split.fused_split_ops} cudagraph-safe split op(s) captured inside pieces: the graph "
                      f"always runs at its exact size ({split.exact_reason or 'no token dim'})")
+    if split.held_back:
+        notes.append(f"{split.held_back} padding-safe split op(s) run eagerly between pieces: they read rows that an "
+                     f"eager split op returns at the real count (attention over a DynamicCache's keys, which "
+                     f"grow by the real rows); with a static cache they are captured with the rest")
     if split.row_rewrites:
         notes.append(f"{split.row_picks} row pick(s) from the end and {split.count_values} use(s) of the token count "
                      f"as a value read the real count on the device, so the graph stays padded")

@@ -3,6 +3,8 @@
     python -m pcg_backend.bench [--quick] [--family F] [--layers N] [--variants eager,pcg-eager,...] [--out DIR]
     python -m pcg_backend.bench --traffic [--calls N] [--batches 1,4,8] [--variants ...]
 
+`--cache static` makes every generate() call use a static cache (default: HF's DynamicCache).
+
 Variants, run one after another in this process: `eager` (HF eager),
 `compile` (torch.compile default), `reduce-overhead`, `pcg-eager` and
 `pcg-inductor`. For each: prefill latency at several token counts, decode
@@ -28,6 +30,7 @@ import torch
 
 from .buckets import Ladder
 from .families import FAMILIES
+from .traffic import cache_kwargs
 
 PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
 KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
@@ -212,9 +215,10 @@ def _warm_up(result: dict, name: str, fn) -> None:
 
 def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, repeats: int, profile_dir=None,
                 skip_module_guards: bool = False, trace: bool = False, pcg_options: dict | None = None,
-                result: dict | None = None, save=lambda: None) -> dict:
+                result: dict | None = None, save=lambda: None, cache: str = "dynamic") -> dict:
     """Measure one variant into `result` (a new dict if None), calling `save()` after each
-    measurement, so that a run cut short (a time limit) keeps what it measured."""
+    measurement, so that a run cut short (a time limit) keeps what it measured. Decode steps
+    run on a `cache` ("dynamic" or "static") made by each generate() call."""
     import pcg_backend
     from torch._dynamo.utils import counters
 
@@ -243,7 +247,7 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             ids = torch.randint(2, vocab, (b, 16), device="cuda")
             def gen(k):
                 return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
-                                      min_new_tokens=k, do_sample=False, pad_token_id=0)
+                                      min_new_tokens=k, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
 
             # Warm-up: prefill and decode graphs, every cache length. Twice: each generate makes a
             # new cache, and the allocator may place the second one's state elsewhere (pcg then
@@ -362,6 +366,9 @@ def main(argv=None):
                              "with a new cache, against the ideal (prefill at its bucket plus decode steps)")
     parser.add_argument("--calls", type=int, default=100, help="with --traffic: how many generate() calls")
     parser.add_argument("--new-tokens", type=int, default=16, help="with --traffic: new tokens per call")
+    parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"],
+                        help="the cache every generate() call makes: HF's DynamicCache (default), or a static cache, "
+                             "with which pcg captures attention too (one graph per prefill bucket and per decode step)")
     parser.add_argument("--pcg-options", type=_json_object, default={},
                         help='extra pcg options as JSON for the pcg variants, e.g. \'{"max_capture_size": 1024}\'')
     args = parser.parse_args(argv)
@@ -401,7 +408,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump({"device": device, "family": args.family, "floor_ms": floor_ms, "weight_bytes": weight_bytes,
                        "bandwidth_bytes_s": bandwidth, "skip_module_guards": args.skip_module_guards,
-                       "pcg_options": args.pcg_options,
+                       "pcg_options": args.pcg_options, "cache": args.cache,
                        "results": results}, f, indent=1, default=str)
 
     for v in variants:
@@ -409,7 +416,7 @@ def main(argv=None):
         results.append(result)
         try:
             run_variant(model, v, prefill, batches, new_tokens, repeats, args.out if args.profile else None,
-                        args.skip_module_guards, args.trace, args.pcg_options, result, save)
+                        args.skip_module_guards, args.trace, args.pcg_options, result, save, args.cache)
         except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
             message = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"  {v:>16} FAILED: {message}", flush=True)
@@ -439,7 +446,8 @@ def run_traffic(args, variants: list[str]) -> dict:
     device = torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
     model = build_model(args.layers, args.family)
-    print(f"traffic: {args.family}; {device}; {len(calls)} generate() calls of {args.new_tokens} new tokens, batches {batches}, "
+    print(f"traffic: {args.family}; {device}; {len(calls)} generate() calls of {args.new_tokens} new tokens, "
+          f"{args.cache} cache, batches {batches}, "
           f"prompts 1..{2 * opts.largest} (largest bucket {opts.largest}); variants {','.join(variants)}", flush=True)
     results: dict = {}
     ideal = None
@@ -448,13 +456,14 @@ def run_traffic(args, variants: list[str]) -> dict:
     def save():
         # Written after every variant, so a run cut short keeps what it measured.
         with open(os.path.join(args.out, "traffic.json"), "w") as f:
-            json.dump({"device": device, "family": args.family, "calls": [dataclasses.asdict(c) for c in calls],
+            json.dump({"device": device, "family": args.family, "cache": args.cache, "calls": [dataclasses.asdict(c) for c in calls],
                        "new_tokens": args.new_tokens, "results": results, "ideal": ideal}, f, indent=1, default=str)
 
     for v in variants:
         install_variant(model, v, args.skip_module_guards, args.pcg_options)
         try:
-            r = traffic.run(model, calls, args.new_tokens, log=lambda m: print(f"  {v:>14} {m}", flush=True))
+            r = traffic.run(model, calls, args.new_tokens, log=lambda m: print(f"  {v:>14} {m}", flush=True),
+                            cache=args.cache)
         except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
             results[v] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
             save()
@@ -467,7 +476,7 @@ def run_traffic(args, variants: list[str]) -> dict:
               f"compiles {r['compiles_after_warm_up']}", flush=True)
         save()
         if v.startswith("pcg"):
-            ideal = traffic.ideal(model, calls, args.new_tokens, Ladder(opts.capture_sizes))
+            ideal = traffic.ideal(model, calls, args.new_tokens, Ladder(opts.capture_sizes), cache=args.cache)
             print(f"  ideal p50 {1e3 * ideal['p50_s']:.1f} ms, decode step ms {ideal['decode_step_ms']}", flush=True)
             save()
         torch.cuda.empty_cache()

@@ -68,6 +68,27 @@ def device_token_count(padded: int) -> torch.Tensor | None:
     return ctx.device_count
 
 
+def in_piece() -> bool:
+    """True while a piece runs the ops fused into it (`piece_running`), not while a split op runs on its own.
+
+    Ops whose padded path only pays off captured (attention, the static KV
+    write) take it only here: run on its own between pieces, the host path
+    with the real count is both correct and the one that was there before.
+    """
+    return getattr(_local, "in_piece", False)
+
+
+@contextlib.contextmanager
+def piece_running():
+    """Mark the Python run of a piece's ops (a capture, its warm-up, or an uncaptured run)."""
+    previous = getattr(_local, "in_piece", False)
+    _local.in_piece = True
+    try:
+        yield
+    finally:
+        _local.in_piece = previous
+
+
 _COUNT_BUFFERS: dict[torch.device, torch.Tensor] = {}
 
 

@@ -282,10 +282,10 @@ class CudaGraphPiece(torch.nn.Module):
         key = ctx.capture_key if ctx is not None else None
         if key is None:
             STATS.eager(ctx.eager_reason if ctx is not None else "called outside a pcg forward")
-            return self.runnable(*args)
+            return self._run(self.runnable, args)
         if self.refused is not None:
             STATS.eager(self.refused)
-            return self.runnable(*args)
+            return self._run(self.runnable, args)
         entry = None
         versions = self.entries.get(key, ())
         for position, candidate in enumerate(versions):
@@ -302,7 +302,7 @@ class CudaGraphPiece(torch.nn.Module):
                 STATS.note(f"{self.name}: weights or written state at new addresses (a second model sharing "
                            f"this compiled code, moved weights, or a new cache), or a scalar input changed; "
                            f"capturing another graph for key {key}")
-            with gemm_library(self.gemm_library):
+            with gemm_library(self.gemm_library), context.piece_running():
                 return self._capture(key, args)
         copy_pairs([(static, args[i]) for i, static in entry.copies if args[i].data_ptr() != static.data_ptr()])
         entry.graph.replay()
@@ -363,7 +363,12 @@ class CudaGraphPiece(torch.nn.Module):
         """Run this piece eagerly, for this call and every later one, for `reason` (counted for the report)."""
         self.refused = reason
         STATS.eager(reason)
-        return self.runnable(*args)
+        return self.runnable(*args)   # inside `_capture`, so within `piece_running`
+
+    @staticmethod
+    def _run(runnable, args):
+        with context.piece_running():
+            return runnable(*args)
 
     def _cpu_input(self, args) -> str | None:
         """Why a CUDA graph cannot read this call's inputs (a tensor off the GPU), or None."""

@@ -41,12 +41,14 @@ class EagerPiece(torch.nn.Module):
     def forward(self, *args):
         ctx = context.current()
         if ctx is not None and ctx.warmup:
-            return self.runnable(*private_copies(args, self.written))
-        reason = self.reason
-        if reason is None:
-            reason = ctx.eager_reason if ctx is not None else "called outside a pcg forward"
-        STATS.eager(reason)
-        return self.runnable(*args)
+            args = private_copies(args, self.written)
+        else:
+            reason = self.reason
+            if reason is None:
+                reason = ctx.eager_reason if ctx is not None else "called outside a pcg forward"
+            STATS.eager(reason)
+        with context.piece_running():
+            return self.runnable(*args)
 
     # Called once per piece per forward: skip nn.Module.__call__'s hook machinery.
     __call__ = forward

@@ -56,6 +56,7 @@ class SplitResult:
     count_values: int = 0      # uses of the token count as a value, rewritten to read the device count
     row_wise_modules: list = dataclasses.field(default_factory=list)   # trusted as row-wise (`analyse/padding_rule.py`)
     state_outputs: list = dataclasses.field(default_factory=list)   # outputs that are state the graph created
+    held_back: int = 0         # padding-safe split ops left eager: they read rows an eager split op returned
 
     @property
     def row_rewrites(self) -> int:
@@ -114,9 +115,10 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     keyed = keyed | aliases
     kinds, mutated = classify(gm, keyed, on_cuda)
     split_nodes = sum(1 for k, _ in kinds.values() if k is Kind.SPLIT)
-    fused = 0
+    fused = held_back = 0
     if capture_split_ops:
-        fused = _fuse_safe_split_ops(kinds, keyed, padded=token is not None and not exact_reason)
+        fused, held_back = _fuse_safe_split_ops(kinds, keyed, padded=token is not None and not exact_reason,
+                                                token=token)
     drop_unused_size_arithmetic(gm, kinds)
     hoist_uncapturable_inputs(gm, kinds)
     pull_allocations_up(gm, kinds)
@@ -155,4 +157,4 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
         if piece.kind is Kind.STATIC:
             _refuse_unkeyed_inputs(piece, getattr(split, piece.name), keyed)
     return SplitResult(split, pieces, token, sorted(keyed - aliases, key=str), split_nodes, on_cuda, device, exact_reason,
-                       fused, aliases, picks, counts, row_wise, state_outputs)
+                       fused, aliases, picks, counts, row_wise, state_outputs, held_back)

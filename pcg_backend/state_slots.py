@@ -43,7 +43,8 @@ class StatePool:
     def __init__(self) -> None:
         self._slots: dict[tuple, list[torch.Tensor]] = {}
         self._lent: dict[tuple, set[int]] = {}
-        self._collected = False   # gc already run in this `lend`
+        self._collected = False        # gc already run in this `lend`
+        self._collecting_pays = True   # the last collection freed a slot (or none was needed since)
 
     def lend(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """Handles to free slots holding a copy of each of `states` (one grouped copy)."""
@@ -67,14 +68,19 @@ class StatePool:
         """The lowest-index free slot for `key` (allocated if none is free), and its index."""
         slots = self._slots.setdefault(key, [])
         lent = self._lent.setdefault(key, set())
-        if slots and len(lent) == len(slots) and not self._collected:
+        if slots and len(lent) == len(slots) and not self._collected and self._collecting_pays:
             # A cache dropped by its caller may still wait in a reference cycle (the
             # calls that compile leave some); collecting once here saves a slot, and the
-            # capture that new addresses would cost.
+            # capture that new addresses would cost. A full collection costs a fraction of
+            # a second beside Dynamo's objects: once it frees nothing (the caller keeps its
+            # caches), it is not tried again until a slot comes back on its own.
             self._collected = True
             gc.collect()
+            self._collecting_pays = len(lent) < len(slots)
         for i, slot in enumerate(slots):
             if i not in lent:
+                if not self._collected:
+                    self._collecting_pays = True
                 return i, slot
         slot = torch.empty_strided(like.size(), like.stride(), dtype=like.dtype, device=like.device)
         slots.append(slot)

@@ -6,8 +6,8 @@ Each variant makes the same seeded sequence of `generate()` calls: prompt
 lengths from 1 to the largest bucket plus a share above it, batch sizes from
 `--batches` with left-padded prompts (every row but the first is shorter), and
 a new cache on every call. Before the timed calls each variant gets one
-documented warm-up: a `generate()` per batch size at the smallest and the
-largest prompt of the plan. For each variant the result holds per-call latency
+documented warm-up (`warm_up_calls`): the plan's longest call, then a
+`generate()` per batch size at the smallest and the largest prompt of the plan. For each variant the result holds per-call latency
 (p50, p90, max), time to first token, tokens per second, the CUDA graphs
 captured and Dynamo graphs compiled during the timed calls, and allocated
 memory before and after them. The ideal of a call, measured in the same run
@@ -44,11 +44,16 @@ def plan(seed: int, calls: int, largest: int, batches: list[int], above_share: f
 
 
 def prompts(call: Call, vocab: int, device, generator: torch.Generator, pad_id: int = 0):
-    """(input_ids, attention_mask) for `call`: row 0 is full, later rows lose up to a third of it to left padding."""
+    """(input_ids, attention_mask) for `call`: row 0 is full, later rows lose 1 to a third of it to left padding.
+
+    Every later row is padded (prompts of 2 tokens or more): a batch whose
+    mask is all ones lets HF drop the mask, a graph of its own, which a
+    warm-up call would then compile instead of the padded one.
+    """
     ids = torch.randint(3, vocab, (call.batch, call.prompt), generator=generator)
     mask = torch.ones_like(ids)
-    for row in range(1, call.batch):
-        short = int(torch.randint(0, call.prompt // 3 + 1, (1,), generator=generator))
+    for row in range(1, call.batch if call.prompt >= 2 else 0):
+        short = int(torch.randint(1, max(2, call.prompt // 3 + 1), (1,), generator=generator))
         ids[row, :short] = pad_id
         mask[row, :short] = 0
     return ids.to(device), mask.to(device)
@@ -73,7 +78,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def one_call(model, call: Call, new_tokens: int, generator: torch.Generator) -> dict:
+def cache_kwargs(cache: str) -> dict:
+    """`generate()` keyword arguments for a cache kind: "dynamic" (HF's default) or "static"."""
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    return {"cache_implementation": "static"} if cache == "static" else {}
+
+
+def one_call(model, call: Call, new_tokens: int, generator: torch.Generator, cache: str = "dynamic") -> dict:
     """Run one `generate()` on a new cache; seconds for the call and to its first token."""
     from transformers import LogitsProcessorList
 
@@ -83,7 +95,8 @@ def one_call(model, call: Call, new_tokens: int, generator: torch.Generator) -> 
     _sync(device)
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([first]))
+                         do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([first]),
+                         **cache_kwargs(cache))
     _sync(device)
     end = time.perf_counter()
     return {"batch": call.batch, "prompt": call.prompt, "seconds": end - start, "ttft": first.at - start,
@@ -104,15 +117,21 @@ def _allocated(device) -> int:
 
 
 def warm_up_calls(calls: list[Call]) -> list[Call]:
-    """The documented warm-up: per batch size, the plan's shortest and longest prompt."""
-    out = []
+    """The documented warm-up: the plan's longest call, then per batch size its shortest and longest prompt.
+
+    The longest call comes first for static caches: HF sizes a new one to the
+    longest generation seen so far, and a graph compiled before that length
+    was reached would be compiled again at it.
+    """
+    out = [max(calls, key=lambda c: c.prompt)]
     for batch in sorted({c.batch for c in calls}):
         lengths = [c.prompt for c in calls if c.batch == batch]
         out += [Call(batch, min(lengths)), Call(batch, max(lengths))]
     return out
 
 
-def run(model, calls: list[Call], new_tokens: int, seed: int = 0, log=lambda message: None) -> dict:
+def run(model, calls: list[Call], new_tokens: int, seed: int = 0, log=lambda message: None,
+        cache: str = "dynamic") -> dict:
     """Warm up, then make every call; the measurements described in the module docstring.
 
     `log` receives a line per warm-up call (seconds, graphs captured and
@@ -123,7 +142,7 @@ def run(model, calls: list[Call], new_tokens: int, seed: int = 0, log=lambda mes
     warm_up = []
     with torch.no_grad():
         for call in warm_up_calls(calls):
-            r = one_call(model, call, new_tokens, generator)
+            r = one_call(model, call, new_tokens, generator, cache)
             warm_up.append({"batch": call.batch, "prompt": call.prompt, "seconds": r["seconds"]})
             log(f"warm-up batch {call.batch}, prompt {call.prompt}: {r['seconds']:.1f} s "
                 f"(graphs captured, compiled so far: {_counts()})")
@@ -132,7 +151,7 @@ def run(model, calls: list[Call], new_tokens: int, seed: int = 0, log=lambda mes
         before = _allocated(device)
         results = []
         for i, call in enumerate(calls, 1):
-            results.append(one_call(model, call, new_tokens, generator))
+            results.append(one_call(model, call, new_tokens, generator, cache))
             if i % 10 == 0:
                 log(f"{i} calls, last {1e3 * results[-1]['seconds']:.1f} ms (captured, compiled: {_counts()})")
         after = _allocated(device)
@@ -159,7 +178,7 @@ def _quantile(values, q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: int = 3) -> dict:
+def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: int = 3, cache: str = "dynamic") -> dict:
     """Per call: the prefill of its batch at its bucket plus `new_tokens - 1` decode steps, as measured now.
 
     Both go through `generate()`, so that they use the graphs the calls used:
@@ -185,7 +204,7 @@ def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: in
 
     def generate(ids, k):
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                              do_sample=False, pad_token_id=0)
+                              do_sample=False, pad_token_id=0, **cache_kwargs(cache))
 
     with torch.no_grad():
         for call in calls:

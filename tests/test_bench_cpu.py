@@ -93,7 +93,7 @@ def test_traffic_prompts_are_left_padded_with_a_full_first_row():
         assert bool((mask[row, :pad] == 0).all()) and bool((mask[row, pad:] == 1).all()) and pad <= 4
         assert bool((ids[row, :pad] == 0).all())
     assert traffic.warm_up_calls([traffic.Call(1, 5), traffic.Call(4, 9), traffic.Call(1, 30)]) == [
-        traffic.Call(1, 5), traffic.Call(1, 30), traffic.Call(4, 9), traffic.Call(4, 9)]
+        traffic.Call(1, 30), traffic.Call(1, 5), traffic.Call(1, 30), traffic.Call(4, 9), traffic.Call(4, 9)]
 
 
 @pytest.mark.parametrize("family", ["nemotron_h", "bamba", "falcon_h1", "zamba2", "granitemoehybrid", "mamba2"])

@@ -194,6 +194,7 @@ def test_entry_point_is_declared_when_installed():
 
 
 def test_padding_safe_implies_cudagraph_safe_and_unregisters_cleanly():
+    from pcg_backend.ops import attention  # noqa: F401  (registers pcg's attention ops)
     from pcg_backend.ops.registry import is_cudagraph_safe, is_padding_safe
 
     @torch.library.custom_op("pcg_test::scaled", mutates_args=())
@@ -210,8 +211,10 @@ def test_padding_safe_implies_cudagraph_safe_and_unregisters_cleanly():
     assert is_padding_safe(name)
     pcg_backend.unregister_split_op(scaled)
     assert not is_padding_safe(name) and not is_cudagraph_safe(name) and not pcg_backend.is_split_op(torch.ops.pcg_test.scaled.default)
-    # pcg's own Mamba2 core reads the device count; attention cannot (it writes the KV cache per real row)
-    assert is_padding_safe("pcg::mamba2_core") and not is_padding_safe("pcg::attention")
+    # pcg's own Mamba2 core, static KV write and attention read the device count; the DynamicCache append
+    # cannot (it returns a tensor of the real rows, whose size no captured graph can hold)
+    assert all(is_padding_safe(f"pcg::{op}") for op in ("mamba2_core", "kv_write_static", "attention"))
+    assert is_cudagraph_safe("pcg::kv_append") and not is_padding_safe("pcg::kv_append")
 
 
 def test_gemm_library_is_set_only_inside_the_block_and_restored_on_error(monkeypatch):

@@ -451,7 +451,7 @@ def test_graph_entry_matches_fixed_addresses_and_scalars(fixed_count):
 
     args = [torch.zeros(2) for _ in range(4)] + [7]
     fixed = [(i, args[i].data_ptr()) for i in range(fixed_count)]
-    entry = _Entry(graph=None, copies=[], fixed=fixed, scalars=[(4, 7)], outputs=(), written_back=[])
+    entry = _Entry(graph=None, copies=[], fixed=fixed, scalars=[(4, 7)], outputs=(), written_back=[], mempool=None)
     assert entry.matches(args)
     assert not entry.matches(args[:4] + [8])                 # a scalar baked into the graph changed
     moved = list(args)

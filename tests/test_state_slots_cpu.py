@@ -71,6 +71,18 @@ def test_a_dropped_handle_waiting_in_a_reference_cycle_is_collected_before_a_new
     assert again[0].data_ptr() == ptr and STATS.state_slots == 1
 
 
+def test_a_collection_that_frees_nothing_is_not_repeated_until_a_slot_comes_back(monkeypatch):
+    pool = state_slots.StatePool()
+    collections = []
+    monkeypatch.setattr(state_slots.gc, "collect", lambda: collections.append(1))
+    kept = [pool.lend([torch.randn(2)]) for _ in range(4)]    # the caller keeps every cache
+    assert len(collections) == 1 and STATS.state_slots == 4
+    del kept[0]                                               # freed by refcount: slot 0 is back
+    kept.append(pool.lend([torch.randn(2)]))                  # reuses it, no collection needed
+    kept.append(pool.lend([torch.randn(2)]))                  # all lent again: collecting is worth a try
+    assert len(collections) == 2 and STATS.state_slots == 5
+
+
 def test_shapes_and_dtypes_never_share_slots():
     pool = state_slots.StatePool()
     a = pool.lend([torch.ones(2, 3)])

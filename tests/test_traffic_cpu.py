@@ -39,6 +39,27 @@ def test_traffic_compiles_nothing_after_warm_up_and_matches_eager(family):
     assert "cannot be padded" not in pcg_backend.report()
 
 
+@torch._dynamo.config.patch(recompile_limit=64)
+def test_static_cache_traffic_compiles_nothing_after_warm_up_and_matches_eager():
+    model = tiny_model("nemotron_h")
+    calls = traffic.plan(1, 16, 32, [1, 4])
+    eager = traffic.run(model, calls, 4, cache="static")
+    compiled = copy.copy(model)
+    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32})
+    got = traffic.run(compiled, calls, 4, cache="static")
+    assert got["compiles_after_warm_up"] == 0, pcg_backend.report()
+    assert all(torch.equal(a, b) for a, b in zip(got["sequences"], eager["sequences"]))
+    s = pcg_backend.stats()
+    assert s["pieces"] == s["capturable_pieces"] == s["graphs_compiled"], pcg_backend.report()
+
+
+def test_cache_kinds_are_checked():
+    assert traffic.cache_kwargs("static") == {"cache_implementation": "static"}
+    assert traffic.cache_kwargs("dynamic") == {}
+    with pytest.raises(ValueError, match="'dynamic' or 'static'"):
+        traffic.cache_kwargs("paged")
+
+
 def test_ideal_times_each_bucket_and_batch_once_through_generate():
     model = tiny_model("bamba")
     calls = [traffic.Call(1, 3), traffic.Call(1, 4), traffic.Call(2, 9), traffic.Call(1, 40)]

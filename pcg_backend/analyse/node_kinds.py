@@ -145,8 +145,8 @@ def _foreign_symbols(node, keyed: set) -> list[str]:
     return sorted(str(s) for s in syms - keyed)
 
 
-def _fuse_safe_split_ops(kinds: dict, keyed: set, padded: bool) -> int:
-    """Capture safe split ops together with their neighbours; return how many.
+def _fuse_safe_split_ops(kinds: dict, keyed: set, padded: bool, token=None) -> tuple[int, int]:
+    """Capture safe split ops together with their neighbours; return how many, and how many were held back.
 
     In a graph that always runs at its exact size (`padded=False`) nothing is
     padded, so a `cudagraph_safe` op sees exactly the rows it would see
@@ -154,11 +154,25 @@ def _fuse_safe_split_ops(kinds: dict, keyed: set, padded: bool) -> int:
     `padding_safe` ops qualify: they read the real count from the device.
     Ops whose shapes move with another symbol (attention over a growing KV
     cache) stay eager either way.
+
+    In a padded graph a split op that stays eager may return the real rows
+    only (`pcg::kv_append` appends n rows, not the bucket's): a captured piece
+    reading such a value would see a size it was not captured at. So a
+    padding-safe op downstream of an eager split op's token-sized output
+    (attention over a DynamicCache's keys) stays eager too; those are counted
+    as held back, for the report.
     """
     safe = is_padding_safe if padded else is_cudagraph_safe
-    fused = 0
+    fused = held_back = 0
+    real_rows: set = set()   # values that may hold only the real rows of the token dim
     for node, (kind, name) in list(kinds.items()):
-        if kind is Kind.SPLIT and safe(name) and not _foreign_symbols(node, keyed):
+        reads_real_rows = padded and any(a in real_rows for a in node.all_input_nodes)
+        fusable = kind is Kind.SPLIT and safe(name) and not _foreign_symbols(node, keyed)
+        if fusable and not reads_real_rows:
             kinds[node] = (Kind.STATIC, "")
             fused += 1
-    return fused
+            continue
+        held_back += fusable
+        if padded and (kind is Kind.SPLIT or reads_real_rows) and token in symbols_of(node_value(node)):
+            real_rows.add(node)
+    return fused, held_back

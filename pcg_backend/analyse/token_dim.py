@@ -81,6 +81,20 @@ def find_token_symbol(gm: torch.fx.GraphModule):
     return token, all_syms
 
 
+def _input_hints(gm: torch.fx.GraphModule) -> dict:
+    """symbol -> its value when traced, for every plain symbol in a graph input's sizes (or a size input)."""
+    hints: dict = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node_value(node)
+        sizes = list(val.shape) if isinstance(val, torch.Tensor) else [val] if isinstance(val, torch.SymInt) else []
+        for size in sizes:
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol) and size.node.has_hint():
+                hints[size.node.expr] = size.node.hint
+    return hints
+
+
 def token_aliases(gm: torch.fx.GraphModule, token, keyed: set) -> set:
     """Other symbols of graph inputs that equal the token count when traced and meet it: padded along with it.
 
@@ -95,15 +109,7 @@ def token_aliases(gm: torch.fx.GraphModule, token, keyed: set) -> set:
     """
     if token is None:
         return set()
-    hints: dict = {}
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node_value(node)
-        sizes = list(val.shape) if isinstance(val, torch.Tensor) else [val] if isinstance(val, torch.SymInt) else []
-        for size in sizes:
-            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol) and size.node.has_hint():
-                hints[size.node.expr] = size.node.hint
+    hints = _input_hints(gm)
     if token not in hints:
         return set()
     candidates = {sym for sym, hint in hints.items() if sym != token and sym not in keyed and hint == hints[token]}

@@ -6,6 +6,22 @@
 * `pcg::attention`        - the attention core, through HF's own attention
                             function for the layer (sdpa, eager, ...), on the
                             real query rows; padded output rows are zeroed.
+
+`kv_write_static` and `attention` are padding-safe: captured inside a padded
+piece (`context.in_piece`, with the real count on the device), they run on
+every padded row without reading the count on the host, so a prefill over a
+static cache is captured whole, attention included:
+
+* the KV write sends each padded row to the last real row's position with
+  that row's values, so nothing lands beyond the real length (which may be
+  the cache's end) and the duplicate writes agree;
+* attention runs every padded query row. A real row's causal mask never lets
+  it see a later position, so padded rows change no real row; their own
+  outputs are never read by a real row either (the padding rule's contract).
+
+With a DynamicCache the keys come from `kv_append`, which stays eager and
+returns only the real rows; attention over them then stays eager too
+(`analyse/node_kinds._fuse_safe_split_ops`), and the report shows the cut.
 """
 
 from __future__ import annotations
@@ -46,7 +62,7 @@ def _(new, cache):
     return new.new_empty((*new.shape[:-2], cache.shape[-2] + new.shape[-2], new.shape[-1]))
 
 
-@register_split_op(cudagraph_safe=True)
+@register_split_op(padding_safe=True)
 @lean_op("pcg::kv_write_static", mutates_args=["keys", "values", "cumulative_length"])
 def kv_write_static(
     key_states: torch.Tensor,
@@ -55,14 +71,24 @@ def kv_write_static(
     values: torch.Tensor,
     cumulative_length: torch.Tensor,
 ) -> None:
-    n = context.real_tokens(key_states.shape[-2])
+    padded = key_states.shape[-2]
+    count = context.device_token_count(padded) if context.in_piece() else None
+    if count is not None:
+        # Row i < count goes to its own position; a padded row repeats the last real row.
+        rows = torch.minimum(torch.arange(padded, device=keys.device), count - 1)
+        positions = rows + cumulative_length
+        keys.index_copy_(2, positions, key_states.index_select(2, rows))
+        values.index_copy_(2, positions, value_states.index_select(2, rows))
+        cumulative_length.add_(count.view(()))
+        return
+    n = context.real_tokens(padded)
     positions = torch.arange(n, device=keys.device) + cumulative_length
     cumulative_length.add_(n)
     keys.index_copy_(2, positions, key_states[..., :n, :])
     values.index_copy_(2, positions, value_states[..., :n, :])
 
 
-@register_split_op(cudagraph_safe=True)
+@register_split_op(padding_safe=True)
 @lean_op("pcg::attention", mutates_args=["out"])
 def attention(
     query: torch.Tensor,
@@ -76,13 +102,21 @@ def attention(
     is_causal: bool,
 ) -> None:
     padded = query.shape[2]
-    n = context.real_tokens(padded)
+    count = context.device_token_count(padded) if context.in_piece() else None
+    if count is not None and mask is not None and mask.dim() == 4 and mask.shape[2] != padded:
+        count = None   # a mask made outside the graph, at the real length: slice on the host
+    n = padded if count is not None else context.real_tokens(padded)
     if mask is not None and mask.dim() == 4:
         mask = mask[:, :, :n, : key.shape[-2]]
     # HF attention functions read only these attributes of the module.
     module = types.SimpleNamespace(num_key_value_groups=num_key_value_groups, is_causal=is_causal, training=False)
     with sdpa_kernel(SDPA_BACKENDS):
         result, _ = ORIGINAL_ATTENTION[impl](module, query[:, :, :n], key, value, mask, dropout=0.0, scaling=scaling)
+    if count is not None:
+        # Padded query rows may be fully masked (NaN from softmax): zero them, as the host path does.
+        real = torch.arange(padded, device=out.device) < count
+        out.copy_(torch.where(real[None, :, None, None], result, 0))
+        return
     out[:, :n] = result
     if n < padded:
         out[:, n:] = 0

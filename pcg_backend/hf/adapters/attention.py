@@ -38,17 +38,49 @@ def _write_static(layer, key_states, value_states) -> None:
     torch.ops.pcg.kv_write_static(key_states, value_states, layer.keys, layer.values, layer.cumulative_length)
 
 
+def _length_on_device(layer, device: torch.device) -> None:
+    """Make a fresh static layer's length on `device` itself, before HF copies its CPU one there.
+
+    `lazy_initialization` moves `cumulative_length` (a CPU tensor) to the
+    device: a host-to-device copy, which no CUDA graph can hold, so it cut
+    every static-cache prefill graph in two. A layer not yet initialized has
+    written nothing, so its length is 0; `lazy_initialization`'s own `.to`
+    then finds the tensor where it belongs and keeps it.
+    """
+    length = getattr(layer, "cumulative_length", None)
+    if isinstance(length, torch.Tensor) and length.device != device:
+        layer.cumulative_length = torch.zeros((), dtype=length.dtype, device=device)
+
+
 def _wrap_update(original, write):
     @functools.wraps(original)
     def update(self, key_states, value_states, *args, **kwargs):
         if not tracing_for_pcg():
             return original(self, key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
+            _length_on_device(self, key_states.device)
             self.lazy_initialization(key_states, value_states)
         write(self, key_states, value_states)
         return self.keys, self.values
 
     return update
+
+
+def _same_sizes(mask: torch.Tensor, batch, seq_len, kv_len) -> torch.Tensor:
+    """`mask` with its sizes tied to the query's and keys' in the traced graph.
+
+    HF may build the 4-D mask before the forward; it is then a graph input,
+    and once its sizes change Dynamo gives each of them a symbol of its own.
+    A symbol pcg cannot relate to the token count or a keyed size keeps every
+    node that reads it eager, attention included. Comparing the sizes here
+    makes Dynamo guard that they are equal, and a guarded equality of two
+    symbols makes them one. Sizes that differ (a mask longer than the keys)
+    are cut, as `pcg::attention` would cut them.
+    """
+    b, _, q, k = mask.shape
+    if b == batch and q == seq_len and k == kv_len:
+        return mask
+    return mask[:, :, :seq_len, :kv_len]
 
 
 def wrap_attention_function(original, impl: str):
@@ -61,6 +93,8 @@ def wrap_attention_function(original, impl: str):
         if not tracing_for_pcg():
             return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         batch, heads, seq_len, head_dim = query.shape
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = _same_sizes(attention_mask, batch, seq_len, key.shape[-2])
         out = query.new_empty(batch, seq_len, heads, value.shape[-1])
         scale = float(scaling) if scaling is not None else head_dim ** -0.5
         note_routing(type(module).__name__, str(getattr(module, "layer_idx", "?")),

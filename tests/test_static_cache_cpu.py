@@ -1,0 +1,82 @@
+"""With a static cache, every graph of every family is one piece: attention is inside the padded prefill graph.
+
+`cache_implementation="static"` gives attention fixed-size keys, so
+`pcg::kv_write_static` and `pcg::attention` run padded inside the captured
+piece (`ops/attention.py`): a prefill of one bucket, and a decode step, are
+each one graph for the whole model. With a DynamicCache attention stays cut
+out, and the report says why. fp32, padding poisoned with NaN, tokens and
+cache states equal eager (atol 1e-4).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pcg_backend
+from pcg_backend import runtime
+from conftest import requires_reference_kernels
+from hf_checks import _states
+from hf_models import FAMILIES, tiny_model
+from test_reliability import _nan_pad
+
+pytestmark = requires_reference_kernels
+OPTIONS = {"capture_sizes": [1, 2, 4, 8, 16, 24, 32], "progress": False}
+LENGTHS = (3, 20, 5, 9, 17)     # 3 compiles Dynamo's static graph; the others run padded (none is a bucket)
+HELD_BACK = "padding-safe split op(s) run eagerly between pieces"
+
+
+def _generate(model, n, cache, batch=2, **extra):
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(3, model.config.vocab_size, (batch, n), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1:, :2] = 0            # left padding for every row but the first
+    ids[1:, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, **extra)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    return model.generate(ids, **kw)
+
+
+def _compiled(model):
+    compiled = copy.copy(model)
+    compiled.forward = torch.compile(model.forward, backend="pcg", options=OPTIONS)
+    return compiled
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_static_cache_graphs_are_one_piece_each_and_match_eager(name, monkeypatch):
+    model = tiny_model(name)
+    compiled = _compiled(model)
+    monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
+    with torch.no_grad():
+        for n in LENGTHS:
+            ref, got = _generate(model, n, "static"), _generate(compiled, n, "static")
+            assert torch.equal(got.sequences, ref.sequences), (name, n)
+            for r, s in zip(_states(ref.past_key_values), _states(got.past_key_values), strict=True):
+                torch.testing.assert_close(s, r, atol=1e-4, rtol=0)
+    s = pcg_backend.stats()
+    # Every graph (static prefill at 3, padded prefill, decode) is exactly one capturable piece
+    # holding every split op: the whole model, attention and its KV write included.
+    assert s["pieces"] == s["capturable_pieces"] == s["graphs_compiled"], pcg_backend.report()
+    assert s["split_ops_in_graphs"] == s["split_op_nodes"], pcg_backend.report()
+    assert s["padded_calls"] == 4, pcg_backend.report()          # 20, 5, 9, 17: none is a bucket
+    assert s["eager_runs"] == sum(s["eager_reasons"].values())
+    assert all(r.startswith("CUDA graphs off") for r in s["eager_reasons"]), s["eager_reasons"]
+    assert HELD_BACK not in pcg_backend.report()
+
+
+@pytest.mark.parametrize("name", ["nemotron_h", "bamba", "zamba2"])
+def test_dynamic_cache_keeps_attention_out_and_the_report_says_why(name):
+    model = tiny_model(name)
+    compiled = _compiled(model)
+    with torch.no_grad():
+        for n in LENGTHS[:3]:
+            assert torch.equal(_generate(compiled, n, "dynamic").sequences, _generate(model, n, "dynamic").sequences)
+    report = pcg_backend.report()
+    attention_layers = sum(1 for line in pcg_backend.stats()["routing"] if "pcg::attention" in line)
+    assert report.count(HELD_BACK) == 1, report          # the one padded prefill graph
+    assert f"{attention_layers} {HELD_BACK}" in report, report

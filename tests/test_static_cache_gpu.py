@@ -1,0 +1,42 @@
+"""With a static cache on CUDA, a padded prefill of one bucket is one captured graph for the whole model.
+
+The GPU counterpart of `test_static_cache_cpu.py` (fp32, mamba-ssm kernels):
+tokens equal eager's, the padded prefill graph captures exactly one graph per
+bucket (1 piece x 6 buckets), every graph is one piece, and after the two
+warm-up calls no graph is captured.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pcg_backend
+from conftest import requires_cuda
+from hf_models import tiny_model
+from test_static_cache_cpu import _compiled, _generate
+
+pytestmark = requires_cuda
+
+
+@pytest.mark.parametrize("name", ["nemotron_h", "bamba", "falcon_h1", "zamba2", "mamba2"])
+@torch._dynamo.config.patch(recompile_limit=64)
+def test_static_cache_prefill_is_one_graph_per_bucket(name):
+    pytest.importorskip("mamba_ssm")
+    model = tiny_model(name, device="cuda")
+    compiled = _compiled(model)
+    with torch.no_grad():
+        for n in (3, 20):                          # warm-up: Dynamo's static graph, then the dynamic one
+            _generate(compiled, n, "static")
+        captured = pcg_backend.stats()["cuda_graphs_captured"]
+        for n in (5, 9, 17):                       # max_cache_len stays 24, the warm-up's
+            want = _generate(model, n, "static").sequences
+            assert torch.equal(_generate(compiled, n, "static").sequences.cpu(), want.cpu()), (name, n)
+    s = pcg_backend.stats()
+    assert s["pieces"] == s["capturable_pieces"] == s["graphs_compiled"], pcg_backend.report()
+    # Buckets 2..32 (Dynamo's dynamic graph starts at 2): one whole-model graph each.
+    assert any("captured 6 CUDA graphs (1 pieces x 6 buckets 2..32" in c for c in s["capture_summaries"]), \
+        pcg_backend.report()
+    assert s["cuda_graphs_captured"] == captured, pcg_backend.report()
+    assert s["new_address_captures"] == 0, pcg_backend.report()
+    assert not any("attention" in r for r in s["eager_reasons"]), pcg_backend.report()
