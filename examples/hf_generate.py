@@ -3,7 +3,8 @@
 Builds the model from its config class (no hub access), generates with HF
 eager and with `model.forward` compiled by pcg, checks that the tokens match,
 and prints pcg's report. CPU by default; pass --device cuda (with mamba-ssm
-and causal-conv1d installed) to capture CUDA graphs.
+and causal-conv1d installed) to capture CUDA graphs. With --cache static the
+cache is HF's static one, and each graph is one piece, attention included.
 """
 
 import argparse
@@ -30,12 +31,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
     args = parser.parse_args()
 
     model = tiny_nemotron_h().to(args.device)
     ids = torch.randint(3, model.config.vocab_size, (2, 11), device=args.device)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
               do_sample=False, pad_token_id=0)
+    if args.cache == "static":
+        kw["cache_implementation"] = "static"
     with torch.no_grad():
         eager = model.generate(ids, **kw)
         compiled = copy.copy(model)                 # shares the weights; only `forward` differs

@@ -1,6 +1,7 @@
 """The examples run as a new user runs them, and say what they promise."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ from conftest import requires_reference_kernels
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script):
+def _run(script, *args):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script)], capture_output=True,
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args], capture_output=True,
                           text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -31,3 +32,12 @@ def test_hf_generate():
     out = _run("hf_generate.py")
     assert "tokens equal to eager: True" in out
     assert "Mamba2 core via pcg::mamba2_core" in out
+
+
+@requires_reference_kernels
+def test_hf_generate_with_a_static_cache():
+    out = _run("hf_generate.py", "--cache", "static")
+    assert "tokens equal to eager: True" in out
+    assert "run eagerly between pieces" not in out
+    graphs = [line for line in out.splitlines() if re.match(r"  graph\d+: ", line)]
+    assert graphs and all(": 1 pieces, 1 capturable" in line for line in graphs), out
