@@ -25,7 +25,7 @@ from .analyse.node_kinds import Kind, _fuse_safe_split_ops, classify
 from .analyse.token_dim import find_token_symbol, token_aliases, written_input_reason
 from .ops.registry import split_op_name
 from .rewrite import row_rewrites
-from .rewrite.schedule import drop_unused_size_arithmetic, hoist_uncapturable_inputs, pull_allocations_up
+from .rewrite.schedule import drop_dead_host_work, hoist_uncapturable_inputs, pull_allocations_up
 
 
 @dataclasses.dataclass
@@ -119,7 +119,7 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     if capture_split_ops:
         fused, held_back = _fuse_safe_split_ops(kinds, keyed, padded=token is not None and not exact_reason,
                                                 token=token)
-    drop_unused_size_arithmetic(gm, kinds)
+    drop_dead_host_work(gm, kinds)
     hoist_uncapturable_inputs(gm, kinds)
     pull_allocations_up(gm, kinds)
 

@@ -396,17 +396,18 @@ def test_token_count_meeting_another_dynamic_size_keeps_the_graph_exact():
     assert sum(c for r, c in s["eager_reasons"].items() if "not a bucket size" in r) > 0
 
 
-def test_unused_size_arithmetic_is_dropped_and_runtime_asserts_stay():
+def test_unused_size_arithmetic_and_constructors_are_dropped_and_runtime_asserts_stay():
     # Dynamo leaves size arithmetic nothing reads (a decode step's numel() of a KV
     # tensor and sym_sums); it would form a host piece in front of the first replay.
     # Runtime asserts have no users either, but are impure and must stay.
     from pcg_backend.analyse.node_kinds import Kind
-    from pcg_backend.rewrite.schedule import drop_unused_size_arithmetic
+    from pcg_backend.rewrite.schedule import drop_dead_host_work
 
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     n = graph.call_method("numel", (x,))
     graph.call_function(torch.sym_sum, ([1, n],))                     # unused, and makes n unused
+    graph.call_function(torch.tensor, ([],))                           # HF's empty KV, replaced: unused
     positive = graph.call_function(torch.ops.aten.gt.Scalar, (x, 0))   # stands in for a size check
     graph.call_function(torch.ops.aten._assert_scalar.default, (True, "x must be non-empty"))
     doubled = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2))
@@ -417,7 +418,7 @@ def test_unused_size_arithmetic_is_dropped_and_runtime_asserts_stay():
     for node in gm.graph.nodes:              # values as Dynamo records them: sizes are ints, tensors tensors
         node.meta["example_value"] = torch.zeros(2) if node in (x, positive, doubled) else 2
 
-    assert drop_unused_size_arithmetic(gm, kinds) == 2
+    assert drop_dead_host_work(gm, kinds) == 3
     left = [node.target for node in gm.graph.nodes if node.op in ("call_method", "call_function")]
     assert left == [torch.ops.aten.gt.Scalar, torch.ops.aten._assert_scalar.default, torch.ops.aten.mul.Tensor]
     assert set(kinds) == {node for node in gm.graph.nodes if node.op not in ("placeholder", "output")}

@@ -8,10 +8,12 @@ built over the growing KV length (eager) from small static pieces (`arange`,
 ops. Each such interleaving costs a graph launch or an eager piece per step.
 Three moves remove them, none of which changes what any node computes:
 
-* `drop_unused_size_arithmetic`: size arithmetic whose result nothing reads
+* `drop_dead_host_work`: size arithmetic whose result nothing reads
   (Dynamo keeps a decode step's `numel()` of a KV tensor and a few `sym_sum`s
   that way) is removed, instead of forming a host piece that the runtime
-  calls before the first graph launch of every step.
+  calls before the first graph launch of every step; so is a tensor built
+  from Python data that nothing reads (a host-to-device copy on the GPU,
+  which would run as an eager piece of its own).
 
 * `hoist_uncapturable_inputs`: eager work that reads only graph inputs moves
   to the top, with the input-only nodes it needs, into one eager prologue.
@@ -168,8 +170,15 @@ def pull_allocations_up(gm: torch.fx.GraphModule, kinds: dict) -> int:
     return moved
 
 
-def drop_unused_size_arithmetic(gm: torch.fx.GraphModule, kinds: dict) -> int:
-    """Remove nodes that compute no tensor, have no side effect and have no users; returns how many.
+# Tensor constructors from Python data: pure, and where they run on the GPU a host-to-device copy
+# that splits the graph. HF's DynamicCache layers start from `torch.tensor([])`, which the attention
+# adapter replaces, leaving the traced constructor without users.
+_PURE_CONSTRUCTORS = (torch.tensor, torch.as_tensor, torch.scalar_tensor)
+
+
+def drop_dead_host_work(gm: torch.fx.GraphModule, kinds: dict) -> int:
+    """Remove nodes that compute no tensor (or only construct one from Python data), have no side
+    effect and have no users; returns how many.
 
     Runtime asserts (`_assert_scalar` and the like) are impure in FX's sense
     and stay. Removing a node can leave its inputs unused, so this walks the
@@ -177,9 +186,11 @@ def drop_unused_size_arithmetic(gm: torch.fx.GraphModule, kinds: dict) -> int:
     """
     dropped = 0
     for node in reversed(list(gm.graph.nodes)):
-        if (node.op in ("call_function", "call_method") and not node.users and not node.is_impure()
-                and node in kinds and kinds[node][0] in (Kind.HOST, None)
-                and not any(True for _ in tensors_in(node_value(node)))):
+        if node.op not in ("call_function", "call_method") or node.users or node.is_impure() or node not in kinds:
+            continue
+        size_arithmetic = (kinds[node][0] in (Kind.HOST, None)
+                           and not any(True for _ in tensors_in(node_value(node))))
+        if size_arithmetic or (node.op == "call_function" and node.target in _PURE_CONSTRUCTORS):
             gm.graph.erase_node(node)
             del kinds[node]
             dropped += 1

@@ -38,18 +38,23 @@ def _write_static(layer, key_states, value_states) -> None:
     torch.ops.pcg.kv_write_static(key_states, value_states, layer.keys, layer.values, layer.cumulative_length)
 
 
-def _length_on_device(layer, device: torch.device) -> None:
-    """Make a fresh static layer's length on `device` itself, before HF copies its CPU one there.
+def _initialize(layer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    """HF's `lazy_initialization`, without the host-to-device copies it makes (no CUDA graph can hold one).
 
-    `lazy_initialization` moves `cumulative_length` (a CPU tensor) to the
-    device: a host-to-device copy, which no CUDA graph can hold, so it cut
-    every static-cache prefill graph in two. A layer not yet initialized has
-    written nothing, so its length is 0; `lazy_initialization`'s own `.to`
-    then finds the tensor where it belongs and keeps it.
+    * A static layer's `cumulative_length` is a CPU tensor that HF moves to
+      the device. A layer not yet initialized has written nothing, so it is
+      made on the device as 0 first, and HF's own `.to` then keeps it.
+    * A DynamicCache layer starts from `torch.tensor([])` on the device. The
+      empty K and V are made from the new states instead; the copy, now
+      unused, is dead code in the traced graph.
     """
     length = getattr(layer, "cumulative_length", None)
-    if isinstance(length, torch.Tensor) and length.device != device:
-        layer.cumulative_length = torch.zeros((), dtype=length.dtype, device=device)
+    if isinstance(length, torch.Tensor) and length.device != key_states.device:
+        layer.cumulative_length = torch.zeros((), dtype=length.dtype, device=key_states.device)
+    layer.lazy_initialization(key_states, value_states)
+    if isinstance(layer.keys, torch.Tensor) and layer.keys.numel() == 0:
+        layer.keys = key_states.new_empty((0,))
+        layer.values = value_states.new_empty((0,))
 
 
 def _wrap_update(original, write):
@@ -58,8 +63,7 @@ def _wrap_update(original, write):
         if not tracing_for_pcg():
             return original(self, key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
-            _length_on_device(self, key_states.device)
-            self.lazy_initialization(key_states, value_states)
+            _initialize(self, key_states, value_states)
         write(self, key_states, value_states)
         return self.keys, self.values
 
