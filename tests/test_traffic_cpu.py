@@ -53,6 +53,21 @@ def test_static_cache_traffic_compiles_nothing_after_warm_up_and_matches_eager()
     assert s["pieces"] == s["capturable_pieces"] == s["graphs_compiled"], pcg_backend.report()
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@torch._dynamo.config.patch(recompile_limit=64)
+def test_the_issue_plan_100_calls_at_batch_1_to_8_compile_nothing_after_warm_up(cache):
+    model = tiny_model("nemotron_h")
+    calls = traffic.plan(7, 100, 32, list(range(1, 9)))
+    assert {c.batch for c in calls} == set(range(1, 9)) and max(c.prompt for c in calls) > 32
+    compiled = copy.copy(model)
+    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32})
+    got = traffic.run(compiled, calls, 3, cache=cache)
+    assert got["compiles_after_warm_up"] == 0, pcg_backend.report()
+    eager = traffic.run(model, calls[:12], 3, cache=cache)
+    assert all(torch.equal(a, b) for a, b in zip(got["sequences"][:12], eager["sequences"]))
+    assert pcg_backend.stats()["state_slots"] > 0
+
+
 def test_cache_kinds_are_checked():
     assert traffic.cache_kwargs("static") == {"cache_implementation": "static"}
     assert traffic.cache_kwargs("dynamic") == {}

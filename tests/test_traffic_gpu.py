@@ -42,6 +42,20 @@ def test_traffic_captures_and_compiles_nothing_after_warm_up(family):
     assert all(same), f"{sum(same)}/{len(same)} calls equal eager\n{pcg_backend.report()}"
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@torch._dynamo.config.patch(recompile_limit=64)
+def test_the_issue_plan_100_calls_at_batch_1_to_8_capture_nothing_after_warm_up(cache):
+    pytest.importorskip("mamba_ssm")
+    model = tiny_model("nemotron_h", device="cuda")
+    calls = traffic.plan(7, 100, 32, list(range(1, 9)))
+    compiled = copy.copy(model)
+    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32, "progress": False})
+    got = traffic.run(compiled, calls, 3, cache=cache)
+    assert (got["captures_after_warm_up"], got["compiles_after_warm_up"]) == (0, 0), pcg_backend.report()
+    assert got["allocated_after_mib"] == got["allocated_before_mib"]
+    assert pcg_backend.stats()["new_address_captures"] == 0, pcg_backend.report()
+
+
 @torch._dynamo.config.patch(recompile_limit=64)
 def test_static_cache_traffic_replays_too():
     pytest.importorskip("mamba_ssm")
