@@ -104,7 +104,12 @@ def attention(
     padded = query.shape[2]
     count = context.device_token_count(padded) if context.in_piece() else None
     if count is not None and mask is not None and mask.dim() == 4 and mask.shape[2] != padded:
-        count = None   # a mask made outside the graph, at the real length: slice on the host
+        # A mask at another length than the padded query: only the host path, with the real
+        # count, can cut it, and a capture would bake that count in for the whole bucket.
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"pcg::attention: the mask has {mask.shape[2]} query rows, the padded query "
+                               f"{padded}; it cannot be captured for every count in the bucket")
+        count = None
     n = padded if count is not None else context.real_tokens(padded)
     if mask is not None and mask.dim() == 4:
         mask = mask[:, :, :n, : key.shape[-2]]
