@@ -43,16 +43,28 @@ class StatePool:
     def __init__(self) -> None:
         self._slots: dict[tuple, list[torch.Tensor]] = {}
         self._lent: dict[tuple, set[int]] = {}
-        self._collected = False        # gc already run in this `lend`
         self._collecting_pays = True   # the last collection freed a slot (or none was needed since)
 
     def lend(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """Handles to free slots holding a copy of each of `states` (one grouped copy)."""
         handles, pairs = [], []
-        self._collected = False
+        collected = False
         for state in states:
             key = _shape_key(state)
-            index, slot = self._free_slot(key, state)
+            found = self._free_slot(key)
+            if found is None and self._slots[key] and not collected and self._collecting_pays:
+                # A cache dropped by its caller may still wait in a reference cycle (the
+                # calls that compile leave some); collecting once here saves a slot, and the
+                # capture that new addresses would cost. A full collection costs a fraction of
+                # a second beside Dynamo's objects: once it frees nothing (the caller keeps its
+                # caches), it is not tried again until a slot comes back on its own.
+                collected = True
+                gc.collect()
+                found = self._free_slot(key)
+                self._collecting_pays = found is not None
+            elif found is not None and not collected:
+                self._collecting_pays = True
+            index, slot = found if found is not None else self._allocate(key, state)
             handle = torch.empty((0,), dtype=state.dtype, device=state.device).set_(
                 slot.untyped_storage(), slot.storage_offset(), slot.size(), slot.stride())
             lent = self._lent[key]
@@ -64,29 +76,17 @@ class StatePool:
         copy_pairs(pairs)
         return handles
 
-    def _free_slot(self, key: tuple, like: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """The lowest-index free slot for `key` (allocated if none is free), and its index."""
-        slots = self._slots.setdefault(key, [])
+    def _free_slot(self, key: tuple) -> tuple[int, torch.Tensor] | None:
+        """The lowest-index free slot for `key` and its index, or None."""
         lent = self._lent.setdefault(key, set())
-        if slots and len(lent) == len(slots) and not self._collected and self._collecting_pays:
-            # A cache dropped by its caller may still wait in a reference cycle (the
-            # calls that compile leave some); collecting once here saves a slot, and the
-            # capture that new addresses would cost. A full collection costs a fraction of
-            # a second beside Dynamo's objects: once it frees nothing (the caller keeps its
-            # caches), it is not tried again until a slot comes back on its own.
-            self._collected = True
-            gc.collect()
-            self._collecting_pays = len(lent) < len(slots)
-        for i, slot in enumerate(slots):
-            if i not in lent:
-                if not self._collected:
-                    self._collecting_pays = True
-                return i, slot
-        slot = torch.empty_strided(like.size(), like.stride(), dtype=like.dtype, device=like.device)
-        slots.append(slot)
+        return next(((i, slot) for i, slot in enumerate(self._slots.setdefault(key, [])) if i not in lent), None)
+
+    def _allocate(self, key: tuple, like: torch.Tensor) -> tuple[int, torch.Tensor]:
+        slots = self._slots[key]
+        slots.append(torch.empty_strided(like.size(), like.stride(), dtype=like.dtype, device=like.device))
         STATS.state_slots += 1
-        STATS.state_slot_bytes += slot.untyped_storage().nbytes()
-        return len(slots) - 1, slot
+        STATS.state_slot_bytes += slots[-1].untyped_storage().nbytes()
+        return len(slots) - 1, slots[-1]
 
     def lent(self) -> int:
         """How many slots a live cache holds."""

@@ -12,6 +12,16 @@ PREFILL_SIZES = [1, 3, 17, 64, 200]   # 200 is above the largest bucket (64) use
 OPTIONS = {"max_capture_size": 64}
 
 
+def left_padded_prompt(model, batch: int, n: int, pad: int, seed: int):
+    """(input_ids, attention_mask) on the model's device: every row but the first starts with `pad` pad tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, n), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1:, :pad] = 0
+    ids[1:, :pad] = 0
+    return ids.to(model.device), mask.to(model.device)
+
+
 def prefill_logits(model, sizes, atol, device="cpu", seed=0):
     """Compile `model` and compare prefill logits with eager at each size; returns the max differences."""
     compiled = torch.compile(model, backend="pcg", options=OPTIONS)

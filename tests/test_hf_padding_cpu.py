@@ -21,7 +21,7 @@ import torch
 import pcg_backend
 from pcg_backend import runtime
 from conftest import requires_reference_kernels
-from hf_checks import _states
+from hf_checks import _states, left_padded_prompt
 from hf_models import FAMILIES, tiny_model
 from test_reliability import _nan_pad
 
@@ -70,11 +70,7 @@ def test_generate_is_padded_and_matches_eager(name, batch, cache, monkeypatch):
     monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
     with torch.no_grad():
         for n in LENGTHS[:3]:
-            g = torch.Generator().manual_seed(n)
-            ids = torch.randint(3, model.config.vocab_size, (batch, n), generator=g)
-            mask = torch.ones_like(ids)
-            mask[1:, :3] = 0        # left padding for every row but the first
-            ids[1:, :3] = 0
+            ids, mask = left_padded_prompt(model, batch, n, pad=3, seed=n)
             kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
                       return_dict_in_generate=True)
             if cache == "static":

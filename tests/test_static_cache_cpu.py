@@ -18,7 +18,7 @@ import torch
 import pcg_backend
 from pcg_backend import runtime
 from conftest import requires_reference_kernels
-from hf_checks import _states
+from hf_checks import _states, left_padded_prompt
 from hf_models import FAMILIES, tiny_model
 from test_reliability import _nan_pad
 
@@ -29,11 +29,7 @@ HELD_BACK = "padding-safe split op(s) run eagerly between pieces"
 
 
 def _generate(model, n, cache, batch=2, **extra):
-    g = torch.Generator().manual_seed(n)
-    ids = torch.randint(3, model.config.vocab_size, (batch, n), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1:, :2] = 0            # left padding for every row but the first
-    ids[1:, :2] = 0
+    ids, mask = left_padded_prompt(model, batch, n, pad=2, seed=n)
     kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
               return_dict_in_generate=True, **extra)
     if cache == "static":

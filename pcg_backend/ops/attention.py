@@ -29,7 +29,6 @@ from __future__ import annotations
 import types
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import context
 from .lean_op import lean_op
@@ -38,11 +37,23 @@ from .registry import register_split_op
 # The HF attention functions the routed wrappers replaced, by implementation name.
 ORIGINAL_ATTENTION: dict[str, object] = {}
 
-# SDPA backends pcg::attention lets torch choose from. cuDNN's is left out: it builds an
-# execution plan for every new shape (about half a second of host time on an H200), and
-# a decode step meets a new KV length every time, so each call at a prompt length not
-# seen before paid it ~15 times over. Flash and memory-efficient attention have no plans.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+def _without_cudnn_sdpa(call):
+    """`call()` with SDPA's cuDNN backend off, as the caller had it afterwards.
+
+    cuDNN's SDPA builds an execution plan for every new shape (about half a
+    second of host time on an H200), and a decode step meets a new KV length
+    every time, so each call at a prompt length not seen before paid it ~15
+    times over. Flash and memory-efficient attention have no plans. One flag
+    toggled (well under a microsecond), not `sdpa_kernel` (about 9 µs per call,
+    paid per attention layer per decode step).
+    """
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        return call()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        return call()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 @register_split_op(cudagraph_safe=True)
@@ -115,8 +126,8 @@ def attention(
         mask = mask[:, :, :n, : key.shape[-2]]
     # HF attention functions read only these attributes of the module.
     module = types.SimpleNamespace(num_key_value_groups=num_key_value_groups, is_causal=is_causal, training=False)
-    with sdpa_kernel(SDPA_BACKENDS):
-        result, _ = ORIGINAL_ATTENTION[impl](module, query[:, :, :n], key, value, mask, dropout=0.0, scaling=scaling)
+    result, _ = _without_cudnn_sdpa(lambda: ORIGINAL_ATTENTION[impl](
+        module, query[:, :, :n], key, value, mask, dropout=0.0, scaling=scaling))
     if count is not None:
         # Padded query rows may be fully masked (NaN from softmax): zero them, as the host path does.
         real = torch.arange(padded, device=out.device) < count
