@@ -172,9 +172,14 @@ def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None) 
                 run()   # unprofiled first: a new cache's first decode step may capture graphs (new addresses)
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                           record_shapes=trace_dir is not None) as prof:
+                start = time.perf_counter()
                 run()
                 torch.cuda.synchronize()
-            f.write(f"== {title}\n")
+                wall_ms = 1e3 * (time.perf_counter() - start)
+            # Kernel time against wall time: the share the GPU waited on the host (profiled, so an upper bound).
+            busy_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+            f.write(f"== {title}: {wall_ms:.2f} ms wall (profiled), device busy {busy_ms:.2f} ms "
+                    f"({100 * busy_ms / wall_ms:.0f}%)\n")
             if trace_dir:
                 _write_trace(prof, os.path.join(trace_dir, f"trace_{len(os.listdir(trace_dir))}.json.gz"), title)
                 f.write(prof.key_averages(group_by_input_shape=True).table(
@@ -446,9 +451,12 @@ def run_traffic(args, variants: list[str]) -> dict:
     device = torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
     model = build_model(args.layers, args.family)
+    # The decode step's floor: every weight read once from device memory, at the copy bandwidth measured here.
+    floor_ms = 1e3 * sum(p.numel() * p.element_size() for p in model.parameters()) / copy_bandwidth()
     print(f"traffic: {args.family}; {device}; {len(calls)} generate() calls of {args.new_tokens} new tokens, "
           f"{args.cache} cache, batches {batches}, "
-          f"prompts 1..{2 * opts.largest} (largest bucket {opts.largest}); variants {','.join(variants)}", flush=True)
+          f"prompts 1..{2 * opts.largest} (largest bucket {opts.largest}); variants {','.join(variants)}; "
+          f"weight-read floor {floor_ms:.2f} ms", flush=True)
     results: dict = {}
     ideal = None
     sequences = {}
@@ -456,14 +464,14 @@ def run_traffic(args, variants: list[str]) -> dict:
     def save():
         # Written after every variant, so a run cut short keeps what it measured.
         with open(os.path.join(args.out, "traffic.json"), "w") as f:
-            json.dump({"device": device, "family": args.family, "cache": args.cache, "calls": [dataclasses.asdict(c) for c in calls],
+            json.dump({"device": device, "family": args.family, "cache": args.cache, "floor_ms": floor_ms, "calls": [dataclasses.asdict(c) for c in calls],
                        "new_tokens": args.new_tokens, "results": results, "ideal": ideal}, f, indent=1, default=str)
 
     for v in variants:
         install_variant(model, v, args.skip_module_guards, args.pcg_options)
         try:
             r = traffic.run(model, calls, args.new_tokens, log=lambda m: print(f"  {v:>14} {m}", flush=True),
-                            cache=args.cache)
+                            cache=args.cache, largest=opts.largest)
         except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
             results[v] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
             save()
@@ -487,7 +495,7 @@ def run_traffic(args, variants: list[str]) -> dict:
                 results[v]["same_tokens_as_eager"] = sum(
                     torch.equal(a, b) for a, b in zip(seqs, sequences["eager"])) / len(seqs)
     save()
-    print(f"\n{device}\n{traffic.table(results, ideal)}")
+    print(f"\n{device}\n{traffic.table(results, ideal, floor_ms)}")
     try:
         traffic.plot(results, ideal, calls, os.path.join(args.out, "traffic.png"))
     except ImportError:

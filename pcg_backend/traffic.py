@@ -7,7 +7,8 @@ lengths from 1 to the largest bucket plus a share above it, batch sizes from
 `--batches` with left-padded prompts (every row but the first is shorter), and
 a new cache on every call. Before the timed calls each variant gets one
 documented warm-up (`warm_up_calls`): the plan's longest call, then a
-`generate()` per batch size at the smallest and the largest prompt of the plan. For each variant the result holds per-call latency
+`generate()` per batch size for each kind of prompt in the plan (1 token, up
+to the largest bucket, above it). For each variant the result holds per-call latency
 (p50, p90, max), time to first token, tokens per second, the CUDA graphs
 captured and Dynamo graphs compiled during the timed calls, and allocated
 memory before and after them. The ideal of a call, measured in the same run
@@ -116,23 +117,40 @@ def _allocated(device) -> int:
     return torch.cuda.memory_allocated(device) if torch.device(device).type == "cuda" else 0
 
 
-def warm_up_calls(calls: list[Call]) -> list[Call]:
-    """The documented warm-up: the plan's longest call, then per batch size its shortest and longest prompt.
+def warm_up_calls(calls: list[Call], largest: int) -> list[Call]:
+    """The documented warm-up: the plan's longest call, then per batch size one call per kind of prompt.
 
     The longest call comes first for static caches: HF sizes a new one to the
     longest generation seen so far, and a graph compiled before that length
     was reached would be compiled again at it.
+
+    The kinds are the paths a prefill can take, and each needs its own call
+    at each batch size: one token (Dynamo specializes a size of 1, a graph of
+    its own), 2 to `largest` tokens (the padded graph, whose CUDA graphs are
+    captured at every bucket the first time a batch size reaches it) and more
+    than `largest` (the graph at its exact size, without CUDA graphs). A
+    batch's shortest and longest prompts alone can miss the padded path, as
+    when they are 1 token and more than `largest`. Each kind is warmed with
+    its longest prompt in the plan.
     """
+    def kind(prompt: int) -> int:
+        return 0 if prompt == 1 else (1 if prompt <= largest else 2)
+
     out = [max(calls, key=lambda c: c.prompt)]
-    for batch in sorted({c.batch for c in calls}):
-        lengths = [c.prompt for c in calls if c.batch == batch]
-        out += [Call(batch, min(lengths)), Call(batch, max(lengths))]
+    longest: dict[tuple[int, int], int] = {}
+    for c in calls:
+        key = (c.batch, kind(c.prompt))
+        longest[key] = max(longest.get(key, 0), c.prompt)
+    out += [Call(batch, prompt) for (batch, _), prompt in sorted(longest.items())]
     return out
 
 
 def run(model, calls: list[Call], new_tokens: int, seed: int = 0, log=lambda message: None,
-        cache: str = "dynamic") -> dict:
+        cache: str = "dynamic", largest: int | None = None) -> dict:
     """Warm up, then make every call; the measurements described in the module docstring.
+
+    `largest` is the largest bucket the model was compiled with (by default
+    pcg's default), which decides the warm-up (`warm_up_calls`).
 
     `log` receives a line per warm-up call (seconds, graphs captured and
     compiled so far) and one every tenth timed call.
@@ -141,7 +159,11 @@ def run(model, calls: list[Call], new_tokens: int, seed: int = 0, log=lambda mes
     generator = torch.Generator().manual_seed(seed)
     warm_up = []
     with torch.no_grad():
-        for call in warm_up_calls(calls):
+        if largest is None:
+            from .options import parse_options
+
+            largest = parse_options({}).largest
+        for call in warm_up_calls(calls, largest):
             r = one_call(model, call, new_tokens, generator, cache)
             warm_up.append({"batch": call.batch, "prompt": call.prompt, "seconds": r["seconds"]})
             log(f"warm-up batch {call.batch}, prompt {call.prompt}: {r['seconds']:.1f} s "
@@ -221,8 +243,11 @@ def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: in
             "decode_step_ms": {b: 1e3 * s for b, s in step.items()}}
 
 
-def table(results: dict, ideal_result: dict | None) -> str:
-    """One row per variant: latency percentiles, time to first token, tokens/s, captures and compiles."""
+def table(results: dict, ideal_result: dict | None, floor_ms: float | None = None) -> str:
+    """One row per variant: latency percentiles, time to first token, tokens/s, captures and compiles.
+
+    With `floor_ms` (every weight read once), the ideal's decode steps are also given against it.
+    """
     header = (f"{'variant':>14} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} {'TTFT ms':>8} {'tok/s':>8} "
               f"{'x eager':>8} {'x ideal':>8} {'captures':>8} {'compiles':>8} {'MiB before/after':>17}")
     lines = [header, "-" * len(header)]
@@ -240,6 +265,9 @@ def table(results: dict, ideal_result: dict | None) -> str:
     if ideal_result:
         lines.append(f"{'ideal':>14} {1e3 * ideal_result['p50_s']:8.1f}  (prefill at its bucket + decode steps, "
                      f"decode step ms by batch {', '.join(f'{b}: {s:.2f}' for b, s in ideal_result['decode_step_ms'].items())})")
+        if floor_ms:
+            lines.append(f"{'':>14} weight-read floor {floor_ms:.2f} ms; decode step x floor by batch "
+                         + ", ".join(f"{b}: {s / floor_ms:.2f}" for b, s in ideal_result["decode_step_ms"].items()))
     lines.append("(captures and compiles: during the timed calls, after the warm-up; x eager: p50 speed-up)")
     return "\n".join(lines)
 

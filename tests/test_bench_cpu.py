@@ -92,8 +92,29 @@ def test_traffic_prompts_are_left_padded_with_a_full_first_row():
         pad = int((mask[row] == 0).sum())
         assert bool((mask[row, :pad] == 0).all()) and bool((mask[row, pad:] == 1).all()) and pad <= 4
         assert bool((ids[row, :pad] == 0).all())
-    assert traffic.warm_up_calls([traffic.Call(1, 5), traffic.Call(4, 9), traffic.Call(1, 30)]) == [
-        traffic.Call(1, 30), traffic.Call(1, 5), traffic.Call(1, 30), traffic.Call(4, 9), traffic.Call(4, 9)]
+    C = traffic.Call
+    assert traffic.warm_up_calls([C(1, 5), C(4, 9), C(1, 30), C(4, 1), C(4, 40)], largest=16) == [
+        C(4, 40), C(1, 5), C(1, 30), C(4, 1), C(4, 9), C(4, 40)]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_warm_up_reaches_every_path_of_every_batch_size_in_generated_plans(seed):
+    """Each (batch, path) pair of the plan is warmed: one token, padded to a bucket, above the largest bucket."""
+    import random
+
+    from pcg_backend import traffic
+
+    rng = random.Random(seed)
+    largest = rng.choice([8, 32, 512])
+    calls = traffic.plan(seed, rng.randint(1, 120), largest, rng.sample(range(1, 9), rng.randint(1, 8)))
+
+    def path(c):
+        return (c.batch, "one" if c.prompt == 1 else "padded" if c.prompt <= largest else "exact")
+
+    warm = traffic.warm_up_calls(calls, largest)
+    assert warm[0].prompt == max(c.prompt for c in calls)
+    assert {path(c) for c in warm} == {path(c) for c in calls}
+    assert len(warm) == 1 + len({path(c) for c in calls})
 
 
 @pytest.mark.parametrize("family", ["nemotron_h", "bamba", "falcon_h1", "zamba2", "granitemoehybrid", "mamba2"])

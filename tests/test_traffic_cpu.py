@@ -27,10 +27,10 @@ pytestmark = requires_reference_kernels
 def test_traffic_compiles_nothing_after_warm_up_and_matches_eager(family):
     model = tiny_model(family)
     calls = traffic.plan(0, 24, 32, [1, 4, 8])
-    eager = traffic.run(model, calls, 4)
+    eager = traffic.run(model, calls, 4, largest=32)
     compiled = copy.copy(model)
     compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32})
-    got = traffic.run(compiled, calls, 4)
+    got = traffic.run(compiled, calls, 4, largest=32)
     assert got["compiles_after_warm_up"] == 0, pcg_backend.report()
     assert got["captures_after_warm_up"] == 0          # CPU: CUDA graphs are off
     assert all(torch.equal(a, b) for a, b in zip(got["sequences"], eager["sequences"]))
@@ -43,10 +43,10 @@ def test_traffic_compiles_nothing_after_warm_up_and_matches_eager(family):
 def test_static_cache_traffic_compiles_nothing_after_warm_up_and_matches_eager():
     model = tiny_model("nemotron_h")
     calls = traffic.plan(1, 16, 32, [1, 4])
-    eager = traffic.run(model, calls, 4, cache="static")
+    eager = traffic.run(model, calls, 4, cache="static", largest=32)
     compiled = copy.copy(model)
     compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32})
-    got = traffic.run(compiled, calls, 4, cache="static")
+    got = traffic.run(compiled, calls, 4, cache="static", largest=32)
     assert got["compiles_after_warm_up"] == 0, pcg_backend.report()
     assert all(torch.equal(a, b) for a, b in zip(got["sequences"], eager["sequences"]))
     s = pcg_backend.stats()
@@ -61,9 +61,9 @@ def test_the_issue_plan_100_calls_at_batch_1_to_8_compile_nothing_after_warm_up(
     assert {c.batch for c in calls} == set(range(1, 9)) and max(c.prompt for c in calls) > 32
     compiled = copy.copy(model)
     compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32})
-    got = traffic.run(compiled, calls, 3, cache=cache)
+    got = traffic.run(compiled, calls, 3, cache=cache, largest=32)
     assert got["compiles_after_warm_up"] == 0, pcg_backend.report()
-    eager = traffic.run(model, calls[:12], 3, cache=cache)
+    eager = traffic.run(model, calls[:12], 3, cache=cache, largest=32)
     assert all(torch.equal(a, b) for a, b in zip(got["sequences"][:12], eager["sequences"]))
     assert pcg_backend.stats()["state_slots"] > 0
 
