@@ -9,7 +9,7 @@ reads as much weight memory and runs the same layer mix as that model:
 | --- | --- | --- | --- |
 | `nemotron_h` | Nemotron-Nano-9B-v2 | 56 | 4 |
 | `bamba` | Bamba-9B | 32 | 3 |
-| `falcon_h1` | Falcon-H1-7B (Mamba2 widened to 36 heads) | 44 | 44, beside Mamba2 in every layer |
+| `falcon_h1` | Falcon-H1-7B (Mamba2 widened to 40 heads) | 44 | 44, beside Mamba2 in every layer |
 | `zamba2` | Zamba2-7B, 54 of its 81 layers | 54 | 9 uses of 2 shared blocks |
 | `granitemoehybrid` | Granite-4.0-H-Tiny (64 experts, 6 per token) | 40 | 4 |
 | `mamba2` | an 8 B Mamba2 | 56 | 0 |
@@ -36,9 +36,11 @@ def config(family: str):
             attn_layer_indices=[9, 18, 27], num_attention_heads=32, num_key_value_heads=8, mamba_n_heads=128,
             mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, max_position_embeddings=8192, **_MAMBA, **_COMMON)
     if family == "falcon_h1":
+        # 40 Mamba2 heads, not 36: HF's eager FalconH1 hands causal-conv1d a view of the in-projection,
+        # whose row stride (2 * d_ssm + 2 * d_state + heads) the kernel needs to be a multiple of 8.
         return tf.FalconH1Config(
             vocab_size=130049, hidden_size=3072, intermediate_size=12288, num_hidden_layers=44, num_attention_heads=12,
-            num_key_value_heads=2, head_dim=256, mamba_d_ssm=4608, mamba_n_heads=36, mamba_d_head=128,
+            num_key_value_heads=2, head_dim=256, mamba_d_ssm=5120, mamba_n_heads=40, mamba_d_head=128,
             mamba_n_groups=1, mamba_d_state=256, max_position_embeddings=8192, **_MAMBA, **_COMMON)
     if family == "zamba2":
         layers = 54
