@@ -39,7 +39,8 @@ def main():
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
               do_sample=False, pad_token_id=0)
     if args.cache == "static":
-        kw["cache_implementation"] = "static"
+        # disable_compile: on CUDA, HF compiles a static cache's decode itself; the reference stays eager.
+        kw.update(cache_implementation="static", disable_compile=True)
     with torch.no_grad():
         eager = model.generate(ids, **kw)
         compiled = copy.copy(model)                 # shares the weights; only `forward` differs

@@ -81,10 +81,15 @@ def _sync(device) -> None:
 
 
 def cache_kwargs(cache: str) -> dict:
-    """`generate()` keyword arguments for a cache kind: "dynamic" (HF's default) or "static"."""
+    """`generate()` keyword arguments for a cache kind: "dynamic" (HF's default) or "static".
+
+    With a static cache on CUDA, `generate()` would compile the forward once
+    more for decode (Inductor with CUDA graph trees); `disable_compile` keeps
+    each variant on the forward it installed, so that "eager" stays eager.
+    """
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
-    return {"cache_implementation": "static"} if cache == "static" else {}
+    return {"cache_implementation": "static", "disable_compile": True} if cache == "static" else {}
 
 
 def one_call(model, call: Call, new_tokens: int, generator: torch.Generator, cache: str = "dynamic") -> dict:

@@ -63,7 +63,8 @@ def generate_matches(model, batch, cache_implementation=None, new_tokens=32, dev
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
               return_dict_in_generate=True)
     if cache_implementation:
-        kw["cache_implementation"] = cache_implementation
+        # disable_compile: with a static cache on CUDA, HF would compile the reference's decode itself.
+        kw.update(cache_implementation=cache_implementation, disable_compile=True)
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask, **kw)
         compiled = copy.copy(model)  # shares the weights; only `forward` differs

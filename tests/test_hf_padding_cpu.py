@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import pcg_backend
-from pcg_backend import runtime
+from pcg_backend import runtime, traffic
 from conftest import requires_reference_kernels
 from hf_checks import _states, left_padded_prompt
 from hf_models import FAMILIES, tiny_model
@@ -72,9 +72,7 @@ def test_generate_is_padded_and_matches_eager(name, batch, cache, monkeypatch):
         for n in LENGTHS[:3]:
             ids, mask = left_padded_prompt(model, batch, n, pad=3, seed=n)
             kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
-                      return_dict_in_generate=True)
-            if cache == "static":
-                kw["cache_implementation"] = "static"
+                      return_dict_in_generate=True, **traffic.cache_kwargs(cache))
             ref, got = model.generate(ids, **kw), compiled.generate(ids, **kw)
             assert torch.equal(got.sequences, ref.sequences), (name, batch, cache, n)
             for r, s in zip(_states(ref.past_key_values), _states(got.past_key_values), strict=True):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import pcg_backend
+from pcg_backend import traffic
 from conftest import requires_cuda
 from hf_models import FAMILIES, tiny_model
 
@@ -55,9 +56,8 @@ def test_generate_is_padded_on_cuda(name, batch, cache):
             mask = torch.ones_like(ids)
             mask[1:, :3] = 0
             ids[1:, :3] = 0
-            kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-            if cache == "static":
-                kw["cache_implementation"] = "static"
+            kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                      **traffic.cache_kwargs(cache))
             assert torch.equal(compiled.generate(ids, **kw), model.generate(ids, **kw)), (name, n)
     s = pcg_backend.stats()
     assert s["padded_calls"] == 2 and s["cuda_graph_replays"] > 0, pcg_backend.report()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pcg_backend
-from pcg_backend import runtime
+from pcg_backend import runtime, traffic
 from conftest import requires_reference_kernels
 from hf_checks import _states, left_padded_prompt
 from hf_models import FAMILIES, tiny_model
@@ -32,8 +32,7 @@ def _generate(model, n, cache, batch=2, **extra):
     ids, mask = left_padded_prompt(model, batch, n, pad=2, seed=n)
     kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
               return_dict_in_generate=True, **extra)
-    if cache == "static":
-        kw["cache_implementation"] = "static"
+    kw.update(traffic.cache_kwargs(cache))
     return model.generate(ids, **kw)
 
 

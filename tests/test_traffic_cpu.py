@@ -33,6 +33,9 @@ def test_traffic_compiles_nothing_after_warm_up_and_matches_eager(family):
     got = traffic.run(compiled, calls, 4, largest=32)
     assert got["compiles_after_warm_up"] == 0, pcg_backend.report()
     assert got["captures_after_warm_up"] == 0          # CPU: CUDA graphs are off
+    # Eager has nothing to compile, so its first warm-up round is its last; pcg's first round
+    # compiles, and the warm-up ends with a round that compiled nothing.
+    assert eager["warm_up_passes"] == 1 and 2 <= got["warm_up_passes"] <= traffic.MAX_WARM_UP_PASSES
     assert all(torch.equal(a, b) for a, b in zip(got["sequences"], eager["sequences"]))
     padded = sum(1 for c in calls if c.prompt <= 32 and c.prompt not in (1, 2, 4) and c.prompt % 8)
     assert pcg_backend.stats()["padded_calls"] >= padded   # the timed calls' prefills, plus the warm-up's
@@ -69,7 +72,7 @@ def test_the_issue_plan_100_calls_at_batch_1_to_8_compile_nothing_after_warm_up(
 
 
 def test_cache_kinds_are_checked():
-    assert traffic.cache_kwargs("static") == {"cache_implementation": "static"}
+    assert traffic.cache_kwargs("static") == {"cache_implementation": "static", "disable_compile": True}
     assert traffic.cache_kwargs("dynamic") == {}
     with pytest.raises(ValueError, match="'dynamic' or 'static'"):
         traffic.cache_kwargs("paged")

@@ -62,7 +62,7 @@ def test_static_cache_traffic_replays_too():
     model = tiny_model("nemotron_h", device="cuda")
     compiled = copy.copy(model)
     compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32, "progress": False})
-    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, **traffic.cache_kwargs("static"))
     with torch.no_grad():
         for n in (3, 20):                      # warm-up: two lengths (Dynamo's static, then dynamic graph)
             compiled.generate(torch.randint(3, 100, (1, n), device="cuda"), **kw)
