@@ -239,7 +239,10 @@ class PiecewiseRunner:
             env = [g(args) for g in self._env_getters]
             for plan in self.out_plan:
                 sizes = {d: (ctx.num_tokens if fn is None else fn(ctx.num_tokens, env)) for d, fn in plan.dims.items()}
-                outs[plan.index] = slice_dims(outs[plan.index], sizes)
+                # Contiguous, as eager's would be: a cut view keeps the bucket's strides, and a
+                # cache that keeps it (a new DynamicCache's keys) would fail the decode graph's
+                # stride guards, a recompile per bucket.
+                outs[plan.index] = slice_dims(outs[plan.index], sizes).contiguous()
             for j, fn in self.value_out_plan:
                 outs[j] = fn(ctx.num_tokens, env)
         if self.split.state_outputs:

@@ -25,6 +25,7 @@ from .analyse.node_kinds import Kind, _fuse_safe_split_ops, classify
 from .analyse.token_dim import find_token_symbol, token_aliases, written_input_reason
 from .ops.registry import split_op_name
 from .rewrite import row_rewrites
+from .rewrite.attention_keys import mark_attention_over_new_rows
 from .rewrite.schedule import drop_dead_host_work, hoist_uncapturable_inputs, pull_allocations_up
 
 
@@ -98,6 +99,7 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     """Cut `gm` at split ops and at changes of node kind, keeping the original order."""
     device = graph_device(gm)
     on_cuda = device.type == "cuda"
+    mark_attention_over_new_rows(gm)
     state_outputs = created_state_outputs(
         gm, lambda node: node.op == "call_function" and split_op_name(node.target) is not None)
     token, keyed = find_token_symbol(gm)

@@ -38,6 +38,11 @@ def prefill_logits(model, sizes, atol, device="cpu", seed=0):
     return diffs
 
 
+def output_cache(out):
+    """The cache a forward returned: `cache` (transformers 5.20+), `past_key_values`, or Mamba2's `cache_params`."""
+    return next(out[k] for k in ("cache", "past_key_values", "cache_params") if out.get(k) is not None)
+
+
 def _states(cache):
     out = []
     for layer in cache.layers:

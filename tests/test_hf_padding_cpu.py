@@ -21,7 +21,7 @@ import torch
 import pcg_backend
 from pcg_backend import runtime, traffic
 from conftest import requires_reference_kernels
-from hf_checks import _states, left_padded_prompt
+from hf_checks import _states, left_padded_prompt, output_cache
 from hf_models import FAMILIES, tiny_model
 from test_reliability import _nan_pad
 
@@ -55,7 +55,7 @@ def test_forward_is_padded_and_matches_eager(name, call, monkeypatch):
             ref, got = model(ids, **kw), compiled(ids, **kw)
             torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=0, msg=f"{name} {call} {n}")
             if call == "use_cache":
-                for r, s in zip(_states(ref.past_key_values), _states(got.past_key_values), strict=True):
+                for r, s in zip(_states(output_cache(ref)), _states(output_cache(got)), strict=True):
                     torch.testing.assert_close(s, r, atol=ATOL, rtol=0)
     assert _padded_path_only()["padded_calls"] == len(LENGTHS) - 1
 
@@ -79,3 +79,42 @@ def test_generate_is_padded_and_matches_eager(name, batch, cache, monkeypatch):
                 torch.testing.assert_close(s, r, atol=ATOL, rtol=0)
     # The prefills of 9 and 13 tokens ran padded (to 16); Dynamo compiled its static graph for 5.
     assert _padded_path_only()["padded_calls"] == 2
+
+
+def _mask_4d(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
+    """A causal 4-D mask of `kind` ("float": additive, 0 = attend; "bool": True = attend), some keys dropped."""
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    keep[:, : int(torch.randint(0, max(1, n // 3), (1,), generator=g))] = False   # left padding
+    keep |= torch.eye(n, dtype=torch.bool)                                        # every row keeps itself
+    if kind == "bool":
+        return keep[None, None]
+    return torch.zeros(n, n).masked_fill(~keep, torch.finfo(torch.float32).min)[None, None]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("name", ["nemotron_h", "bamba"])
+def test_a_4d_mask_given_to_forward_never_lets_real_rows_attend_padded_keys(name, use_cache, impl, monkeypatch):
+    """The mask is a graph input padded along its key columns, with NaN: real rows must never read them.
+
+    Generated lengths around the buckets (1 below, at, 1 above), float and bool masks.
+    """
+    model = tiny_model(name)
+    model.config._attn_implementation = impl
+    compiled = torch.compile(model, backend="pcg", options=OPTIONS)
+    monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
+    g = torch.Generator().manual_seed(0)
+    lengths = [3] + [b + d for b in (8, 16, 24, 32) for d in (-1, 1)]   # 3 compiles Dynamo's static graph
+    with torch.no_grad():
+        # HF's eager attention adds the mask to the scores, so it takes float masks only.
+        for kind in ("float", "bool") if impl == "sdpa" else ("float",):
+            for n in lengths:
+                ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g)
+                mask = _mask_4d(kind, n, g)
+                ref = model(ids, attention_mask=mask, use_cache=use_cache).logits
+                got = compiled(ids, attention_mask=mask, use_cache=use_cache).logits
+                torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=f"{name} {kind} {n}")
+    # Every call but the first is padded (none is a bucket): the bool mask's first call, a new
+    # dtype, compiles a graph that is already dynamic.
+    kinds = 2 if impl == "sdpa" else 1
+    assert _padded_path_only()["padded_calls"] == kinds * len(lengths) - 1, pcg_backend.report()

@@ -142,7 +142,8 @@ def test_plain_torch_compile_enables_routing_and_traces_once_more(monkeypatch):
         torch.testing.assert_close(compiled(ids[:, :3]).logits, model(ids[:, :3]).logits, atol=1e-4, rtol=0)
     assert hf.is_enabled() and restarts == [1]        # once, at the first graph; the second graph is routed at once
     s = pcg_backend.stats()
-    assert s["graphs_compiled"] == 2 and s["split_op_nodes"] == 2 * 5   # 2 Mamba cores + 3 attention ops each
+    # 2 Mamba cores and attention each (a new DynamicCache's first KV write is no split op)
+    assert s["graphs_compiled"] == 2 and s["split_op_nodes"] == 2 * 3
     assert s["routing"] == NEMOTRON_H_ROUTING          # once per layer, not once per graph
 
 

@@ -11,6 +11,8 @@ cache states equal eager (atol 1e-4).
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ import torch
 import pcg_backend
 from pcg_backend import runtime, traffic
 from conftest import requires_reference_kernels
-from hf_checks import _states, left_padded_prompt
+from hf_checks import _states, left_padded_prompt, output_cache
 from hf_models import FAMILIES, tiny_model
 from test_reliability import _nan_pad
 
@@ -64,14 +66,53 @@ def test_static_cache_graphs_are_one_piece_each_and_match_eager(name, monkeypatc
     assert HELD_BACK not in pcg_backend.report()
 
 
+PADDED_GRAPH = re.compile(r"(graph\d+): (\d+) pieces, (\d+) capturable, .*padding to buckets")
+
+
 @pytest.mark.parametrize("name", ["nemotron_h", "bamba", "zamba2"])
-def test_dynamic_cache_keeps_attention_out_and_the_report_says_why(name):
+def test_a_new_dynamic_cache_prefill_is_one_graph_with_its_attention(name, monkeypatch):
+    """A fresh DynamicCache's first write is the new rows themselves: the padded prefill holds attention too."""
     model = tiny_model(name)
     compiled = _compiled(model)
+    monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
     with torch.no_grad():
-        for n in LENGTHS[:3]:
-            assert torch.equal(_generate(compiled, n, "dynamic").sequences, _generate(model, n, "dynamic").sequences)
+        for n in LENGTHS:
+            ref, got = _generate(model, n, "dynamic"), _generate(compiled, n, "dynamic")
+            assert torch.equal(got.sequences, ref.sequences), (name, n)
+            for r, s in zip(_states(ref.past_key_values), _states(got.past_key_values), strict=True):
+                torch.testing.assert_close(s, r, atol=1e-4, rtol=0)      # the KV rows are cut to the real ones
+    report = pcg_backend.report()
+    padded = PADDED_GRAPH.findall(report)
+    assert len(padded) == 1 and padded[0][1:] == ("1", "1"), report   # the whole model in one piece
+    assert pcg_backend.stats()["padded_calls"] == 4, report
+    assert HELD_BACK not in report, report
+
+
+def _cache_kwarg(model) -> str:
+    # transformers 5.20+ names the model's cache argument `cache`, earlier ones `past_key_values`.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@pytest.mark.parametrize("name", ["nemotron_h", "bamba", "zamba2"])
+def test_appending_to_a_dynamic_cache_keeps_attention_out_and_the_report_says_why(name, monkeypatch):
+    """A padded call on a cache that holds rows: kv_append stays eager, and attention over its output too."""
+    model = tiny_model(name)
+    compiled = _compiled(model)
+    monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
+    arg = _cache_kwarg(model)
+    first = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for chunk in (5, 6, 11):                          # 5 compiles Dynamo's static graph; 6 and 11 are padded
+            then = torch.randint(3, model.config.vocab_size, (1, chunk), generator=torch.Generator().manual_seed(chunk))
+            outs = []
+            for m in (model, compiled):
+                cache = output_cache(m(first, use_cache=True))
+                outs.append((m(then, use_cache=True, **{arg: cache}).logits, cache))
+            (want, want_cache), (got, got_cache) = outs
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+            for r, s in zip(_states(want_cache), _states(got_cache), strict=True):
+                torch.testing.assert_close(s, r, atol=1e-4, rtol=0)
     report = pcg_backend.report()
     attention_layers = sum(1 for line in pcg_backend.stats()["routing"] if "pcg::attention" in line)
-    assert report.count(HELD_BACK) == 1, report          # the one padded prefill graph
+    assert report.count(HELD_BACK) == 1, report          # the padded graph over a cache with rows
     assert f"{attention_layers} {HELD_BACK}" in report, report

@@ -1,9 +1,10 @@
-"""With a static cache on CUDA, a padded prefill of one bucket is one captured graph for the whole model.
+"""On CUDA, a padded prefill on a new cache is one captured graph for the whole model.
 
 The GPU counterpart of `test_static_cache_cpu.py` (fp32, mamba-ssm kernels):
-tokens equal eager's, the padded prefill graph captures exactly one graph per
-bucket (1 piece x 6 buckets), every graph is one piece, and after the two
-warm-up calls no graph is captured.
+tokens equal eager's, and the padded prefill graph captures exactly one graph
+per bucket (1 piece x 6 buckets). With a static cache every graph is one
+piece and after the two warm-up calls no graph is captured; with a new
+DynamicCache the prefill is one piece, and decode keeps attention eager.
 """
 
 from __future__ import annotations
@@ -40,3 +41,20 @@ def test_static_cache_prefill_is_one_graph_per_bucket(name):
     assert s["cuda_graphs_captured"] == captured, pcg_backend.report()
     assert s["new_address_captures"] == 0, pcg_backend.report()
     assert not any("attention" in r for r in s["eager_reasons"]), pcg_backend.report()
+
+
+@pytest.mark.parametrize("name", ["nemotron_h", "bamba", "falcon_h1", "zamba2"])
+@torch._dynamo.config.patch(recompile_limit=64)
+def test_new_dynamic_cache_prefill_is_one_graph_per_bucket(name):
+    """A DynamicCache made by generate() holds no rows at prefill: attention is captured with the rest."""
+    pytest.importorskip("mamba_ssm")
+    model = tiny_model(name, device="cuda")
+    compiled = _compiled(model)
+    with torch.no_grad():
+        for n in (3, 20, 5, 9, 17):                # 3: Dynamo's static graph; the others are padded
+            want = _generate(model, n, "dynamic").sequences
+            assert torch.equal(_generate(compiled, n, "dynamic").sequences.cpu(), want.cpu()), (name, n)
+    s = pcg_backend.stats()
+    assert any("captured 6 CUDA graphs (1 pieces x 6 buckets 2..32" in c for c in s["capture_summaries"]), \
+        pcg_backend.report()
+    assert "run eagerly between pieces" not in pcg_backend.report()

@@ -18,9 +18,16 @@ static cache is captured whole, attention included:
 * attention runs every padded query row. A real row's causal mask never lets
   it see a later position, so padded rows change no real row; their own
   outputs are never read by a real row either (the padding rule's contract).
+  When the keys are this call's own rows (no cache, or a new DynamicCache),
+  their padded rows are masked on the device as well (`keys_are_new_rows`):
+  a 4-D mask that came in as a graph input was padded along its key columns
+  too, and a float mask padded with zeros would let real rows attend them.
 
-With a DynamicCache the keys come from `kv_append`, which stays eager and
-returns only the real rows; attention over them then stays eager too
+A new DynamicCache's first write is no split op at all (the HF adapter
+copies the new rows; the runtime cuts the cache's keys to the real rows when
+the forward returns), so attention over it is captured too. On a cache that
+holds rows the keys come from `kv_append`, which stays eager and returns only
+the real rows; attention over them then stays eager too
 (`analyse/node_kinds._fuse_safe_split_ops`), and the report shows the cut.
 """
 
@@ -111,6 +118,7 @@ def attention(
     impl: str,
     num_key_value_groups: int,
     is_causal: bool,
+    keys_are_new_rows: bool,
 ) -> None:
     padded = query.shape[2]
     count = context.device_token_count(padded) if context.in_piece() else None
@@ -122,8 +130,17 @@ def attention(
                                f"{padded}; it cannot be captured for every count in the bucket")
         count = None
     n = padded if count is not None else context.real_tokens(padded)
+    if keys_are_new_rows and count is None and n < key.shape[-2]:
+        # The keys are this call's rows, padded: cut them with the queries (a mask's padded
+        # columns may say "attend", as a float mask padded with zeros does).
+        key, value = key[:, :, :n], value[:, :, :n]
     if mask is not None and mask.dim() == 4:
         mask = mask[:, :, :n, : key.shape[-2]]
+        if keys_are_new_rows and count is not None:
+            # Captured: the padded key columns are masked on the device, whatever the mask holds there.
+            padded_keys = torch.arange(key.shape[-2], device=mask.device) >= count
+            mask = mask & ~padded_keys if mask.dtype == torch.bool else \
+                mask.masked_fill(padded_keys, torch.finfo(mask.dtype).min)
     # HF attention functions read only these attributes of the module.
     module = types.SimpleNamespace(num_key_value_groups=num_key_value_groups, is_causal=is_causal, training=False)
     result, _ = _without_cudnn_sdpa(lambda: ORIGINAL_ATTENTION[impl](

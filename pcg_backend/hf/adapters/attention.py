@@ -30,8 +30,21 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa",)
 
 
 def _append(layer, key_states, value_states) -> None:
+    if _empty(layer.keys) and _empty(layer.values):
+        # A new cache's first write: the keys are the new rows themselves. Padded rows sit
+        # after the real ones, where a causal mask keeps every real query from them, and the
+        # runtime cuts the cache's keys to the real rows when the forward returns. So the
+        # write and the attention over it stay inside a padded piece, as with a static cache.
+        layer.keys = key_states.clone(memory_format=torch.contiguous_format)
+        layer.values = value_states.clone(memory_format=torch.contiguous_format)
+        return
     layer.keys = torch.ops.pcg.kv_append(key_states, layer.keys)
     layer.values = torch.ops.pcg.kv_append(value_states, layer.values)
+
+
+def _empty(t) -> bool:
+    # Decided while tracing: a layer made empty by `_initialize` has a static size of 0.
+    return isinstance(t, torch.Tensor) and t.dim() == 1 and isinstance(t.shape[0], int) and t.shape[0] == 0
 
 
 def _write_static(layer, key_states, value_states) -> None:
@@ -104,7 +117,8 @@ def wrap_attention_function(original, impl: str):
         note_routing(type(module).__name__, str(getattr(module, "layer_idx", "?")),
                      f"attention via pcg::attention ({impl})", True)
         torch.ops.pcg.attention(query, key, value, attention_mask, out, scale, impl,
-                                int(getattr(module, "num_key_value_groups", 1)), bool(getattr(module, "is_causal", True)))
+                                int(getattr(module, "num_key_value_groups", 1)), bool(getattr(module, "is_causal", True)),
+                                False)   # keys_are_new_rows: set from the traced graph (rewrite/attention_keys.py)
         return out, None
 
     return attention
