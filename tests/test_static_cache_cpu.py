@@ -44,17 +44,22 @@ def _compiled(model):
     return compiled
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_static_cache_graphs_are_one_piece_each_and_match_eager(name, monkeypatch):
+def _generate_matches_eager(name, cache, monkeypatch):
+    """pcg's generate() at every length of LENGTHS, padding poisoned with NaN: tokens equal, states within 1e-4."""
     model = tiny_model(name)
     compiled = _compiled(model)
     monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
     with torch.no_grad():
         for n in LENGTHS:
-            ref, got = _generate(model, n, "static"), _generate(compiled, n, "static")
-            assert torch.equal(got.sequences, ref.sequences), (name, n)
+            ref, got = _generate(model, n, cache), _generate(compiled, n, cache)
+            assert torch.equal(got.sequences, ref.sequences), (name, cache, n)
             for r, s in zip(_states(ref.past_key_values), _states(got.past_key_values), strict=True):
                 torch.testing.assert_close(s, r, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_static_cache_graphs_are_one_piece_each_and_match_eager(name, monkeypatch):
+    _generate_matches_eager(name, "static", monkeypatch)
     s = pcg_backend.stats()
     # Every graph (static prefill at 3, padded prefill, decode) is exactly one capturable piece
     # holding every split op: the whole model, attention and its KV write included.
@@ -72,15 +77,7 @@ PADDED_GRAPH = re.compile(r"(graph\d+): (\d+) pieces, (\d+) capturable, .*paddin
 @pytest.mark.parametrize("name", ["nemotron_h", "bamba", "zamba2"])
 def test_a_new_dynamic_cache_prefill_is_one_graph_with_its_attention(name, monkeypatch):
     """A fresh DynamicCache's first write is the new rows themselves: the padded prefill holds attention too."""
-    model = tiny_model(name)
-    compiled = _compiled(model)
-    monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
-    with torch.no_grad():
-        for n in LENGTHS:
-            ref, got = _generate(model, n, "dynamic"), _generate(compiled, n, "dynamic")
-            assert torch.equal(got.sequences, ref.sequences), (name, n)
-            for r, s in zip(_states(ref.past_key_values), _states(got.past_key_values), strict=True):
-                torch.testing.assert_close(s, r, atol=1e-4, rtol=0)      # the KV rows are cut to the real ones
+    _generate_matches_eager(name, "dynamic", monkeypatch)    # the KV rows are cut to the real ones
     report = pcg_backend.report()
     padded = PADDED_GRAPH.findall(report)
     assert len(padded) == 1 and padded[0][1:] == ("1", "1"), report   # the whole model in one piece
