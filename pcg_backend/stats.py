@@ -66,6 +66,7 @@ class Stats:
         self.padded_calls = 0
         self.state_slots = 0          # model-state buffers pcg allocated and lends to caches (`state_slots.py`)
         self.state_slot_bytes = 0
+        self.deferred_stop_checks = 0  # generate() decode loops that read their stop flag a step late (hf/stop_check.py)
         self.eager_runs = 0
         self.eager_reasons: collections.Counter[str] = collections.Counter()
         self.graphs: list[GraphRecord] = []
@@ -111,6 +112,7 @@ class Stats:
             "padded_calls": self.padded_calls,
             "state_slots": self.state_slots,
             "state_slot_bytes": self.state_slot_bytes,
+            "deferred_stop_checks": self.deferred_stop_checks,
             "eager_runs": self.eager_runs,
             "eager_reasons": dict(self.eager_reasons),
             "routing": list(self.routing),
@@ -174,6 +176,9 @@ class Stats:
             lines.append(f"  HF layers: {sum(n for _, n in routed)} routed through split ops"
                          + (f" ({', '.join(f'{n} {dec}' for dec, n in routed)})" if routed else "")
                          + f", {not_routed} not routed" + (" (see HF layer routing)" if not_routed else ""))
+        if d["deferred_stop_checks"]:
+            lines.append(f"  generate(): {d['deferred_stop_checks']} decode loop(s) read their stop flag one step late, "
+                         f"so the host queued each step while the GPU ran the one before")
         return lines
 
     def _padding_limits(self) -> dict[str, list[str]]:

@@ -56,6 +56,7 @@ def test_enable_then_disable_restores_every_attribute_and_eager_outputs():
         import torch
         import transformers
         from transformers import cache_utils, modeling_utils
+        from transformers.generation import utils as generation_utils
         from transformers.generation.utils import GenerationMixin
         from hf_models import FAMILIES, tiny_model
 
@@ -69,10 +70,12 @@ def test_enable_then_disable_restores_every_attribute_and_eager_outputs():
         def attributes():
             # every attribute pcg may patch: each class's own forward and each module's
             # eager_attention_forward in every loaded modeling module, the cache layers'
-            # update, HF's attention registry, PreTrainedModel.post_init and generate()'s
-            # auto-compile decision
+            # update, HF's attention registry, PreTrainedModel.post_init, generate()'s
+            # auto-compile decision, its decoding loop and its deferred stop check
             seen = {
                 "_valid_auto_compile_criteria": vars(GenerationMixin)["_valid_auto_compile_criteria"],
+                "_sample": vars(GenerationMixin)["_sample"],
+                "DeferredStopCheck.is_supported": vars(generation_utils.DeferredStopCheck)["is_supported"],
                 "DynamicLayer.update": vars(cache_utils.DynamicLayer)["update"],
                 "StaticLayer.update": vars(cache_utils.StaticLayer)["update"],
                 "sdpa": modeling_utils.ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"],
@@ -120,7 +123,8 @@ def test_enable_then_disable_restores_every_attribute_and_eager_outputs():
     assert wrapped == restored == len(changed) and routed == 3
     modeling = "transformers.models.{0}.modeling_{0}.{1}"
     assert changed == sorted(
-        ["DynamicLayer.update", "StaticLayer.update", "_valid_auto_compile_criteria", "post_init", "sdpa"]
+        ["DeferredStopCheck.is_supported", "DynamicLayer.update", "StaticLayer.update", "_sample",
+         "_valid_auto_compile_criteria", "post_init", "sdpa"]
         + [modeling.format(f, cls + ".forward") for f, cls in [
             ("bamba", "BambaMixer"), ("falcon_h1", "FalconH1Mixer"), ("granitemoehybrid", "GraniteMoeHybridMambaLayer"),
             ("mamba2", "Mamba2Mixer"), ("nemotron_h", "NemotronHMamba2Mixer"), ("zamba2", "Zamba2MambaMixer")]]

@@ -50,16 +50,20 @@ def compiled_backend_name(fn) -> str | None:
     return None
 
 
-def _forward_compiled_with_pcg(model) -> bool:
+def forward_compiled_with_pcg(model, warn: bool = True) -> bool:
+    """True if `model.forward` is a `torch.compile` wrapper with the pcg backend.
+
+    A compiled forward whose backend cannot be read counts as not pcg's;
+    `warn` says so in the log, with what that means for HF's auto-compile.
+    """
     forward = getattr(model, "forward", None)
     if getattr(forward, "_torchdynamo_orig_callable", None) is None:
         return False
     name = compiled_backend_name(forward)
-    if name is None:
+    if name is None and warn:
         log.warning("pcg: %s.forward is compiled, but pcg cannot read with which backend; generate() "
                     "may compile it again with a static cache (pass disable_compile=True to keep yours)",
                     type(model).__name__)
-        return False
     return name == "pcg"
 
 
@@ -73,7 +77,7 @@ def patch_generate(patches) -> None:
     def wrap(original):
         @functools.wraps(original)
         def _valid_auto_compile_criteria(self, *args, **kwargs):
-            if _forward_compiled_with_pcg(self):
+            if forward_compiled_with_pcg(self):
                 if type(self) not in _TOLD:
                     _TOLD.add(type(self))
                     log.info("pcg: generate() keeps %s.forward compiled with pcg; HF's auto-compile for "

@@ -15,8 +15,10 @@ installed by:
 `enable()` asks every adapter (`adapters/`) to wrap what it recognises, in
 the shared library code and in each loaded modeling module, and wraps
 `PreTrainedModel.post_init` so that modeling modules imported later are
-wrapped when their first model is built, and keeps `generate()` from
-compiling a pcg-compiled forward a second time (`auto_compile.py`). `disable()` puts every original
+wrapped when their first model is built. For a model whose forward is
+compiled with pcg it keeps `generate()` from compiling that forward a
+second time (`auto_compile.py`) and lets its decoding loop read the stop
+flag one step late (`stop_check.py`). `disable()` puts every original
 back (`patches.py`). Graphs compiled while routing was on keep their split
 ops; `torch._dynamo.reset()` drops them. The next pcg compile of an HF model
 enables routing again.
@@ -30,7 +32,7 @@ import os
 import sys
 
 from .adapters import adapters
-from .auto_compile import patch_generate
+from . import auto_compile, stop_check
 from .patches import PATCHES
 
 log = logging.getLogger("pcg_backend")
@@ -57,7 +59,8 @@ def enable() -> int:
             if adapter.patch_library is not None:
                 adapter.patch_library(PATCHES)
         _wrap_post_init()
-        patch_generate(PATCHES)
+        auto_compile.patch_generate(PATCHES)
+        stop_check.patch_generate(PATCHES)
         _state["enabled"] = True
     _scan_modeling_modules()
     added = len(PATCHES) - before
