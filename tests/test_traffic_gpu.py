@@ -64,7 +64,10 @@ def test_static_cache_traffic_replays_too():
     compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32, "progress": False})
     kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, **traffic.cache_kwargs("static"))
     with torch.no_grad():
-        for n in (3, 20):                      # warm-up: two lengths (Dynamo's static, then dynamic graph)
+        # Warm-up: the longest call first (HF reuses a static cache only while it is long enough;
+        # a longer call builds a bigger one, with new shapes), then a shorter one (Dynamo's
+        # dynamic graph after its static first).
+        for n in (30, 3):
             compiled.generate(torch.randint(3, 100, (1, n), device="cuda"), **kw)
         captured = pcg_backend.stats()["cuda_graphs_captured"]
         for n in (5, 9, 17, 30):
