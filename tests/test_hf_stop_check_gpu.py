@@ -26,6 +26,9 @@ def test_deferred_stop_check_gives_eager_tokens_with_and_without_eos():
     mask = torch.ones_like(ids)
     mask[1, :4] = 0                                     # the second prompt is left-padded
     kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
+    # Routing on before the first generate(): a plain torch.compile turns it on at its first
+    # forward, after that generate() has already entered HF's own decoding loop.
+    pcg_backend.hf.enable()
     pcg_backend.reset_stats()
     with torch.no_grad():
         free = model.generate(ids, max_new_tokens=12, min_new_tokens=12, **kw)
