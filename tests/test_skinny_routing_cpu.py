@@ -138,3 +138,19 @@ def test_cpu_graphs_are_not_routed():
     with torch.no_grad():
         assert torch.equal(compiled(torch.ones(1, 64, dtype=torch.bfloat16)), model(torch.ones(1, 64, dtype=torch.bfloat16)))
     assert pcg_backend.stats()["skinny_linears"] == 0
+
+
+@pytest.mark.parametrize("k, n, shared_memory, stages", [
+    (10240, 4480, 232448, 5),     # out_proj on an H200-sized SM: the fifth stage fits
+    (15680, 4480, 232448, 5),     # down_proj
+    (4480, 5120, 232448, 5),      # q_proj
+    (10240, 4480, 166912, 4),     # an A100-sized SM: five 40 KiB stages do not fit
+    (10240, 4480, None, 4),       # shared memory unknown
+    (4480, 131072, 232448, 4),    # lm_head: wider weights were not searched with five
+    (4480, 22656, 232448, 3),     # in_proj: the 128-wide tile, unchanged
+])
+def test_tile_takes_a_fifth_stage_only_where_it_was_measured_and_fits(k, n, shared_memory, stages):
+    tile = skinny_gemm._tile(1, k, n, shared_memory)
+    assert tile["num_stages"] == stages
+    needed = tile["num_stages"] * skinny_gemm._stage_bytes(tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"])
+    assert shared_memory is None or needed <= shared_memory

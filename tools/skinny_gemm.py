@@ -28,7 +28,7 @@ from pcg_backend.ops import skinny_gemm  # noqa: E402
 
 
 SEARCH = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
-          for bn, bk, w, st in itertools.product((32, 64, 128), (64, 128), (4, 8), (3, 4))]
+          for bn, bk, w, st in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4, 5))]
 
 
 def search(k: int, n: int, m: int) -> tuple[float, dict]:
@@ -65,6 +65,7 @@ def main() -> None:
         sys.exit("tools/skinny_gemm.py needs a CUDA GPU")
     print(torch.cuda.get_device_name(), flush=True)
     previous = torch.backends.cuda.preferred_blas_library()
+    smem = skinny_gemm._shared_memory(torch.cuda.current_device())
     try:
         searched = {int(r) for r in args.search.split(",") if r}
         for m in sorted({int(r) for r in args.rows.split(",")} | searched):
@@ -78,7 +79,7 @@ def main() -> None:
                 tr = None
                 if m <= skinny_gemm.MAX_ROWS:   # the tile table covers these; --search tries its own
                     tr = time_linear(k, n, m, "cublaslt", linear=skinny_gemm.triton_linear)
-                    line += (f"  triton {tr:7.1f} us ({rate(tr):5.0f} GB/s) {skinny_gemm._tile(m, k, n)}"
+                    line += (f"  triton {tr:7.1f} us ({rate(tr):5.0f} GB/s) {skinny_gemm._tile(m, k, n, smem)}"
                              f"  rel err {relative_error(k, n, m):.1e}")
                 print(f"{line}  op takes {'triton' if taken else 'F.linear'}", flush=True)
                 if m in searched:

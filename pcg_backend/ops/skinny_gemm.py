@@ -11,8 +11,9 @@ docs/benchmarks.md).
 Every program owns a block of BLOCK_N output columns (weight rows) and all
 of x's rows, so each weight byte is read once, and x's rows go through the
 tensor cores padded to 16. Accumulation is fp32; the output has x's dtype,
-as cuBLAS gives it. The tile is fixed per weight shape (what
-`triton.autotune` chose on the H100 for the benchmark model's shapes), so the
+as cuBLAS gives it. The tile is fixed per weight shape and the GPU's shared
+memory (what `triton.autotune` chose on the H100 for the benchmark model's
+shapes, with a deeper pipeline where an H200 measured it faster), so the
 first call compiles one kernel per tile and bias/no-bias variant, and
 autotunes nothing.
 
@@ -26,6 +27,7 @@ run uses. `pcg_backend/rewrite/skinny_routing.py` decides which graph nodes call
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -82,18 +84,39 @@ if triton is not None:
 LARGEST_BLOCK_M = 128
 
 
-def _tile(m: int, k: int, n: int) -> dict:
+def _tile(m: int, k: int, n: int, shared_memory: int | None = None) -> dict:
     """Tile sizes and launch settings for at most MAX_ROWS rows of a linear layer with an (n, k) weight.
 
     What the autotuner chose on the H100 for the benchmark model's shapes at 1, 8 and 16 rows
     (tools/skinny_gemm.py): 256-wide steps over 4 stages for most, 128-wide steps over 3 for
-    short rows with enough columns for several programs per SM (`in_proj`, `up_proj`).
+    short rows with enough columns for several programs per SM (`in_proj`, `up_proj`). The
+    256-wide tile takes a fifth stage for fewer than 8192 columns where a block's `shared_memory`
+    (bytes) holds it: on the H200 that read those projections 2-7 % faster at 1 and 8 rows
+    (`out_proj` 25.4 µs against 25.9 at one row, `down_proj` 37.6 against 40.2, `q_proj` 14.2
+    against 14.5; tools/skinny_gemm.py --search). Wider weights were not searched with it.
     """
     if m > MAX_ROWS:
         raise ValueError(f"pcg's skinny GEMM tiles cover at most {MAX_ROWS} rows, got {m}")
     if k <= 4608 and 8192 <= n < 65536:
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+    fits = shared_memory is not None and shared_memory >= 5 * _stage_bytes(16, 64, 256) + _SPARE_BYTES
+    stages = 5 if fits and n < 8192 else 4
+    return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": stages}
+
+
+# Shared memory a pipelined tile needs beyond its stages (Triton's own bookkeeping, barriers).
+_SPARE_BYTES = 8 << 10
+
+
+def _stage_bytes(block_m: int, block_n: int, block_k: int) -> int:
+    """Shared memory one pipeline stage holds: an x tile and a weight tile, 2 bytes per element."""
+    return (block_m * block_k + block_k * block_n) * 2
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device_index: int) -> int:
+    """Bytes of shared memory one block may opt in to on that GPU."""
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
 
 
 def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -109,7 +132,8 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         raise ValueError(f"triton_linear takes at most {LARGEST_BLOCK_M} rows, got {m}")
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tile = tile or _tile(m, k, n)
+    tile = tile or _tile(m, k, n, _shared_memory(x.device.index if x.device.index is not None
+                                                 else torch.cuda.current_device()) if x.is_cuda else None)
     # Triton launches on the current device; the tensors may live on another one. (CPU tensors
     # reach here only under Triton's interpreter, TRITON_INTERPRET=1.)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
