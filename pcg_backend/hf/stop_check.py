@@ -16,6 +16,9 @@ model whose forward is compiled with pcg, under HF's own other conditions
 (not an assistant model; a returned cache must be croppable). Every loop
 that defers is counted (`deferred_stop_checks` in `pcg_backend.stats()`).
 Other models, and transformers versions without the class, are left alone.
+With plain `torch.compile`, routing is turned on by the model's first
+compiled forward, after that first `generate()` entered HF's loop: that one
+call keeps the per-step check.
 """
 
 from __future__ import annotations
