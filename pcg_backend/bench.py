@@ -1,7 +1,7 @@
 """Benchmark: a 7-9 B-shaped HF hybrid model with random bf16 weights (NemotronH by default).
 
     python -m pcg_backend.bench [--quick] [--family F] [--layers N] [--variants eager,pcg-eager,...] [--out DIR]
-    python -m pcg_backend.bench --traffic [--calls N] [--batches 1,4,8] [--variants ...]
+    python -m pcg_backend.bench --traffic [--calls N] [--batches 1,4,8] [--variants ...] [--noise]
 
 `--cache static` makes every generate() call use a static cache (default: HF's DynamicCache).
 
@@ -14,7 +14,8 @@ Writes a table to stdout and `bench.json` (after every measurement) plus
 `bench.png` to --out. `--quick` runs fewer sizes and, unless --variants is
 given, only eager and pcg-inductor. `--traffic` measures `generate()` calls
 at random prompt lengths and batch sizes instead (`traffic.py`), into
-`traffic.json`.
+`traffic.json`; `--noise` adds the half-precision noise bound for "same
+tokens as eager".
 """
 
 from __future__ import annotations
@@ -383,6 +384,10 @@ def main(argv=None):
     parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"],
                         help="the cache every generate() call makes: HF's DynamicCache (default), or a static cache, "
                              "with which pcg captures attention too (one graph per prefill bucket and per decode step)")
+    parser.add_argument("--noise", action="store_true",
+                        help="with --traffic and the eager variant: make every call below its bucket again in eager, "
+                             "left-padded to the bucket, and report how often its tokens stay the same (the bound "
+                             "for pcg's share of calls with eager's tokens in half precision)")
     parser.add_argument("--pcg-options", type=_json_object, default={},
                         help='extra pcg options as JSON for the pcg variants, e.g. \'{"max_capture_size": 1024}\'')
     args = parser.parse_args(argv)
@@ -390,6 +395,8 @@ def main(argv=None):
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         parser.error(f"unknown variant(s) {bad}; choose from {VARIANTS}")
+    if args.noise and not (args.traffic and "eager" in variants):
+        parser.error("--noise needs --traffic and the eager variant (it makes eager's calls again, padded)")
     if args.layers and args.family != "nemotron_h":
         parser.error("--layers shortens the nemotron_h pattern only")
     if not torch.cuda.is_available():
@@ -486,6 +493,11 @@ def run_traffic(args, variants: list[str]) -> dict:
             save()
             continue
         sequences[v] = r.pop("sequences")
+        if v == "eager" and args.noise:
+            r["noise"] = traffic.noise_bound(model, calls, args.new_tokens, sequences[v], Ladder(opts.capture_sizes),
+                                             cache=args.cache)
+            print(f"  {v:>14} left-padded to the bucket, same tokens in {r['noise']['same_tokens_share']} of "
+                  f"{len(r['noise']['calls'])} calls", flush=True)
         if v.startswith("pcg"):
             r["pcg_stats"] = {k: val for k, val in pcg_backend.stats().items() if k != "routing"}
         results[v] = r
@@ -498,11 +510,15 @@ def run_traffic(args, variants: list[str]) -> dict:
             save()
         torch.cuda.empty_cache()
     if "eager" in sequences:
-        # bf16 greedy decoding: the share of calls whose tokens equal eager's (padding changes GEMM shapes).
+        # bf16 greedy decoding: the share of calls whose tokens equal eager's (padding changes GEMM shapes),
+        # over every call and over the calls the noise bound made again (those below their bucket).
+        padded = results["eager"].get("noise", {}).get("calls")
         for v, seqs in sequences.items():
             if v in results and "failed" not in results[v]:
-                results[v]["same_tokens_as_eager"] = sum(
-                    torch.equal(a, b) for a, b in zip(seqs, sequences["eager"])) / len(seqs)
+                same = [torch.equal(a, b) for a, b in zip(seqs, sequences["eager"])]
+                results[v]["same_tokens_as_eager"] = sum(same) / len(same)
+                if padded:
+                    results[v]["same_tokens_as_eager_below_bucket"] = sum(same[i] for i in padded) / len(padded)
     save()
     print(f"\n{device}\n{traffic.table(results, ideal, floor_ms)}")
     try:

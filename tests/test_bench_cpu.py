@@ -149,3 +149,10 @@ def test_unknown_family_and_layers_outside_nemotron_h_are_errors(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--family", "bamba", "--layers", "8"])
     assert "--layers shortens the nemotron_h pattern only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--noise"], ["--traffic", "--noise", "--variants", "pcg-inductor"]])
+def test_noise_needs_traffic_and_eager(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert "--noise needs --traffic and the eager variant" in capsys.readouterr().err
