@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 
 import torch
 
@@ -41,6 +43,13 @@ def prefill_logits(model, sizes, atol, device="cpu", seed=0):
 def output_cache(out):
     """The cache a forward returned: `cache` (transformers 5.20+), `past_key_values`, or Mamba2's `cache_params`."""
     return next(out[k] for k in ("cache", "past_key_values", "cache_params") if out.get(k) is not None)
+
+
+def cache_argument(model) -> str:
+    """The name `model.forward` takes its cache by: `cache` (transformers 5.20+), else `past_key_values`,
+    or Mamba2's `cache_params`."""
+    parameters = inspect.signature(model.forward).parameters
+    return next(name for name in ("cache", "past_key_values", "cache_params") if name in parameters)
 
 
 def _states(cache):
@@ -116,3 +125,59 @@ def one_token_prefill_matches(model, monkeypatch, atol, device="cpu"):
     # times: the warm-up, the host-sync probe, and the capture itself.
     runs = 1 if device == "cpu" else 3
     assert calls == {"mamba2_chunk_scan": 0, "mamba2_selective_state_update": runs * len(mixers)}
+
+
+def sizes_around_buckets(ladder) -> list[int]:
+    """Token counts one below, on and one above every bucket (2 tokens or more), and one above the largest."""
+    around = {s + d for s in ladder.sizes for d in (-1, 0, 1) if s + d >= 2}
+    return sorted(around | {ladder.largest + 7})
+
+
+def half_precision_ulp(magnitude: float, dtype: torch.dtype) -> float:
+    """The spacing of `dtype` numbers at `magnitude`: one rounding's worth of error there."""
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(magnitude))
+
+
+def within_half_precision_noise(model, sizes, ladder, steps: int = 4, seed: int = 0) -> list[dict]:
+    """pcg's half-precision logits against eager's, bounded by eager's own noise; one row per size.
+
+    Half precision has no exact answer to compare with: padding changes the
+    GEMM shapes, and with them the rounding. The bound is eager's own change
+    when its prompt is left-padded to the bucket (the same math, pcg's shapes),
+    doubled, and never below two roundings of the largest logit. It holds for
+    the prefill's logits at every position and for `steps` decode steps
+    after it, fed eager's greedy tokens on both sides so that they stay
+    comparable however near a tie a step comes.
+    """
+    from pcg_backend import traffic
+
+    compiled = copy.copy(model)  # shares the weights; only `forward` differs
+    compiled.forward = torch.compile(model.forward, backend="pcg", options=OPTIONS)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    with torch.no_grad():
+        for n in sizes:
+            ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g).to(model.device)
+            ref = model(ids, use_cache=True)
+            got = compiled(ids, use_cache=True)
+            bucket = ladder.bucket(n) or n
+            wide, wide_mask = traffic.left_padded(ids, torch.ones_like(ids), bucket - n)
+            padded = model(wide, attention_mask=wide_mask).logits[:, -n:]
+            noise = (padded.float() - ref.logits.float()).abs().max().item()
+            scale = ref.logits.float().abs().max().item()
+            bound = max(2 * noise, 2 * half_precision_ulp(scale, model.dtype))
+            prefill = (got.logits.float() - ref.logits.float()).abs().max().item()
+            decode = 0.0
+            ref_cache, got_cache = output_cache(ref), output_cache(got)
+            token = ref.logits[:, -1:].argmax(-1)
+            arg = cache_argument(model)
+            for _ in range(steps):
+                ref_step = model(token, use_cache=True, **{arg: ref_cache})
+                got_step = compiled(token, use_cache=True, **{arg: got_cache})
+                ref_cache, got_cache = output_cache(ref_step), output_cache(got_step)
+                decode = max(decode, (got_step.logits.float() - ref_step.logits.float()).abs().max().item())
+                token = ref_step.logits[:, -1:].argmax(-1)
+            rows.append({"tokens": n, "noise": noise, "bound": bound, "prefill": prefill, "decode": decode})
+    worst = [r for r in rows if max(r["prefill"], r["decode"]) > r["bound"]]
+    assert not worst, f"beyond eager's own half-precision noise: {worst}\n{pcg_backend.report()}"
+    return rows

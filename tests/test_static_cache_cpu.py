@@ -11,7 +11,6 @@ cache states equal eager (atol 1e-4).
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 import pcg_backend
 from pcg_backend import runtime, traffic
 from conftest import requires_reference_kernels
-from hf_checks import _states, left_padded_prompt, output_cache
+from hf_checks import _states, cache_argument, left_padded_prompt, output_cache
 from hf_models import FAMILIES, tiny_model
 from test_reliability import _nan_pad
 
@@ -85,18 +84,13 @@ def test_a_new_dynamic_cache_prefill_is_one_graph_with_its_attention(name, monke
     assert HELD_BACK not in report, report
 
 
-def _cache_kwarg(model) -> str:
-    # transformers 5.20+ names the model's cache argument `cache`, earlier ones `past_key_values`.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @pytest.mark.parametrize("name", ["nemotron_h", "bamba", "zamba2"])
 def test_appending_to_a_dynamic_cache_keeps_attention_out_and_the_report_says_why(name, monkeypatch):
     """A padded call on a cache that holds rows: kv_append stays eager, and attention over its output too."""
     model = tiny_model(name)
     compiled = _compiled(model)
     monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
-    arg = _cache_kwarg(model)
+    arg = cache_argument(model)
     first = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for chunk in (5, 6, 11):                          # 5 compiles Dynamo's static graph; 6 and 11 are padded

@@ -1,0 +1,33 @@
+"""bf16 on CPU: pcg's prefill and decode logits stay within eager's own noise, for every family.
+
+There is no exact bf16 answer: the bound is eager's change under left
+padding to the bucket (`hf_checks.within_half_precision_noise`). The sizes
+are generated around every bucket (one below, on it, one above) and above the
+largest, so that padded and unpadded calls, and each bucket's edge, are all
+checked; the padded calls are counted exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pcg_backend
+from pcg_backend.buckets import Ladder
+from conftest import requires_reference_kernels
+from hf_checks import OPTIONS, sizes_around_buckets, within_half_precision_noise
+from hf_models import FAMILIES, tiny_model
+
+pytestmark = requires_reference_kernels
+LADDER = Ladder(pcg_backend.options.parse_options(OPTIONS).capture_sizes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch._dynamo.config.patch(recompile_limit=64)
+def test_bf16_logits_stay_within_eager_noise(family):
+    pcg_backend.reset_stats()
+    sizes = sizes_around_buckets(LADDER)
+    rows = within_half_precision_noise(tiny_model(family, dtype=torch.bfloat16), sizes, LADDER)
+    assert [r["tokens"] for r in rows] == sizes
+    below = [n for n in sizes if LADDER.bucket(n) not in (None, n)]
+    assert pcg_backend.stats()["padded_calls"] == len(below), pcg_backend.report()
