@@ -114,9 +114,9 @@ def _stage_bytes(block_m: int, block_n: int, block_k: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _shared_memory(device_index: int) -> int:
-    """Bytes of shared memory one block may opt in to on that GPU."""
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+def _shared_memory(device_index: int) -> int | None:
+    """Bytes of shared memory one block may opt in to on that GPU (None where torch does not say: ROCm)."""
+    return getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", None)
 
 
 def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
