@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks in one place, for a machine with CUDA: `tools/gpu_suite.sh tests` runs the GPU test
-# files, `tools/gpu_suite.sh bench [bench flags]` the quick benchmark against eager. Logs go to $OUT
-# (default ./gpu_out). Each stage fits a 10-minute call on an H100 (tests about 4 minutes, bench about 6).
+# The GPU checks in one place, for a machine with CUDA: `tools/gpu_suite.sh tests` runs the core GPU
+# test files (kernels, graphs, padding rule, HF forwards), `tools/gpu_suite.sh tests-hf` the HF
+# generate() ones (padding, static caches, traffic, the deferred stop check, bf16 noise), and
+# `tools/gpu_suite.sh bench [bench flags]` the quick benchmark against eager. Logs go to $OUT
+# (default ./gpu_out). Each stage is cut at 7-9 minutes so that it fits a 10-minute call.
 # mamba-ssm / causal-conv1d wheels placed in .whl/ are installed into /tmp/site first, if present.
 set -u
 cd "$(dirname "$0")/.."
 stage=${1:-tests}
 shift || true
-if [ "$stage" != tests ] && [ "$stage" != bench ]; then
-    echo "usage: tools/gpu_suite.sh tests | bench [bench flags]" >&2
+if [ "$stage" != tests ] && [ "$stage" != tests-hf ] && [ "$stage" != bench ]; then
+    echo "usage: tools/gpu_suite.sh tests | tests-hf | bench [bench flags]" >&2
     exit 2
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -23,12 +25,19 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 python3 -c "import torch, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee "$OUT/device.txt"
 case "$stage" in
-    tests)
-        timeout 420 python3 -m pytest -q tests/test_hf_gpu.py tests/test_reliability.py tests/test_cudagraph_gpu.py tests/test_mamba2_prep_gpu.py tests/test_skinny_gemm_gpu.py \
-            -p no:cacheprovider > "$OUT/tests.log" 2>&1
+    tests|tests-hf)
+        if [ "$stage" = tests ]; then
+            files="tests/test_hf_gpu.py tests/test_reliability.py tests/test_cudagraph_gpu.py tests/test_mamba2_prep_gpu.py
+                   tests/test_skinny_gemm_gpu.py tests/test_padding_rule_gpu.py"
+        else
+            files="tests/test_hf_padding_gpu.py tests/test_static_cache_gpu.py tests/test_traffic_gpu.py
+                   tests/test_hf_stop_check_gpu.py tests/test_hf_half_precision_gpu.py"
+        fi
+        # shellcheck disable=SC2086  # the file list is meant to split
+        timeout 540 python3 -m pytest -q -rf $files -p no:cacheprovider > "$OUT/$stage.log" 2>&1
         rc=$?
-        echo "tests rc $rc"
-        grep -E "passed|failed|^FAILED|^ERROR" "$OUT/tests.log" | tail -20
+        echo "$stage rc $rc"
+        grep -E "passed|failed|^FAILED|^ERROR" "$OUT/$stage.log" | tail -20
         ;;
     bench)
         timeout 540 python3 -m pcg_backend.bench --quick --variants eager,pcg-inductor --prefill 1,16,128,2048 \
