@@ -3,7 +3,7 @@
 # test files (kernels, graphs, padding rule, HF forwards), `tools/gpu_suite.sh tests-hf` the HF
 # generate() ones (padding, static caches, traffic, the deferred stop check, bf16 noise), and
 # `tools/gpu_suite.sh bench [bench flags]` the quick benchmark against eager. Logs go to $OUT
-# (default ./gpu_out). Each stage is cut at 7-9 minutes so that it fits a 10-minute call.
+# (default ./gpu_out). Each stage is cut at 9 minutes so that it fits a 10-minute call.
 # mamba-ssm / causal-conv1d wheels placed in .whl/ are installed into /tmp/site first, if present.
 set -u
 cd "$(dirname "$0")/.."
