@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 
 import torch
 
 import pcg_backend
+from hf_models import pcg_twin
 
 PREFILL_SIZES = [1, 3, 17, 64, 200]   # 200 is above the largest bucket (64) used here
 OPTIONS = {"max_capture_size": 64}
@@ -81,8 +81,7 @@ def generate_matches(model, batch, cache_implementation=None, new_tokens=32, dev
         kw.update(cache_implementation=cache_implementation, disable_compile=True)
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask, **kw)
-        compiled = copy.copy(model)  # shares the weights; only `forward` differs
-        compiled.forward = torch.compile(model.forward, backend="pcg", options=OPTIONS)
+        compiled = pcg_twin(model, OPTIONS)
         got = compiled.generate(ids, attention_mask=mask, **kw)
     assert torch.equal(got.sequences, ref.sequences), (got.sequences, ref.sequences)
     ref_states, got_states = _states(ref.past_key_values), _states(got.past_key_values)
@@ -151,8 +150,7 @@ def within_half_precision_noise(model, sizes, ladder, steps: int = 4, seed: int 
     """
     from pcg_backend import traffic
 
-    compiled = copy.copy(model)  # shares the weights; only `forward` differs
-    compiled.forward = torch.compile(model.forward, backend="pcg", options=OPTIONS)
+    compiled = pcg_twin(model, OPTIONS)
     g = torch.Generator().manual_seed(seed)
     rows = []
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 FAMILIES = ["nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "zamba2", "mamba2"]
@@ -57,3 +59,11 @@ def tiny_model(family: str, dtype=torch.float32, device="cpu", seed=0):
             if name.endswith("A_log"):
                 p.copy_(torch.log(torch.linspace(1, 4, p.numel(), device=p.device)).to(p.dtype))
     return model
+
+
+def pcg_twin(model, options: dict):
+    """A shallow copy of `model` whose `forward` is compiled with pcg: it shares the weights (and so the
+    eager reference stays `model` itself), and only `forward` differs."""
+    twin = copy.copy(model)
+    twin.forward = torch.compile(model.forward, backend="pcg", options=options)
+    return twin

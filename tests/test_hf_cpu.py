@@ -6,7 +6,7 @@ import torch
 import pcg_backend
 from conftest import requires_reference_kernels
 from hf_checks import PREFILL_SIZES, _states, generate_matches, one_token_prefill_matches, prefill_logits
-from hf_models import FAMILIES, tiny_model
+from hf_models import FAMILIES, pcg_twin, tiny_model
 
 ATOL = 1e-4  # fp32 on CPU, as the issue asks
 pytestmark = requires_reference_kernels
@@ -112,13 +112,10 @@ def test_decode_graphs_are_two_captured_pieces_at_any_batch():
     # the captured piece before the KV writes, and both Mamba cores stay inside
     # the captured pieces even once the batch is symbolic (the cache states carry
     # batch symbols of their own, which are keyed, not foreign).
-    import copy
-
     from pcg_backend.stats import STATS
 
     model = tiny_model("nemotron_h")                       # layers M * M -: 2 Mamba cores, 1 attention
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 64})
+    compiled = pcg_twin(model, {"max_capture_size": 64})
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

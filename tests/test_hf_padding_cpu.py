@@ -13,7 +13,6 @@ The calls: `model(input_ids)` with and without `use_cache`, with an
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ import pcg_backend
 from pcg_backend import runtime, traffic
 from conftest import requires_reference_kernels
 from hf_checks import _states, left_padded_prompt, output_cache
-from hf_models import FAMILIES, tiny_model
+from hf_models import FAMILIES, pcg_twin, tiny_model
 from test_reliability import _nan_pad
 
 pytestmark = requires_reference_kernels
@@ -65,8 +64,7 @@ def test_forward_is_padded_and_matches_eager(name, call, monkeypatch):
 @pytest.mark.parametrize("name", MODELS)
 def test_generate_is_padded_and_matches_eager(name, batch, cache, monkeypatch):
     model = tiny_model(name)
-    compiled = copy.copy(model)     # shares the weights; only `forward` differs
-    compiled.forward = torch.compile(model.forward, backend="pcg", options=OPTIONS)
+    compiled = pcg_twin(model, OPTIONS)
     monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
     with torch.no_grad():
         for n in LENGTHS[:3]:

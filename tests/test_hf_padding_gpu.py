@@ -9,7 +9,6 @@ padded GEMMs' accumulation order).
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch
 import pcg_backend
 from pcg_backend import traffic
 from conftest import requires_cuda
-from hf_models import FAMILIES, tiny_model
+from hf_models import FAMILIES, pcg_twin, tiny_model
 
 pytestmark = requires_cuda
 OPTIONS = {"capture_sizes": [1, 4, 8, 16, 32], "progress": False}
@@ -48,8 +47,7 @@ def test_forward_with_mask_is_padded_on_cuda(name):
 def test_generate_is_padded_on_cuda(name, batch, cache):
     pytest.importorskip("mamba_ssm")
     model = tiny_model(name, device="cuda")
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options=OPTIONS)
+    compiled = pcg_twin(model, OPTIONS)
     with torch.no_grad():
         for n in [5, 9, 13]:
             ids = torch.randint(3, model.config.vocab_size, (batch, n), device="cuda")

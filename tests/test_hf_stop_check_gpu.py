@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 import pcg_backend
 from conftest import requires_cuda
-from hf_models import tiny_model
+from hf_models import pcg_twin, tiny_model
 
 pytestmark = requires_cuda
 
@@ -19,8 +18,7 @@ pytestmark = requires_cuda
 def test_deferred_stop_check_gives_eager_tokens_with_and_without_eos():
     pytest.importorskip("mamba_ssm")
     model = tiny_model("nemotron_h", device="cuda")
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32, "progress": False})
+    compiled = pcg_twin(model, {"max_capture_size": 32, "progress": False})
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 100, (2, 9), generator=generator).cuda()
     mask = torch.ones_like(ids)

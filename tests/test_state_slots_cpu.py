@@ -7,7 +7,6 @@ the exact slot counts and the values against eager (fp32, 1e-4).
 
 from __future__ import annotations
 
-import copy
 import gc
 
 import pytest
@@ -17,7 +16,7 @@ import pcg_backend
 from pcg_backend import state_slots
 from pcg_backend.stats import STATS
 from conftest import requires_reference_kernels
-from hf_models import tiny_model
+from hf_models import pcg_twin, tiny_model
 
 
 def _pool_and_states(*shapes):
@@ -98,8 +97,7 @@ def _mamba_state_ptrs(cache) -> list[int]:
 
 
 def _compiled(model):
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32})
+    compiled = pcg_twin(model, {"max_capture_size": 32})
     return compiled
 
 

@@ -10,7 +10,6 @@ cache states equal eager (atol 1e-4).
 
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
@@ -20,7 +19,7 @@ import pcg_backend
 from pcg_backend import runtime, traffic
 from conftest import requires_reference_kernels
 from hf_checks import _states, cache_argument, left_padded_prompt, output_cache
-from hf_models import FAMILIES, tiny_model
+from hf_models import FAMILIES, pcg_twin, tiny_model
 from test_reliability import _nan_pad
 
 pytestmark = requires_reference_kernels
@@ -38,8 +37,7 @@ def _generate(model, n, cache, batch=2, **extra):
 
 
 def _compiled(model):
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options=OPTIONS)
+    compiled = pcg_twin(model, OPTIONS)
     return compiled
 
 

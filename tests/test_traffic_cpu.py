@@ -7,7 +7,6 @@ on the GPU. On CPU no CUDA graph is captured, so only compiles are asserted.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 import pcg_backend
 from pcg_backend import traffic
 from conftest import requires_reference_kernels
-from hf_models import tiny_model
+from hf_models import pcg_twin, tiny_model
 
 pytestmark = requires_reference_kernels
 
@@ -28,8 +27,7 @@ def test_traffic_compiles_nothing_after_warm_up_and_matches_eager(family):
     model = tiny_model(family)
     calls = traffic.plan(0, 24, 32, [1, 4, 8])
     eager = traffic.run(model, calls, 4, largest=32)
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32})
+    compiled = pcg_twin(model, {"max_capture_size": 32})
     got = traffic.run(compiled, calls, 4, largest=32)
     assert got["compiles_after_warm_up"] == 0, pcg_backend.report()
     assert got["captures_after_warm_up"] == 0          # CPU: CUDA graphs are off
@@ -47,8 +45,7 @@ def test_static_cache_traffic_compiles_nothing_after_warm_up_and_matches_eager()
     model = tiny_model("nemotron_h")
     calls = traffic.plan(1, 16, 32, [1, 4])
     eager = traffic.run(model, calls, 4, cache="static", largest=32)
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32})
+    compiled = pcg_twin(model, {"max_capture_size": 32})
     got = traffic.run(compiled, calls, 4, cache="static", largest=32)
     assert got["compiles_after_warm_up"] == 0, pcg_backend.report()
     assert all(torch.equal(a, b) for a, b in zip(got["sequences"], eager["sequences"]))
@@ -62,8 +59,7 @@ def test_the_issue_plan_100_calls_at_batch_1_to_8_compile_nothing_after_warm_up(
     model = tiny_model("nemotron_h")
     calls = traffic.plan(7, 100, 32, list(range(1, 9)))
     assert {c.batch for c in calls} == set(range(1, 9)) and max(c.prompt for c in calls) > 32
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32})
+    compiled = pcg_twin(model, {"max_capture_size": 32})
     got = traffic.run(compiled, calls, 3, cache=cache, largest=32)
     assert got["compiles_after_warm_up"] == 0, pcg_backend.report()
     eager = traffic.run(model, calls[:12], 3, cache=cache, largest=32)

@@ -9,7 +9,6 @@ are allocated inside the first forward too.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch
 import pcg_backend
 from pcg_backend import traffic
 from conftest import requires_cuda
-from hf_models import tiny_model
+from hf_models import pcg_twin, tiny_model
 
 pytestmark = requires_cuda
 
@@ -29,8 +28,7 @@ def test_traffic_captures_and_compiles_nothing_after_warm_up(family):
     model = tiny_model(family, device="cuda")
     calls = traffic.plan(0, 24, 32, [1, 4, 8])
     eager = traffic.run(model, calls, 4, largest=32)
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32, "progress": False})
+    compiled = pcg_twin(model, {"max_capture_size": 32, "progress": False})
     got = traffic.run(compiled, calls, 4, largest=32)
     s = pcg_backend.stats()
     assert got["captures_after_warm_up"] == 0, pcg_backend.report()
@@ -48,8 +46,7 @@ def test_the_issue_plan_100_calls_at_batch_1_to_8_capture_nothing_after_warm_up(
     pytest.importorskip("mamba_ssm")
     model = tiny_model("nemotron_h", device="cuda")
     calls = traffic.plan(7, 100, 32, list(range(1, 9)))
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32, "progress": False})
+    compiled = pcg_twin(model, {"max_capture_size": 32, "progress": False})
     got = traffic.run(compiled, calls, 3, cache=cache, largest=32)
     assert (got["captures_after_warm_up"], got["compiles_after_warm_up"]) == (0, 0), pcg_backend.report()
     assert got["allocated_after_mib"] == got["allocated_before_mib"]
@@ -60,8 +57,7 @@ def test_the_issue_plan_100_calls_at_batch_1_to_8_capture_nothing_after_warm_up(
 def test_static_cache_traffic_replays_too():
     pytest.importorskip("mamba_ssm")
     model = tiny_model("nemotron_h", device="cuda")
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 32, "progress": False})
+    compiled = pcg_twin(model, {"max_capture_size": 32, "progress": False})
     kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, **traffic.cache_kwargs("static"))
     with torch.no_grad():
         # Warm-up: the longest call first (HF reuses a static cache only while it is long enough;
