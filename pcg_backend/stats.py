@@ -25,8 +25,7 @@ log = logging.getLogger("pcg_backend")
 CUDA_GRAPHS_OFF = ("CUDA graphs off", "CUDA graphs disabled")
 # Counters that only a graph with CUDA graphs can move.
 GPU_ONLY = ("skinny_linears", "skinny_linears_small_buckets", "twin_captures", "cuda_graphs_captured",
-            "cuda_graph_replays", "new_address_captures", "capture_seconds", "graph_memory_bytes",
-            "deferred_stop_checks")   # generate() defers its stop check on CUDA only (hf/stop_check.py)
+            "cuda_graph_replays", "new_address_captures", "capture_seconds", "graph_memory_bytes")
 # How the backend words a graph that cannot be padded (`GraphRecord.padding`).
 _EXACT_ONLY = "exact bucket sizes only: "
 

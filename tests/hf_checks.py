@@ -141,15 +141,15 @@ def within_half_precision_noise(model, sizes, ladder, steps: int = 4, seed: int 
     """pcg's half-precision logits against eager's, bounded by eager's own noise; one row per size.
 
     Half precision has no exact answer to compare with: padding changes the
-    GEMM shapes, and with them the rounding. The bound is eager's own change
-    when its prompt is left-padded to the bucket (the same math, pcg's shapes),
-    doubled, and never below two roundings of the largest logit. It holds for
-    the prefill's logits at every position and for `steps` decode steps
-    after it, fed eager's greedy tokens on both sides so that they stay
-    comparable however near a tie a step comes.
+    GEMM shapes, and with them the rounding. The reference noise is eager's
+    own change at pcg's shapes: its prompt padded at the end to the bucket,
+    as pcg pads it, where no real position can see the padding (causal
+    attention and scans). The bound is that noise doubled, and never below
+    two roundings of the largest logit. It holds for the prefill's logits at
+    every position and for `steps` decode steps after it, fed eager's greedy
+    tokens on both sides so that they stay comparable however near a tie a
+    step comes.
     """
-    from pcg_backend import traffic
-
     compiled = pcg_twin(model, OPTIONS)
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -159,8 +159,7 @@ def within_half_precision_noise(model, sizes, ladder, steps: int = 4, seed: int 
             ref = model(ids, use_cache=True)
             got = compiled(ids, use_cache=True)
             bucket = ladder.bucket(n) or n
-            wide, wide_mask = traffic.left_padded(ids, torch.ones_like(ids), bucket - n)
-            padded = model(wide, attention_mask=wide_mask).logits[:, -n:]
+            padded = model(torch.cat([ids, ids.new_zeros(1, bucket - n)], dim=1)).logits[:, :n]
             noise = (padded.float() - ref.logits.float()).abs().max().item()
             scale = ref.logits.float().abs().max().item()
             bound = max(2 * noise, 2 * half_precision_ulp(scale, model.dtype))

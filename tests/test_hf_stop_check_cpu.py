@@ -9,6 +9,8 @@ pcg-compiled forward under HF's other conditions.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -23,19 +25,23 @@ CUDA = torch.device("cuda")
 
 
 class _AskInLoop:
-    """A logits processor that asks HF, from inside the decoding loop, whether a CUDA loop may defer."""
+    """A logits processor that asks HF, from inside the decoding loop, whether a CUDA loop may defer,
+    with a given cache (None: no cache) that is or is not returned to the caller."""
 
-    def __init__(self, is_assistant: bool = False):
+    def __init__(self, is_assistant: bool = False, cache=None, cache_is_returned: bool = False):
         self.answers: list[bool] = []
         self.is_assistant = is_assistant
+        self.cache, self.cache_is_returned = cache, cache_is_returned
 
     def __call__(self, input_ids, scores):
-        self.answers.append(DeferredStopCheck.is_supported(CUDA, None, False, self.is_assistant))
+        self.answers.append(DeferredStopCheck.is_supported(CUDA, self.cache, self.cache_is_returned,
+                                                           self.is_assistant))
         return scores
 
 
-def _generate_asking(model, is_assistant: bool = False) -> tuple[list[bool], torch.Tensor]:
-    ask = _AskInLoop(is_assistant)
+def _generate_asking(model, is_assistant: bool = False, cache=None,
+                     cache_is_returned: bool = False) -> tuple[list[bool], torch.Tensor]:
+    ask = _AskInLoop(is_assistant, cache, cache_is_returned)
     ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
@@ -53,8 +59,9 @@ def test_only_a_pcg_compiled_generate_defers_on_cuda():
     assert _generate_asking(other)[0] == [False] * 3              # another backend: HF's answer stands
     answers, tokens = _generate_asking(ours)
     assert answers == [True] * 3
-    assert torch.equal(tokens, _generate_asking(eager)[1])        # asking changes nothing it decodes
-    assert pcg_backend.stats()["deferred_stop_checks"] == 3        # one per positive answer
+    # The wrappers change nothing a CPU loop decodes (on CPU HF itself never defers).
+    assert torch.equal(tokens, _generate_asking(eager)[1])
+    assert pcg_backend.stats()["deferred_stop_checks"] == 3        # one per positive answer (here: per ask)
     assert "read their stop flag one step late" in pcg_backend.report()
     # Outside any decoding loop the answer is HF's again, and a CPU loop never defers.
     assert not DeferredStopCheck.is_supported(CUDA, None, False, False)
@@ -67,7 +74,14 @@ def test_hf_conditions_still_hold_for_a_pcg_loop():
     model = tiny_model("nemotron_h")
     model.forward = torch.compile(model.forward, backend="pcg")
     assert _generate_asking(model, is_assistant=True)[0] == [False] * 3   # an assistant model never defers
-    assert pcg_backend.stats()["deferred_stop_checks"] == 0
+    # A cache handed back to the caller must undo the extra step; a hybrid cache holding Mamba
+    # state cannot (HF's `is_croppable`), so that loop checks every step.
+    hybrid = types.SimpleNamespace(is_croppable=False)
+    assert _generate_asking(model, cache=hybrid, cache_is_returned=True)[0] == [False] * 3
+    assert _generate_asking(model, cache=hybrid, cache_is_returned=False)[0] == [True] * 3   # dropped after
+    croppable = types.SimpleNamespace(is_croppable=True)
+    assert _generate_asking(model, cache=croppable, cache_is_returned=True)[0] == [True] * 3
+    assert pcg_backend.stats()["deferred_stop_checks"] == 6
 
 
 def test_disable_restores_hf_decision():

@@ -31,8 +31,9 @@ def test_deferred_stop_check_gives_eager_tokens_with_and_without_eos():
     with torch.no_grad():
         free = model.generate(ids, max_new_tokens=12, min_new_tokens=12, **kw)
         assert torch.equal(compiled.generate(ids, max_new_tokens=12, min_new_tokens=12, **kw), free)
-        # An EOS that the first row meets early and the second row later: both loops stop on it,
-        # one step late, and the step too many leaves no token behind.
+        # First an EOS only the first row is sure to meet (the loop may run to the end), then one
+        # for each row: the loop stops early, reads that one step late, and the step too many
+        # leaves no token behind.
         eos = int(free[0, ids.shape[1] + 2])
         row_two = free[1, ids.shape[1]:].tolist()
         eos_two = next((t for t in row_two if t != eos), eos)

@@ -152,5 +152,6 @@ def test_cpu_graphs_are_not_routed():
 def test_tile_takes_a_fifth_stage_only_where_it_was_measured_and_fits(k, n, shared_memory, stages):
     tile = skinny_gemm._tile(1, k, n, shared_memory)
     assert tile["num_stages"] == stages
-    needed = tile["num_stages"] * skinny_gemm._stage_bytes(tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"])
-    assert shared_memory is None or needed <= shared_memory
+    if stages == 5:   # the fifth stage is taken only with room for it and Triton's own spare bytes
+        needed = 5 * skinny_gemm._stage_bytes(tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"])
+        assert needed + skinny_gemm._SPARE_BYTES <= shared_memory

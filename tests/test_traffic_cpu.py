@@ -85,36 +85,32 @@ def test_ideal_times_each_bucket_and_batch_once_through_generate():
 
 
 @pytest.mark.parametrize("family", ["nemotron_h", "bamba"])
-def test_noise_bound_remakes_each_call_below_its_bucket_left_padded(family):
+def test_noise_bound_remakes_every_call_with_a_batch_row_repeated(family):
     model = tiny_model(family)
-    ladder = pcg_backend.buckets.Ladder((4, 8, 16, 32))
     calls = [traffic.Call(1, 3), traffic.Call(2, 8), traffic.Call(4, 11), traffic.Call(1, 40), traffic.Call(2, 1)]
     eager = traffic.run(model, calls, 3, largest=32)
-    noise = traffic.noise_bound(model, calls, 3, eager["sequences"], ladder)
-    assert noise["calls"] == [0, 2]     # 8 is a bucket, 40 is above the largest, 1 token is never padded
-    assert noise["same_tokens_share"] == 1.0        # fp32: masked columns change no token
-    # The comparison is of the new tokens: a reference that differs in one of them is counted as different.
+    noise = traffic.noise_bound(model, calls, 3, eager["sequences"])
+    assert noise == {"same_tokens_share": 1.0, "calls": 5}     # fp32: a repeated row changes no token
+    # The comparison is of every original row's new tokens: one that differs is counted as different.
     altered = [s.clone() for s in eager["sequences"]]
-    altered[2][0, -1] += 1
-    assert traffic.noise_bound(model, calls, 3, altered, ladder)["same_tokens_share"] == 0.5
+    altered[2][3, -1] += 1
+    assert traffic.noise_bound(model, calls, 3, altered)["same_tokens_share"] == 0.8
 
 
-def test_left_padding_adds_masked_columns_in_front():
+def test_a_repeated_row_is_the_first_row_once_more():
     ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
-    wide, wide_mask = traffic.left_padded(ids, mask, 2)
-    assert wide.tolist() == [[0, 0, 5, 6, 7], [0, 0, 0, 8, 9]]
-    assert wide_mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]
+    more, more_mask = traffic.with_row_repeated(ids, mask)
+    assert more.tolist() == [[5, 6, 7], [0, 8, 9], [5, 6, 7]]
+    assert more_mask.tolist() == [[1, 1, 1], [0, 1, 1], [1, 1, 1]]
 
 
-def test_table_states_tokens_against_eager_and_the_noise_bound():
+def test_table_states_tokens_against_eager_and_the_noise():
     row = {"p50_s": 0.1, "p90_s": 0.1, "max_s": 0.1, "ttft_p50_s": 0.01, "tokens_per_s": 1.0,
            "captures_after_warm_up": 0, "compiles_after_warm_up": 0, "allocated_before_mib": 0,
            "allocated_after_mib": 0}
-    results = {"eager": {**row, "noise": {"same_tokens_share": 0.5, "calls": [0, 2, 5, 7]}},
-               "pcg-inductor": {**row, "same_tokens_as_eager": 0.45, "same_tokens_as_eager_below_bucket": 0.25}}
+    results = {"eager": {**row, "noise": {"same_tokens_share": 0.5, "calls": 40}},
+               "pcg-inductor": {**row, "same_tokens_as_eager": 0.45}}
     lines = traffic.table(results, None).splitlines()
-    assert lines[-2:] == [
-        "same tokens as eager: pcg-inductor in 45% of calls, 25% of the 4 below their bucket",
-        "noise bound: eager with its prompts left-padded to the bucket keeps its own tokens in 50% of the 4 "
-        "calls below their bucket"]
+    assert lines[-2:] == ["same tokens as eager: pcg-inductor in 45% of calls",
+                          "noise: eager with a batch row repeated keeps its own tokens in 50% of 40 calls"]

@@ -17,8 +17,9 @@ the shared library code and in each loaded modeling module, and wraps
 `PreTrainedModel.post_init` so that modeling modules imported later are
 wrapped when their first model is built. For a model whose forward is
 compiled with pcg it keeps `generate()` from compiling that forward a
-second time (`auto_compile.py`) and lets its decoding loop read the stop
-flag one step late (`stop_check.py`). `disable()` puts every original
+second time (`auto_compile.py`) and, on CUDA and under HF's own
+conditions, lets its decoding loop read the stop flag one step late
+(`stop_check.py`). `disable()` puts every original
 back (`patches.py`). Graphs compiled while routing was on keep their split
 ops; `torch._dynamo.reset()` drops them. The next pcg compile of an HF model
 enables routing again.

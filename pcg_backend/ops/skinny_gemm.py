@@ -93,7 +93,8 @@ def _tile(m: int, k: int, n: int, shared_memory: int | None = None) -> dict:
     256-wide tile takes a fifth stage for fewer than 8192 columns where a block's `shared_memory`
     (bytes) holds it: on the H200 that read those projections 2-7 % faster at 1 and 8 rows
     (`out_proj` 25.4 µs against 25.9 at one row, `down_proj` 37.6 against 40.2, `q_proj` 14.2
-    against 14.5; tools/skinny_gemm.py --search). Wider weights were not searched with it.
+    against 14.5; tools/skinny_gemm.py --search). Wider weights were not searched with it; 16 rows
+    share the tile of 1 and 8 (BLOCK_M 16 either way).
     """
     if m > MAX_ROWS:
         raise ValueError(f"pcg's skinny GEMM tiles cover at most {MAX_ROWS} rows, got {m}")
