@@ -397,7 +397,8 @@ def main(argv=None):
     if bad:
         parser.error(f"unknown variant(s) {bad}; choose from {VARIANTS}")
     if args.noise and not (args.traffic and "eager" in variants):
-        parser.error("--noise needs --traffic and the eager variant (it makes eager's calls again, padded)")
+        parser.error("--noise needs --traffic and the eager variant "
+                     "(it makes eager's calls again, one batch row repeated)")
     if args.layers and args.family != "nemotron_h":
         parser.error("--layers shortens the nemotron_h pattern only")
     if not torch.cuda.is_available():
@@ -495,7 +496,7 @@ def run_traffic(args, variants: list[str]) -> dict:
             continue
         sequences[v] = r.pop("sequences")
         if v == "eager" and args.noise:
-            r["noise"] = traffic.noise_bound(model, calls, args.new_tokens, sequences[v], cache=args.cache)
+            r["noise"] = traffic.eager_noise(model, calls, args.new_tokens, sequences[v], cache=args.cache)
             print(f"  {v:>14} with a batch row repeated, same tokens in "
                   f"{100 * r['noise']['same_tokens_share']:.0f}% of {r['noise']['calls']} calls", flush=True)
         if v.startswith("pcg"):

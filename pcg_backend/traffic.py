@@ -14,7 +14,7 @@ compiles nothing (at most `MAX_WARM_UP_PASSES`). For each variant the result hol
 captured and Dynamo graphs compiled during the timed calls, and allocated
 memory before and after them. The ideal of a call, measured in the same run
 on the pcg variant, is its prefill at its bucket plus one decode step per
-further token. `noise_bound` measures how often eager keeps its own tokens
+further token. `eager_noise` measures how often eager keeps its own tokens
 when one batch row is repeated (the same math, other GEMM shapes): in half
 precision, the share of calls in which pcg gives eager's tokens is read
 against it.
@@ -272,7 +272,7 @@ def with_row_repeated(ids: torch.Tensor, mask: torch.Tensor):
     return torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]])
 
 
-def noise_bound(model, calls: list[Call], new_tokens: int, sequences: list[torch.Tensor], seed: int = 0,
+def eager_noise(model, calls: list[Call], new_tokens: int, sequences: list[torch.Tensor], seed: int = 0,
                 cache: str = "dynamic") -> dict:
     """How often the model keeps its own tokens under a change that leaves the math alone: what
     "same tokens as eager" can be read against in half precision.

@@ -85,16 +85,16 @@ def test_ideal_times_each_bucket_and_batch_once_through_generate():
 
 
 @pytest.mark.parametrize("family", ["nemotron_h", "bamba"])
-def test_noise_bound_remakes_every_call_with_a_batch_row_repeated(family):
+def test_eager_noise_remakes_every_call_with_a_batch_row_repeated(family):
     model = tiny_model(family)
     calls = [traffic.Call(1, 3), traffic.Call(2, 8), traffic.Call(4, 11), traffic.Call(1, 40), traffic.Call(2, 1)]
     eager = traffic.run(model, calls, 3, largest=32)
-    noise = traffic.noise_bound(model, calls, 3, eager["sequences"])
+    noise = traffic.eager_noise(model, calls, 3, eager["sequences"])
     assert noise == {"same_tokens_share": 1.0, "calls": 5}     # fp32: a repeated row changes no token
     # The comparison is of every original row's new tokens: one that differs is counted as different.
     altered = [s.clone() for s in eager["sequences"]]
     altered[2][3, -1] += 1
-    assert traffic.noise_bound(model, calls, 3, altered)["same_tokens_share"] == 0.8
+    assert traffic.eager_noise(model, calls, 3, altered)["same_tokens_share"] == 0.8
 
 
 def test_a_repeated_row_is_the_first_row_once_more():
