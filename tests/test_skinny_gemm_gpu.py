@@ -34,6 +34,25 @@ def test_kernel_matches_an_fp32_linear(dtype, lead, k, n, bias):
     assert (got.float() - ref).abs().max() <= 2 * (cublas - ref).abs().max() + 1e-3
 
 
+@pytest.mark.parametrize("m, k, n, split, bias", [
+    (1, 10240, 4480, 2, False),      # out_proj's shape, K on the tile
+    (8, 12288, 3072, 4, True),       # FalconH1's down_proj, with a bias
+    (16, 1000, 4200, 3, False),      # K off every tile size
+])
+def test_split_k_matches_the_unsplit_kernel_and_repeats_bitwise(m, k, n, split, bias):
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+    tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+    whole = skinny_gemm.triton_linear(x, w, b, tile=tile)
+    first, again = (skinny_gemm.triton_linear(x, w, b, tile={**tile, "SPLIT_K": split}) for _ in range(2))
+    assert torch.equal(first, again)        # the partials are added in a fixed order
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    torch.testing.assert_close(first.float(), ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(first, whole, atol=1e-2, rtol=1e-2)   # one bf16 rounding apart at most
+
+
 def test_kernel_limits():
     w = torch.empty(4096, 64, device="cuda", dtype=torch.bfloat16)
     assert skinny_gemm.supported(torch.empty(16, 64, device="cuda", dtype=torch.bfloat16), w)

@@ -1,6 +1,6 @@
 """pcg's Triton skinny-GEMM kernel against cuBLASLt on the benchmark model's shapes (needs CUDA).
 
-    python tools/skinny_gemm.py [--rows 1,8,16] [--search 32,64,128]
+    python tools/skinny_gemm.py [--rows 1,8,16] [--search 32,64,128] [--split 1,8]
 
 For each weight shape of the Nemotron-Nano-9B-v2-shaped model and each row
 count, it checks `pcg_backend.ops.skinny_gemm.triton_linear` against an fp32
@@ -10,6 +10,9 @@ so that every call reads its weight from memory. It prints the time, the
 weight-read rate, whether `pcg::skinny_linear` would take the kernel for
 that shape, and the sum over one forward for cuBLASLt, for what
 `pcg::skinny_linear` does, and (up to 16 rows) for the kernel everywhere.
+`--split` times split-K tiles (`SPLIT`) at those row counts too, and prints
+the fastest against the table's tile; `--extra K:N,...` adds weight shapes
+(counted once per forward in the sums).
 """
 
 import argparse
@@ -31,11 +34,11 @@ SEARCH = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
           for bn, bk, w, st in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4, 5))]
 
 
-def search(k: int, n: int, m: int) -> tuple[float, dict]:
-    """The fastest tile of SEARCH for this shape: (microseconds, tile)."""
+def search(k: int, n: int, m: int, tiles: list[dict] = SEARCH) -> tuple[float, dict]:
+    """The fastest of `tiles` (default SEARCH) for this shape: (microseconds, tile)."""
     best = (float("inf"), {})
     block_m = max(16, 1 << (m - 1).bit_length())
-    for tile in SEARCH:
+    for tile in tiles:
         tile = {"BLOCK_M": block_m, **tile}
         try:
             us = time_linear(k, n, m, "cublaslt", linear=functools.partial(skinny_gemm.triton_linear, tile=tile))
@@ -45,6 +48,10 @@ def search(k: int, n: int, m: int) -> tuple[float, dict]:
             continue
         best = min(best, (us, tile), key=lambda t: t[0])
     return best
+
+
+SPLIT = [{"BLOCK_N": 64, "BLOCK_K": bk, "num_warps": 4, "num_stages": st, "SPLIT_K": sk}
+         for bk, st, sk in itertools.product((128, 256), (3, 4, 5), (2, 3, 4, 6))]
 
 
 def relative_error(k: int, n: int, m: int) -> float:
@@ -60,6 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,8,16")
     parser.add_argument("--search", default="", help="row counts at which to search the tile")
+    parser.add_argument("--split", default="", help="row counts at which to time split-K tiles")
+    parser.add_argument("--extra", default="",
+                        help="more weight shapes as K:N pairs, e.g. 12288:3072,5120:3072 (FalconH1's narrow ones)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tools/skinny_gemm.py needs a CUDA GPU")
@@ -68,9 +78,11 @@ def main() -> None:
     smem = skinny_gemm._shared_memory(torch.cuda.current_device())
     try:
         searched = {int(r) for r in args.search.split(",") if r}
-        for m in sorted({int(r) for r in args.rows.split(",")} | searched):
+        split = {int(r) for r in args.split.split(",") if r}
+        for m in sorted({int(r) for r in args.rows.split(",")} | searched | split):
             totals = {"cublaslt": 0.0, "pcg::skinny_linear": 0.0}
-            for name, (k, n, count) in shapes().items():
+            extra = {f"{k}:{n}": (int(k), int(n), 1) for k, n in (p.split(":") for p in args.extra.split(",") if p)}
+            for name, (k, n, count) in {**shapes(), **extra}.items():
                 lt = time_linear(k, n, m, "cublaslt")
                 probe = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
                 taken = skinny_gemm.supported(probe, torch.empty(n, k, device="cuda", dtype=torch.bfloat16))
@@ -86,6 +98,11 @@ def main() -> None:
                     best_us, best_tile = search(k, n, m)
                     print(f"      best tile {best_tile}: {best_us:7.1f} us ({rate(best_us):5.0f} GB/s)", flush=True)
                     totals["best tiles"] = totals.get("best tiles", 0.0) + count * best_us
+                if m in split:
+                    split_us, split_tile = search(k, n, m, SPLIT)
+                    print(f"      best split-K tile {split_tile}: {split_us:7.1f} us ({rate(split_us):5.0f} GB/s)",
+                          flush=True)
+                    totals["best split-K"] = totals.get("best split-K", 0.0) + count * min(split_us, tr or lt)
                 totals["cublaslt"] += count * lt
                 if tr is not None:
                     totals["triton everywhere"] = totals.get("triton everywhere", 0.0) + count * tr

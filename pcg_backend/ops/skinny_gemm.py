@@ -17,6 +17,13 @@ shapes, with a deeper pipeline where an H200 measured it faster), so the
 first call compiles one kernel per tile and bias/no-bias variant, and
 autotunes nothing.
 
+A tile with `SPLIT_K` > 1 also splits K: program (n, s) sums its share of K
+into an fp32 partial, and a second kernel adds the partials in a fixed
+order, with the bias. It is for weights with too few column blocks to fill
+the GPU (a 4480-column weight gives 70 programs for 132 SMs). No shape in
+the tile table takes it yet: `tools/skinny_gemm.py --split` times it, and
+the table changes only where that measures faster.
+
 The op takes the kernel only where it measured faster: CUDA, bf16 or fp16,
 at most MAX_ROWS rows, at least MIN_COLUMNS output columns (with fewer, too
 few programs fill the GPU: `kv_proj`'s 1024 columns took 11.9 µs against
@@ -77,6 +84,43 @@ if triton is not None:
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_in[:, None] & n_in[None, :])
 
+    @triton.jit
+    def _skinny_split_kernel(
+        x_ptr, w_ptr, part_ptr, M, N, K, sxm, swn, K_PER_SPLIT,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # Program (n, s) sums K_PER_SPLIT of K for its BLOCK_N columns into fp32 partial sum s.
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_in = rm < M
+        n_in = rn < N
+        start = tl.program_id(1) * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(start, start + K_PER_SPLIT, BLOCK_K):
+            k = k0 + rk
+            k_in = k < K
+            x = tl.load(x_ptr + rm[:, None] * sxm + k[None, :], mask=m_in[:, None] & k_in[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[None, :] * swn + k[:, None], mask=n_in[None, :] & k_in[:, None], other=0.0)
+            acc = tl.dot(x, w, acc)
+        tl.store(part_ptr + (tl.program_id(1) * M + rm[:, None]) * N + rn[None, :], acc,
+                 mask=m_in[:, None] & n_in[None, :])
+
+    @triton.jit
+    def _split_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, sym,
+                          SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        # The partial sums in a fixed order (the same bits every run), plus the bias, in x's dtype.
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = i < M * N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(part_ptr + s * M * N + i, mask=inside, other=0.0)
+        row = i // N
+        col = i % N
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + col, mask=inside, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * sym + col, acc.to(y_ptr.dtype.element_ty), mask=inside)
+
 
 # The kernel holds all of x's rows in one tile, padded to a power of two of at least 16 (tl.dot's
 # minimum). `tools/skinny_gemm.py --search` may try up to this many rows with tiles of its own;
@@ -135,13 +179,28 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tile = tile or _tile(m, k, n, _shared_memory(x.device.index if x.device.index is not None
                                                  else torch.cuda.current_device()) if x.is_cuda else None)
+    launch = {key: value for key, value in tile.items() if key != "SPLIT_K"}
+    columns = triton.cdiv(n, tile["BLOCK_N"])
     # Triton launches on the current device; the tensors may live on another one. (CPU tensors
     # reach here only under Triton's interpreter, TRITON_INTERPRET=1.)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _skinny_kernel[(triton.cdiv(n, tile["BLOCK_N"]),)](
-            x2, w, bias if bias is not None else w, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, **tile)
+        if tile.get("SPLIT_K", 1) == 1:
+            _skinny_kernel[(columns,)](
+                x2, w, bias if bias is not None else w, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
+                HAS_BIAS=bias is not None, **launch)
+        else:
+            step = triton.cdiv(triton.cdiv(k, tile["SPLIT_K"]), tile["BLOCK_K"]) * tile["BLOCK_K"]
+            splits = triton.cdiv(k, step)
+            part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+            _skinny_split_kernel[(columns, splits)](x2, w, part, m, n, k, x2.stride(0), w.stride(0), step, **launch)
+            _split_sum_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
+                part, bias if bias is not None else part, y, m, n, y.stride(0),
+                SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=_SUM_BLOCK)
     return y.reshape(*lead, n)
+
+
+# Elements per program of the split-K sum: a few programs for the few rows and columns it adds.
+_SUM_BLOCK = 1024
 
 
 @lean_op("pcg::skinny_linear", mutates_args=())

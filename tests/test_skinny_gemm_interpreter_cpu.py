@@ -1,0 +1,62 @@
+"""The skinny-GEMM kernels on CPU through Triton's interpreter (skipped where Triton is not installed).
+
+A CPU-only torch ships without Triton, so CI skips this file; with Triton
+installed, the kernels run on CPU tensors under `TRITON_INTERPRET=1`. The
+interpreter reads bf16 wrongly (NumPy has no bf16) and its loops need NumPy
+before 2.0, so the check is in fp16, in a subprocess that sets the variable
+before Triton is imported. Split-K must give the unsplit kernel's result
+within fp16 rounding, for K on and off the tile and for more splits than K
+has tiles.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CHECK = textwrap.dedent("""
+    import torch
+    from pcg_backend.ops import skinny_gemm
+    torch.manual_seed(0)
+    for m, k, n, split, bias in [(1, 300, 4160, 2, False), (5, 1000, 4200, 3, True), (16, 512, 4096, 4, True),
+                                 (3, 130, 4160, 4, False)]:
+        x = torch.randn(m, k, dtype=torch.float16)
+        w = torch.randn(n, k, dtype=torch.float16) / k ** 0.5
+        b = torch.randn(n, dtype=torch.float16) if bias else None
+        tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+        whole = skinny_gemm.triton_linear(x, w, b, tile=tile)
+        split_k = skinny_gemm.triton_linear(x, w, b, tile={**tile, "SPLIT_K": split})
+        ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+        for name, got in (("whole", whole), ("split", split_k)):
+            assert got.shape == ref.shape and got.dtype == torch.float16
+            err = ((got.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-3, (name, m, k, n, split, err)
+        torch.testing.assert_close(split_k, whole, atol=2e-3, rtol=0)
+    print("ok")
+""")
+
+
+def _interpreter_usable() -> str | None:
+    try:
+        import numpy
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (a CPU-only torch ships without it)"
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        return "Triton's interpreter needs NumPy before 2.0 for its loops"
+    return None
+
+
+def test_split_k_gives_the_unsplit_kernels_result():
+    reason = _interpreter_usable()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", CHECK], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
