@@ -134,7 +134,7 @@ def sizes_around_buckets(ladder) -> list[int]:
 
 def half_precision_ulp(magnitude: float, dtype: torch.dtype) -> float:
     """The spacing of `dtype` numbers at `magnitude`: one rounding's worth of error there."""
-    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(magnitude))
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(max(magnitude, torch.finfo(dtype).tiny)))
 
 
 def within_half_precision_noise(model, sizes, ladder, steps: int = 4, seed: int = 0) -> list[dict]:

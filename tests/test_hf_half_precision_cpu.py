@@ -1,7 +1,8 @@
 """bf16 on CPU: pcg's prefill and decode logits stay within eager's own noise, for every family.
 
-There is no exact bf16 answer: the bound is eager's change under left
-padding to the bucket (`hf_checks.within_half_precision_noise`). The sizes
+There is no exact bf16 answer: the bound is eager's own change when its
+prompt is padded at the end to the bucket, as pcg pads it
+(`hf_checks.within_half_precision_noise`). The sizes
 are generated around every bucket (one below, on it, one above) and above the
 largest, so that padded and unpadded calls, and each bucket's edge, are all
 checked; the padded calls are counted exactly.
