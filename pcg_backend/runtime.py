@@ -14,7 +14,8 @@ Per call it reads the real token count n from the graph's inputs, picks the
 bucket, zero-pads every input along the token dim, publishes a
 `ForwardContext`, runs the split module (captured pieces replay, split ops run
 eagerly on the real n), slices each output back to n, and clones outputs that
-live in graph-pool memory so that a later replay cannot overwrite them.
+live in graph-pool memory (so that a later replay cannot overwrite them) or
+were cut to n (so that they leave dense, as eager's do), in grouped copies.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class PiecewiseRunner:
         self.count = context.count_buffer(split.device) if split.needs_device_count else None
         self.single_output, self.out_plan, self.value_out_plan = self._output_plan(graph)
         self._state_positions = frozenset(split.state_outputs)
+        self._cut_positions = frozenset(plan.index for plan in self.out_plan)   # outputs a padded call cuts
         if self.unpaddable:
             STATS.note(f"{name}: {self.unpaddable}")
 
@@ -235,23 +237,26 @@ class PiecewiseRunner:
         with context.forward_context(ctx):
             outs = self._forward(*args)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        cut = ()
         if ctx.num_tokens is not None and ctx.padded_tokens != ctx.num_tokens:
+            cut = self._cut_positions
             env = [g(args) for g in self._env_getters]
             for plan in self.out_plan:
                 sizes = {d: (ctx.num_tokens if fn is None else fn(ctx.num_tokens, env)) for d, fn in plan.dims.items()}
-                # Contiguous, as eager's would be: a cut view keeps the bucket's strides, and a
-                # cache that keeps it (a new DynamicCache's keys) would fail the decode graph's
-                # stride guards, a recompile per bucket.
-                outs[plan.index] = slice_dims(outs[plan.index], sizes).contiguous()
+                outs[plan.index] = slice_dims(outs[plan.index], sizes)
             for j, fn in self.value_out_plan:
                 outs[j] = fn(ctx.num_tokens, env)
         if self.split.state_outputs:
             self._lend_state_slots(outs)
-        owned = [j for j, o in enumerate(outs) if j not in self._state_positions
-                 and isinstance(o, torch.Tensor) and any_pool_owns(o)]
-        if owned:
-            # One grouped copy, not a clone per output: a forward that creates its cache returns every state.
-            for j, clone in zip(owned, clone_all([outs[j] for j in owned])):
+        # Copied: outputs in graph memory (a later replay overwrites it), and cut views, which
+        # leave dense as eager's would (a view keeps the bucket's strides, and a cache that kept
+        # one, such as a new DynamicCache's keys, would fail the decode graph's stride guards).
+        # One grouped copy, not one per output: a forward that creates its cache returns every
+        # state and every layer's keys.
+        copied = [j for j, o in enumerate(outs) if j not in self._state_positions and isinstance(o, torch.Tensor)
+                  and (any_pool_owns(o) or (j in cut and not o.is_contiguous()))]
+        if copied:
+            for j, clone in zip(copied, clone_all([outs[j] for j in copied])):
                 outs[j] = clone
         return outs[0] if self.single_output else tuple(outs)
 
