@@ -83,6 +83,11 @@ def build_model(layers: int | None, family: str = "nemotron_h"):
     return model.eval()
 
 
+def weight_bytes(model) -> int:
+    """Bytes of every weight: what one forward reads at least once (the floor's numerator)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def copy_bandwidth() -> float:
     """Device memory bandwidth in bytes/s, from a 2 GiB device-to-device copy (read + write)."""
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
@@ -416,20 +421,20 @@ def main(argv=None):
     device = torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
     model = build_model(args.layers, args.family)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     bandwidth = copy_bandwidth()
-    floor_ms = 1e3 * weight_bytes / bandwidth
+    floor_ms = 1e3 * weights / bandwidth
     print(f"variants: {','.join(variants)}; prefill {prefill}; decode batches {batches}", flush=True)
     print(f"family: {args.family}; pattern: {short_pattern(args.layers) if args.family == 'nemotron_h' else '-'}; module guards {'skipped' if args.skip_module_guards else 'kept'}; "
           f"extra pcg options {args.pcg_options}", flush=True)
     print(f"device: {device}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
-          f"{weight_bytes / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.2f} ms", flush=True)
+          f"{weights / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.2f} ms", flush=True)
     results = []
 
     def save():
         # Written after every measurement, so a run cut short keeps what it measured.
         with open(os.path.join(args.out, "bench.json"), "w") as f:
-            json.dump({"device": device, "family": args.family, "floor_ms": floor_ms, "weight_bytes": weight_bytes,
+            json.dump({"device": device, "family": args.family, "floor_ms": floor_ms, "weight_bytes": weights,
                        "bandwidth_bytes_s": bandwidth, "skip_module_guards": args.skip_module_guards,
                        "pcg_options": args.pcg_options, "cache": args.cache,
                        "results": results}, f, indent=1, default=str)
@@ -470,7 +475,7 @@ def run_traffic(args, variants: list[str]) -> dict:
     os.makedirs(args.out, exist_ok=True)
     model = build_model(args.layers, args.family)
     # The decode step's floor: every weight read once from device memory, at the copy bandwidth measured here.
-    floor_ms = 1e3 * sum(p.numel() * p.element_size() for p in model.parameters()) / copy_bandwidth()
+    floor_ms = 1e3 * weight_bytes(model) / copy_bandwidth()
     print(f"traffic: {args.family}; {device}; {len(calls)} generate() calls of {args.new_tokens} new tokens, "
           f"{args.cache} cache, batches {batches}, "
           f"prompts 1..{2 * opts.largest} (largest bucket {opts.largest}); variants {','.join(variants)}; "
