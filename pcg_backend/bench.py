@@ -14,13 +14,14 @@ Writes a table to stdout and `bench.json` (after every measurement) plus
 `bench.png` to --out. `--quick` runs fewer sizes and, unless --variants is
 given, only eager and pcg-inductor. `--traffic` measures `generate()` calls
 at random prompt lengths and batch sizes instead (`traffic.py`), into
-`traffic.json`; `--noise` adds eager's own half-precision noise, against
-which "same tokens as eager" is read.
+`traffic.json`; `--noise` reads every variant's tokens against an fp32
+copy of the model, the noise half precision is judged by.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -156,19 +157,20 @@ def install_variant(model, variant: str, skip_module_guards: bool = False, pcg_o
                                       options={"compiler": variant[4:], **(pcg_options or {}), **guards})
 
 
-def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None) -> None:
-    """Write the top CPU and CUDA ops of a batch-1 greedy generate of 8 tokens, then of one
-    prefill per size in `prefill_sizes` (profiles, not timings). With `trace_dir`, also a gzipped
-    Chrome trace per run, and the ops grouped by input shape (to tell which copies are which)."""
+def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None, batches=(1,)) -> None:
+    """Write the top CPU and CUDA ops of a greedy generate of 8 tokens at each batch size in
+    `batches`, then of one prefill per size in `prefill_sizes` (profiles, not timings). With
+    `trace_dir`, also a gzipped Chrome trace per run, and the ops grouped by input shape (to tell
+    which copies are which)."""
     from torch.profiler import ProfilerActivity, profile
 
     vocab = model.config.vocab_size
-    ids = torch.randint(2, vocab, (1, 16), device="cuda")
-    runs = {
-        "generate, batch 1, 8 new tokens": lambda: model.generate(
+    runs = {}
+    for b in batches:
+        ids = torch.randint(2, vocab, (b, 16), device="cuda")
+        runs[f"generate, batch {b}, 8 new tokens"] = lambda ids=ids: model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-            pad_token_id=0),
-    }
+            pad_token_id=0)
     for n in prefill_sizes:
         prompt = torch.randint(2, vocab, (1, n), device="cuda")
         runs[f"prefill of {n} tokens"] = lambda prompt=prompt: model(prompt)
@@ -287,7 +289,7 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
         trace_dir = os.path.join(profile_dir, f"traces_{variant}") if trace else None
         if trace_dir:
             os.makedirs(trace_dir, exist_ok=True)
-        profile_runs(model, os.path.join(profile_dir, f"profile_{variant}.txt"), prefill_sizes, trace_dir)
+        profile_runs(model, os.path.join(profile_dir, f"profile_{variant}.txt"), prefill_sizes, trace_dir, batches)
     if variant.startswith("pcg"):
         s = pcg_backend.stats()
         result["graph_memory_mib"] = s["graph_memory_bytes"] / 2**20
@@ -378,7 +380,7 @@ def main(argv=None):
     parser.add_argument("--skip-module-guards", action="store_true",
                         help="compile every compiled variant with torch.compiler.skip_guard_on_all_nn_modules_unsafe")
     parser.add_argument("--profile", action="store_true",
-                        help="profile a batch-1 generate and one prefill per size of each variant")
+                        help="profile a generate at each decode batch size and one prefill per size of each variant")
     parser.add_argument("--trace", action="store_true",
                         help="with --profile: also write gzipped Chrome traces and a by-shape table")
     parser.add_argument("--traffic", action="store_true",
@@ -390,10 +392,9 @@ def main(argv=None):
                         help="the cache every generate() call makes: HF's DynamicCache (default), or a static cache, "
                              "with which pcg captures attention too (one graph per prefill bucket and per decode step)")
     parser.add_argument("--noise", action="store_true",
-                        help="with --traffic and the eager variant: make every call again in eager with one batch "
-                             "row repeated (the same math, other GEMM shapes) and report how often its tokens stay "
-                             "the same: the noise pcg's share of calls with eager's tokens is read against in half "
-                             "precision")
+                        help="with --traffic: make every call first on an fp32 copy of the model, eagerly, and "
+                             "report how far each variant keeps its tokens: in half precision, eager's distance "
+                             "from fp32 is the noise pcg's is read against (needs memory for the fp32 copy)")
     parser.add_argument("--pcg-options", type=_json_object, default={},
                         help='extra pcg options as JSON for the pcg variants, e.g. \'{"max_capture_size": 1024}\'')
     args = parser.parse_args(argv)
@@ -401,9 +402,8 @@ def main(argv=None):
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         parser.error(f"unknown variant(s) {bad}; choose from {VARIANTS}")
-    if args.noise and not (args.traffic and "eager" in variants):
-        parser.error("--noise needs --traffic and the eager variant "
-                     "(it makes eager's calls again, one batch row repeated)")
+    if args.noise and not args.traffic:
+        parser.error("--noise needs --traffic (it reads each variant's generate() tokens against an fp32 copy)")
     if args.layers and args.family != "nemotron_h":
         parser.error("--layers shortens the nemotron_h pattern only")
     if not torch.cuda.is_available():
@@ -483,6 +483,14 @@ def run_traffic(args, variants: list[str]) -> dict:
     results: dict = {}
     ideal = None
     sequences = {}
+    fp32 = None
+    if args.noise:
+        # Made before any variant is installed, so that the copy runs eagerly; freed before the timed calls.
+        reference = copy.deepcopy(model).float()
+        fp32 = traffic.reference_sequences(reference, calls, args.new_tokens, cache=args.cache)
+        del reference
+        torch.cuda.empty_cache()
+        print(f"  fp32 copy: {len(fp32)} reference calls made", flush=True)
 
     def save():
         # Written after every variant, so a run cut short keeps what it measured.
@@ -500,10 +508,8 @@ def run_traffic(args, variants: list[str]) -> dict:
             save()
             continue
         sequences[v] = r.pop("sequences")
-        if v == "eager" and args.noise:
-            r["noise"] = traffic.eager_noise(model, calls, args.new_tokens, sequences[v], cache=args.cache)
-            print(f"  {v:>14} with a batch row repeated, same tokens in "
-                  f"{100 * r['noise']['same_tokens_share']:.0f}% of {r['noise']['calls']} calls", flush=True)
+        if fp32 is not None:
+            r["against_fp32"] = traffic.agreement(sequences[v], fp32, args.new_tokens)
         if v.startswith("pcg"):
             r["pcg_stats"] = {k: val for k, val in pcg_backend.stats().items() if k != "routing"}
         results[v] = r

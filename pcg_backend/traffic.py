@@ -14,10 +14,9 @@ compiles nothing (at most `MAX_WARM_UP_PASSES`). For each variant the result hol
 captured and Dynamo graphs compiled during the timed calls, and allocated
 memory before and after them. The ideal of a call, measured in the same run
 on the pcg variant, is its prefill at its bucket plus one decode step per
-further token. `eager_noise` measures how often eager keeps its own tokens
-when one batch row is repeated (the same math, other GEMM shapes): in half
-precision, the share of calls in which pcg gives eager's tokens is read
-against it.
+further token. In half precision, `reference_sequences` and `agreement`
+read every variant's tokens against an fp32 copy of the model: eager's
+distance from it is the noise that pcg's is judged by.
 """
 
 from __future__ import annotations
@@ -267,35 +266,42 @@ def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: in
             "decode_step_ms": {b: 1e3 * s for b, s in step.items()}}
 
 
-def with_row_repeated(ids: torch.Tensor, mask: torch.Tensor):
-    """(ids, mask) with the first row once more at the end: the same prompts, one row more in every GEMM."""
-    return torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]])
+def reference_sequences(reference, calls: list[Call], new_tokens: int, seed: int = 0,
+                        cache: str = "dynamic") -> list[torch.Tensor]:
+    """The plan's calls made on `reference` (an fp32 copy of the model, run eagerly): what half
+    precision is read against.
 
-
-def eager_noise(model, calls: list[Call], new_tokens: int, sequences: list[torch.Tensor], seed: int = 0,
-                cache: str = "dynamic") -> dict:
-    """How often the model keeps its own tokens under a change that leaves the math alone: what
-    "same tokens as eager" can be read against in half precision.
-
-    Every call of the plan is made again on `model` (run it on the
-    reference, eager) with its first row repeated once more in the batch.
-    Each row is computed on its own, so no row's math changes, but every
-    GEMM has one row more, which may change the kernel cuBLAS picks and with
-    it the rounding, as pcg's padding does; with random weights, near-ties in
-    the logits then let greedy decoding go apart. `sequences` are the
-    reference's own outputs for the plan (`run`, same `seed`). Returns the
-    share of calls whose rows all kept their new tokens.
+    The prompts are those `run` times (the same `seed`). In bf16, eager and
+    pcg both round differently from fp32, and with random weights near-ties in
+    the logits then let greedy decoding go apart; how far each stays with
+    fp32 (`agreement`) is the noise pcg's tokens are judged by, rather than
+    eager's own bf16 tokens, which are one rounding among others.
     """
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)   # `run` draws the timed calls' prompts from this seed
-    same = []
+    device = next(reference.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    out = []
     with torch.no_grad():
-        for call, reference in zip(calls, sequences):
-            ids, mask = with_row_repeated(*prompts(call, model.config.vocab_size, device, generator))
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=0, **cache_kwargs(cache))
-            same.append(torch.equal(out[:call.batch, -new_tokens:].cpu(), reference[:, -new_tokens:]))
-    return {"same_tokens_share": sum(same) / len(same) if same else None, "calls": len(same)}
+        for call in calls:
+            ids, mask = prompts(call, reference.config.vocab_size, device, generator)
+            out.append(reference.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                          **cache_kwargs(cache)).cpu())
+    return out
+
+
+def agreement(sequences: list[torch.Tensor], reference: list[torch.Tensor], new_tokens: int) -> dict:
+    """How far `sequences` keep `reference`'s new tokens: the share of calls with all of them equal,
+    and the mean over every row of every call of the new tokens equal before the first difference."""
+    if len(sequences) != len(reference):
+        raise ValueError(f"{len(sequences)} calls against {len(reference)} reference calls")
+    same, leading = [], []
+    for ours, theirs in zip(sequences, reference):
+        equal = ours[:, -new_tokens:] == theirs[:, -new_tokens:]
+        same.append(bool(equal.all()))
+        # cumprod keeps 1 up to the first difference: its sum is the row's run of equal tokens.
+        leading += equal.int().cumprod(dim=1).sum(dim=1).tolist()
+    return {"same_calls_share": sum(same) / len(same), "leading_equal_tokens": sum(leading) / len(leading),
+            "new_tokens": new_tokens, "calls": len(same)}
 
 
 def table(results: dict, ideal_result: dict | None, floor_ms: float | None = None) -> str:
@@ -329,13 +335,15 @@ def table(results: dict, ideal_result: dict | None, floor_ms: float | None = Non
 
 
 def _token_lines(results: dict) -> list[str]:
-    """Tokens against eager's, per variant, and eager's own noise where it was measured."""
+    """Tokens against eager's, per variant, and against an fp32 copy where that was measured."""
     lines = [f"same tokens as eager: {name} in {100 * r['same_tokens_as_eager']:.0f}% of calls"
              for name, r in results.items() if name != "eager" and "same_tokens_as_eager" in r]
-    noise = results.get("eager", {}).get("noise") or {}
-    if noise.get("same_tokens_share") is not None:
-        lines.append(f"noise: eager with a batch row repeated keeps its own tokens in "
-                     f"{100 * noise['same_tokens_share']:.0f}% of {noise['calls']} calls")
+    for name, r in results.items():
+        a = r.get("against_fp32")
+        if a:
+            lines.append(f"against an fp32 copy: {name} keeps all its new tokens in {100 * a['same_calls_share']:.0f}% "
+                         f"of {a['calls']} calls, {a['leading_equal_tokens']:.1f} of {a['new_tokens']} "
+                         f"before the first difference (mean over rows)")
     return lines
 
 

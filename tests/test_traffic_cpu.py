@@ -7,6 +7,7 @@ on the GPU. On CPU no CUDA graph is captured, so only compiles are asserted.
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -85,32 +86,39 @@ def test_ideal_times_each_bucket_and_batch_once_through_generate():
 
 
 @pytest.mark.parametrize("family", ["nemotron_h", "bamba"])
-def test_eager_noise_remakes_every_call_with_a_batch_row_repeated(family):
+def test_reference_calls_are_the_timed_calls_made_on_another_model(family):
     model = tiny_model(family)
     calls = [traffic.Call(1, 3), traffic.Call(2, 8), traffic.Call(4, 11), traffic.Call(1, 40), traffic.Call(2, 1)]
-    eager = traffic.run(model, calls, 3, largest=32)
-    noise = traffic.eager_noise(model, calls, 3, eager["sequences"])
-    assert noise == {"same_tokens_share": 1.0, "calls": 5}     # fp32: a repeated row changes no token
-    # The comparison is of every original row's new tokens: one that differs is counted as different.
-    altered = [s.clone() for s in eager["sequences"]]
-    altered[2][3, -1] += 1
-    assert traffic.eager_noise(model, calls, 3, altered)["same_tokens_share"] == 0.8
+    timed = traffic.run(model, calls, 3, largest=32)["sequences"]
+    reference = traffic.reference_sequences(copy.deepcopy(model).double(), calls, 3)
+    # The same prompts (the plan's seed) and, in fp32 against fp64 on a tiny model, the same tokens.
+    assert [r.shape for r in reference] == [s.shape for s in timed]
+    assert all(torch.equal(r[:, :-3], s[:, :-3]) for r, s in zip(reference, timed))
+    assert traffic.agreement(timed, reference, 3) == {"same_calls_share": 1.0, "leading_equal_tokens": 3.0,
+                                                      "new_tokens": 3, "calls": 5}
 
 
-def test_a_repeated_row_is_the_first_row_once_more():
-    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
-    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
-    more, more_mask = traffic.with_row_repeated(ids, mask)
-    assert more.tolist() == [[5, 6, 7], [0, 8, 9], [5, 6, 7]]
-    assert more_mask.tolist() == [[1, 1, 1], [0, 1, 1], [1, 1, 1]]
+def test_agreement_counts_whole_calls_and_each_rows_equal_tokens_before_the_first_difference():
+    reference = [torch.tensor([[9, 1, 2, 3]]), torch.tensor([[9, 4, 5, 6], [9, 7, 8, 9]])]
+    ours = [torch.tensor([[9, 1, 2, 3]]), torch.tensor([[9, 4, 0, 6], [9, 0, 8, 9]])]
+    a = traffic.agreement(ours, reference, 3)
+    # Rows: 3 equal, 1 (then a difference; the later equal token is not counted), 0.
+    assert a == {"same_calls_share": 0.5, "leading_equal_tokens": 4 / 3, "new_tokens": 3, "calls": 2}
+    with pytest.raises(ValueError, match="2 calls against 1 reference calls"):
+        traffic.agreement(ours, reference[:1], 3)
 
 
 def test_table_states_tokens_against_eager_and_the_noise():
     row = {"p50_s": 0.1, "p90_s": 0.1, "max_s": 0.1, "ttft_p50_s": 0.01, "tokens_per_s": 1.0,
            "captures_after_warm_up": 0, "compiles_after_warm_up": 0, "allocated_before_mib": 0,
            "allocated_after_mib": 0}
-    results = {"eager": {**row, "noise": {"same_tokens_share": 0.5, "calls": 40}},
-               "pcg-inductor": {**row, "same_tokens_as_eager": 0.45}}
+    fp32 = {"same_calls_share": 0.5, "leading_equal_tokens": 9.25, "new_tokens": 16, "calls": 40}
+    results = {"eager": {**row, "against_fp32": fp32},
+               "pcg-inductor": {**row, "same_tokens_as_eager": 0.45, "against_fp32": {**fp32, "same_calls_share": 0.4}}}
     lines = traffic.table(results, None).splitlines()
-    assert lines[-2:] == ["same tokens as eager: pcg-inductor in 45% of calls",
-                          "noise: eager with a batch row repeated keeps its own tokens in 50% of 40 calls"]
+    assert lines[-3:] == [
+        "same tokens as eager: pcg-inductor in 45% of calls",
+        "against an fp32 copy: eager keeps all its new tokens in 50% of 40 calls, 9.2 of 16 before the first "
+        "difference (mean over rows)",
+        "against an fp32 copy: pcg-inductor keeps all its new tokens in 40% of 40 calls, 9.2 of 16 before the "
+        "first difference (mean over rows)"]
