@@ -143,7 +143,11 @@ def _capturable_piece(sub: torch.fx.GraphModule, name: str, split, opts, pool, w
     """
     twin = None
     if pool and opts.skinny_gemm != "off":
-        wrapped.skinny += route_skinny_linears(sub)
+        # Without a token dim (a decode step) a symbolic row count is the batch, which captures are
+        # keyed on exactly: each capture then takes the kernel its batch calls for (Triton up to
+        # MAX_ROWS rows, F.linear above), so such linears are routed in place. Left alone, a decode
+        # graph that Dynamo had made dynamic in the batch ran every batch size on cuBLAS.
+        wrapped.skinny += route_skinny_linears(sub, symbolic_rows=split.token_symbol is None)
         # A twin only where a capture can use it: a graph with a token dim (static graphs
         # never consult it) and a bucket of at most MAX_ROWS tokens.
         if (opts.skinny_gemm == "all" and split.token_symbol is not None

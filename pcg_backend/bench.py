@@ -89,6 +89,22 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def state_bytes_per_row(model) -> int:
+    """Bytes of Mamba2 state one sequence carries: each decode step reads and writes all of it.
+
+    Per Mamba2 mixer, the SSM state (heads x head dim x state size, fp32 as
+    pcg allocates it) and the conv state (channels x kernel width, in the
+    model's dtype). A decode step at batch b moves 2 * b times this on top
+    of the weights, which the weight-read floor leaves out.
+    """
+    total = 0
+    for m in model.modules():
+        if all(hasattr(m, a) for a in ("num_heads", "head_dim", "ssm_state_size", "conv_dim", "conv_kernel_size")):
+            total += m.num_heads * m.head_dim * m.ssm_state_size * 4
+            total += m.conv_dim * m.conv_kernel_size * next(m.parameters()).element_size()
+    return total
+
+
 def copy_bandwidth() -> float:
     """Device memory bandwidth in bytes/s, from a 2 GiB device-to-device copy (read + write)."""
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
@@ -304,17 +320,23 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
     return result
 
 
-def table(results, floor_ms: float) -> str:
+def table(results, floor_ms: float, state_ms_per_row: float = 0.0) -> str:
+    """The measurements against eager and the weight-read floor; with `state_ms_per_row` (the time
+    to read and write one sequence's Mamba2 state once), decode steps also against that floor plus
+    their batch's state traffic."""
     base = next((r for r in results if r["variant"] == "eager"), None)
-    lines = [f"weight-read floor: {floor_ms:.2f} ms", ""]
-    header = f"{'variant':>16} {'metric':>16} {'ms':>9} {'x eager':>8} {'x floor':>8}"
+    lines = [f"weight-read floor: {floor_ms:.2f} ms; Mamba2 state read and written per sequence: "
+             f"{state_ms_per_row:.3f} ms", ""]
+    header = f"{'variant':>16} {'metric':>16} {'ms':>9} {'x eager':>8} {'x floor':>8} {'x +state':>8}"
     lines += [header, "-" * len(header)]
     for r in results:
-        rows = [(f"prefill {n}", v, base and base["prefill_ms"].get(n)) for n, v in r["prefill_ms"].items()]
-        rows += [(f"decode b={b}", v, base and base["decode_ms"].get(b)) for b, v in r["decode_ms"].items()]
-        for name, ms, ref in rows:
+        rows = [(f"prefill {n}", v, base and base["prefill_ms"].get(n), None) for n, v in r["prefill_ms"].items()]
+        rows += [(f"decode b={b}", v, base and base["decode_ms"].get(b), floor_ms + int(b) * state_ms_per_row)
+                 for b, v in r["decode_ms"].items()]
+        for name, ms, ref, with_state in rows:
             speed = f"{ref / ms:8.2f}" if ref else f"{'-':>8}"
-            lines.append(f"{r['variant']:>16} {name:>16} {ms:9.2f} {speed} {ms / floor_ms:8.2f}")
+            state = f"{ms / with_state:8.2f}" if with_state else f"{'-':>8}"
+            lines.append(f"{r['variant']:>16} {name:>16} {ms:9.2f} {speed} {ms / floor_ms:8.2f} {state}")
         if "failed" in r:
             lines.append(f"{r['variant']:>16} FAILED: {r['failed']}")
             continue
@@ -322,7 +344,8 @@ def table(results, floor_ms: float) -> str:
         if "graph_memory_mib" in r:
             extra += f", graph memory {r['graph_memory_mib']:.0f} MiB"
         lines.append(f"{r['variant']:>16} {extra}")
-    lines.append("(x eager: speed-up over eager in this run; x floor: time over the weight-read floor)")
+    lines.append("(x eager: speed-up over eager in this run; x floor: time over the weight-read floor; "
+                 "x +state: a decode step over that floor plus its batch's Mamba2 state read and written)")
     return "\n".join(lines)
 
 
@@ -424,6 +447,7 @@ def main(argv=None):
     weights = weight_bytes(model)
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * weights / bandwidth
+    state_ms_per_row = 1e3 * 2 * state_bytes_per_row(model) / bandwidth
     print(f"variants: {','.join(variants)}; prefill {prefill}; decode batches {batches}", flush=True)
     print(f"family: {args.family}; pattern: {short_pattern(args.layers) if args.family == 'nemotron_h' else '-'}; module guards {'skipped' if args.skip_module_guards else 'kept'}; "
           f"extra pcg options {args.pcg_options}", flush=True)
@@ -435,6 +459,7 @@ def main(argv=None):
         # Written after every measurement, so a run cut short keeps what it measured.
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump({"device": device, "family": args.family, "floor_ms": floor_ms, "weight_bytes": weights,
+                       "state_ms_per_row": state_ms_per_row,
                        "bandwidth_bytes_s": bandwidth, "skip_module_guards": args.skip_module_guards,
                        "pcg_options": args.pcg_options, "cache": args.cache,
                        "results": results}, f, indent=1, default=str)
@@ -451,7 +476,7 @@ def main(argv=None):
             result["failed"] = message
         torch.cuda.empty_cache()
         save()
-    text = table(results, floor_ms)
+    text = table(results, floor_ms, state_ms_per_row)
     print(f"\n{device}\n{text}")
     try:
         plot(results, floor_ms, os.path.join(args.out, "bench.png"))
@@ -474,8 +499,11 @@ def run_traffic(args, variants: list[str]) -> dict:
     device = torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
     model = build_model(args.layers, args.family)
-    # The decode step's floor: every weight read once from device memory, at the copy bandwidth measured here.
-    floor_ms = 1e3 * weight_bytes(model) / copy_bandwidth()
+    # The decode step's floor: every weight read once from device memory, at the copy bandwidth measured
+    # here; and the Mamba2 state each sequence reads and writes per step, which grows with the batch.
+    bandwidth = copy_bandwidth()
+    floor_ms = 1e3 * weight_bytes(model) / bandwidth
+    state_ms_per_row = 1e3 * 2 * state_bytes_per_row(model) / bandwidth
     print(f"traffic: {args.family}; {device}; {len(calls)} generate() calls of {args.new_tokens} new tokens, "
           f"{args.cache} cache, batches {batches}, "
           f"prompts 1..{2 * opts.largest} (largest bucket {opts.largest}); variants {','.join(variants)}; "
@@ -495,7 +523,8 @@ def run_traffic(args, variants: list[str]) -> dict:
     def save():
         # Written after every variant, so a run cut short keeps what it measured.
         with open(os.path.join(args.out, "traffic.json"), "w") as f:
-            json.dump({"device": device, "family": args.family, "cache": args.cache, "floor_ms": floor_ms, "calls": [dataclasses.asdict(c) for c in calls],
+            json.dump({"device": device, "family": args.family, "cache": args.cache, "floor_ms": floor_ms,
+                       "state_ms_per_row": state_ms_per_row, "calls": [dataclasses.asdict(c) for c in calls],
                        "new_tokens": args.new_tokens, "results": results, "ideal": ideal}, f, indent=1, default=str)
 
     for v in variants:
@@ -528,7 +557,7 @@ def run_traffic(args, variants: list[str]) -> dict:
                 results[v]["same_tokens_as_eager"] = sum(
                     torch.equal(a, b) for a, b in zip(seqs, sequences["eager"])) / len(seqs)
     save()
-    print(f"\n{device}\n{traffic.table(results, ideal, floor_ms)}")
+    print(f"\n{device}\n{traffic.table(results, ideal, floor_ms, state_ms_per_row)}")
     try:
         traffic.plot(results, ideal, calls, os.path.join(args.out, "traffic.png"))
     except ImportError:

@@ -304,10 +304,12 @@ def agreement(sequences: list[torch.Tensor], reference: list[torch.Tensor], new_
             "new_tokens": new_tokens, "calls": len(same)}
 
 
-def table(results: dict, ideal_result: dict | None, floor_ms: float | None = None) -> str:
+def table(results: dict, ideal_result: dict | None, floor_ms: float | None = None,
+          state_ms_per_row: float = 0.0) -> str:
     """One row per variant: latency percentiles, time to first token, tokens/s, captures and compiles.
 
-    With `floor_ms` (every weight read once), the ideal's decode steps are also given against it.
+    With `floor_ms` (every weight read once), the ideal's decode steps are also given against it,
+    and with `state_ms_per_row` against it plus their batch's Mamba2 state read and written.
     """
     header = (f"{'variant':>14} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} {'TTFT ms':>8} {'tok/s':>8} "
               f"{'x eager':>8} {'x ideal':>8} {'captures':>8} {'compiles':>8} {'MiB before/after':>17}")
@@ -327,8 +329,13 @@ def table(results: dict, ideal_result: dict | None, floor_ms: float | None = Non
         lines.append(f"{'ideal':>14} {1e3 * ideal_result['p50_s']:8.1f}  (prefill at its bucket + decode steps, "
                      f"decode step ms by batch {', '.join(f'{b}: {s:.2f}' for b, s in ideal_result['decode_step_ms'].items())})")
         if floor_ms:
+            steps = ideal_result["decode_step_ms"].items()
             lines.append(f"{'':>14} weight-read floor {floor_ms:.2f} ms; decode step x floor by batch "
-                         + ", ".join(f"{b}: {s / floor_ms:.2f}" for b, s in ideal_result["decode_step_ms"].items()))
+                         + ", ".join(f"{b}: {s / floor_ms:.2f}" for b, s in steps))
+            if state_ms_per_row:
+                lines.append(f"{'':>14} with the Mamba2 state read and written ({state_ms_per_row:.3f} ms per "
+                             f"sequence): x floor by batch "
+                             + ", ".join(f"{b}: {s / (floor_ms + int(b) * state_ms_per_row):.2f}" for b, s in steps))
     lines.append("(captures and compiles: during the timed calls, after the warm-up; x eager: p50 speed-up)")
     lines += _token_lines(results)
     return "\n".join(lines)

@@ -16,15 +16,31 @@ def test_short_pattern_keeps_an_attention_layer():
 def test_table_gives_ratios_to_eager_and_to_the_floor():
     results = [
         {"variant": "eager", "prefill_ms": {16: 45.0}, "decode_ms": {1: 30.0}, "first_call_s": 30.0},
-        {"variant": "pcg-inductor", "prefill_ms": {16: 9.0}, "decode_ms": {1: 7.5}, "first_call_s": 50.0,
+        {"variant": "pcg-inductor", "prefill_ms": {16: 9.0}, "decode_ms": {1: 7.5, 8: 10.0}, "first_call_s": 50.0,
          "graph_memory_mib": 1500.0},
     ]
-    rows = {tuple(line.split()[:3]): line.split()[3:] for line in bench.table(results, floor_ms=6.0).splitlines()
+    text = bench.table(results, floor_ms=6.0, state_ms_per_row=0.5)
+    rows = {tuple(line.split()[:3]): line.split()[3:] for line in text.splitlines()
             if line.strip().startswith(("eager", "pcg-inductor"))}
-    assert rows[("pcg-inductor", "prefill", "16")] == ["9.00", "5.00", "1.50"]     # ms, x eager, x floor
-    assert rows[("pcg-inductor", "decode", "b=1")] == ["7.50", "4.00", "1.25"]
-    assert rows[("eager", "prefill", "16")] == ["45.00", "1.00", "7.50"]
-    assert "graph memory 1500 MiB" in bench.table(results, floor_ms=6.0)
+    # ms, x eager, x floor, x (floor + batch x state)
+    assert rows[("pcg-inductor", "prefill", "16")] == ["9.00", "5.00", "1.50", "-"]
+    assert rows[("pcg-inductor", "decode", "b=1")] == ["7.50", "4.00", "1.25", "1.15"]     # 7.5 / 6.5
+    assert rows[("pcg-inductor", "decode", "b=8")] == ["10.00", "-", "1.67", "1.00"]       # 10 / (6 + 8 x 0.5)
+    assert rows[("eager", "prefill", "16")] == ["45.00", "1.00", "7.50", "-"]
+    assert "graph memory 1500 MiB" in text
+
+
+def test_state_bytes_per_row_counts_every_mamba2_layers_fp32_ssm_state_and_conv_state():
+    from hf_models import tiny_model
+
+    model = tiny_model("nemotron_h")
+    c = model.config
+    mamba_layers = c.hybrid_override_pattern.count("M")
+    heads, head_dim, state = c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size
+    conv_dim = heads * head_dim + 2 * c.n_groups * state
+    element = next(model.parameters()).element_size()
+    expected = mamba_layers * (heads * head_dim * state * 4 + conv_dim * c.conv_kernel * element)
+    assert mamba_layers > 0 and bench.state_bytes_per_row(model) == expected
 
 
 @pytest.mark.parametrize("bad, message", [("[1]", "must be a JSON object"), ("{x", "not valid JSON")])

@@ -136,6 +136,30 @@ def test_option_all_captures_routed_twins_at_small_buckets_only(compiler):
     assert s["eager_runs"] == 2                       # n=40: both pieces without graphs
 
 
+def test_decode_graphs_dynamic_in_the_batch_capture_the_kernel_per_batch_up_to_16_rows():
+    # A decode step (B, 1, H) with B symbolic: no token dim, captures keyed on B. Its linears are
+    # routed in place, and each capture takes the kernel its batch calls for.
+    torch.manual_seed(0)
+    model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)   # 2 captured pieces, 1 linear each
+    compiled = torch.compile(model, backend="pcg")
+    before = dict(skinny_gemm.LAUNCHES)
+
+    def launches():
+        return {k: v - before[k] for k, v in skinny_gemm.LAUNCHES.items()}
+
+    with torch.no_grad():
+        for batch in (2, 8, 24, 8, 2):
+            x = torch.randn(batch, 1, 4096, device="cuda", dtype=torch.bfloat16)
+            torch._dynamo.mark_dynamic(x, 0)
+            torch.testing.assert_close(compiled(x), model(x), atol=5e-2, rtol=2e-2, msg=f"batch {batch}")
+    s = pcg_backend.stats()
+    assert s["skinny_linears"] == 2 and s["skinny_linears_small_buckets"] == 0
+    # Per piece and batch: warm-up, sync probe and capture call the op; replays call nothing.
+    # Batches 2 and 8 take the kernel, 24 rows (above 16) F.linear inside the op.
+    assert launches() == {"triton": 2 * 3 * 2, "linear": 2 * 3}
+    assert s["cuda_graph_replays"] == 2 * 2           # the second calls at batch 8 and 2
+
+
 def test_option_off_keeps_f_linear():
     torch.manual_seed(0)
     model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)

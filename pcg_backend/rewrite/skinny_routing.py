@@ -8,7 +8,12 @@ of such a piece to `pcg::skinny_linear` when its row count is static and at
 most MAX_ROWS and its weight has at least MIN_COLUMNS output columns in bf16
 or fp16.
 
-Graphs whose row count is symbolic (padded prefill graphs) need more care.
+In a graph without a token dim (a decode step) a symbolic row count is the
+batch, on which captures are keyed exactly: such linears are routed in place
+(`symbolic_rows`), and each capture gets the kernel its batch calls for,
+since the op itself sends more than MAX_ROWS rows to `F.linear`.
+
+Graphs whose token count is symbolic (padded prefill graphs) need more care.
 Routing such a piece in place helped its small buckets (a 16-token prefill
 of the benchmark model went from 9.73 to 9.00 ms on the H100) but slowed the
 calls above the largest bucket, which run the same compiled piece without
