@@ -217,6 +217,20 @@ def test_decode_batch_is_keyed_not_padded():
     assert _row_symbol((b, 16)) == b.node.expr
 
 
+def test_decode_graph_dynamic_in_the_batch_runs_every_batch_unpadded():
+    # A toy decode step (B, 1, H), B symbolic: one graph, no token dim, nothing padded, each batch exact.
+    torch.manual_seed(0)
+    model = ToyModel(layers=2)
+    compiled = torch.compile(model, backend="pcg")
+    for batch in (2, 8, 24, 8):
+        x = torch.randn(batch, 1, 16)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    assert (s["graphs_compiled"], s["padded_calls"], toy.CALLS["mix"]) == (1, 0, 2 * 4 + 2 * 4)
+    assert "padding off (static shapes)" in pcg_backend.report()
+
+
 @pytest.mark.parametrize("capture_split_ops", [True, False])
 def test_cudagraph_safe_split_ops_join_pieces_only_at_exact_sizes(capture_split_ops):
     from toy_models import StatefulToyModel

@@ -1,7 +1,8 @@
 """A toy token-mixing split op, in the style of vLLM's `silly::attention`.
 
-`pcg_toy::mix(x, out)` writes a causal running mean of `x` along dim 0 into
-`out`. It mixes tokens, so padding rows would corrupt it: it reads the real
+`pcg_toy::mix(x, out)` writes a causal running mean of `x` along its token
+dim into `out`: dim 0 of (T, H), dim 1 of (B, S, H), as pcg's token-dim rule
+reads them (the dim before the features). It mixes tokens, so padding rows would corrupt it: it reads the real
 token count from pcg's context, computes on those rows only, and zeroes the
 padded rows of `out`. It also counts its calls, for exact assertions.
 
@@ -25,11 +26,10 @@ CALLS = {"mix": 0, "mix_functional": 0, "running_sum": 0}
 @torch.library.custom_op("pcg_toy::mix", mutates_args=["out"])
 def mix(x: torch.Tensor, out: torch.Tensor) -> None:
     CALLS["mix"] += 1
-    n = context.real_tokens(x.shape[0])
-    real = x[:n]
+    n = context.real_tokens(x.shape[-2])
     counts = torch.arange(1, n + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
-    out[:n] = real.cumsum(0) / counts
-    out[n:] = 0
+    out[..., :n, :] = x[..., :n, :].cumsum(-2) / counts
+    out[..., n:, :] = 0
 
 
 @register_split_op
