@@ -417,7 +417,8 @@ def main(argv=None):
     parser.add_argument("--noise", action="store_true",
                         help="with --traffic: make every call first on an fp32 copy of the model, eagerly, and "
                              "report how far each variant keeps its tokens: in half precision, eager's distance "
-                             "from fp32 is the noise pcg's is read against (needs memory for the fp32 copy)")
+                             "from fp32 is the noise pcg's is read against (the copy needs twice the bf16 weights' memory "
+                             "more, freed before the timed calls)")
     parser.add_argument("--pcg-options", type=_json_object, default={},
                         help='extra pcg options as JSON for the pcg variants, e.g. \'{"max_capture_size": 1024}\'')
     args = parser.parse_args(argv)

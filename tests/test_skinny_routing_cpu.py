@@ -61,6 +61,20 @@ def test_pass_routes_only_wide_half_precision_linears_with_few_rows(rows, dynami
     assert skinny_gemm.LAUNCHES["triton"] == before["triton"]
 
 
+@pytest.mark.parametrize("tokens, expected", [(1, 1), (16, 1), (17, 0), (512, 0)])
+def test_symbolic_batch_is_routed_only_where_its_static_rows_are_few(tokens, expected):
+    # (B, S, H) with B symbolic: a decode step (S = 1) has few rows at every batch the op takes;
+    # with 17 or more static tokens per sequence no batch does, and the linear is left alone.
+    torch.manual_seed(0)
+    model = ThreeLinears()
+    x = torch.randn(3, tokens, 64, dtype=torch.bfloat16)
+    torch._dynamo.mark_dynamic(x, 0)
+    compiled, counts, _ = _compile_routed(model, symbolic_rows=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+    assert counts == [expected]
+
+
 def test_routed_twin_routes_symbolic_rows_in_a_copy_and_leaves_the_piece_alone():
     torch.manual_seed(0)
     model = ThreeLinears()

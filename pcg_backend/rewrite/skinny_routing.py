@@ -23,12 +23,12 @@ backend compiles both, and the copy serves only the captures at buckets of
 at most MAX_ROWS tokens (`cudagraph.CudaGraphPiece`). Larger buckets and
 uncaptured calls run the unrouted piece.
 
-Option `skinny_gemm`: `"all"` (the default) routes static graphs in place
-and padded ones through twins. On the H100 a 16-token prefill then
+Option `skinny_gemm`: `"all"` (the default) routes static graphs and
+decode graphs in place and padded ones through twins. On the H100 a 16-token prefill then
 took 9.03 ms (1.53x the weight-read floor) and a 2048-token one 66.63 ms
 (1.25x faster than eager); the price is a second compile of each padded
-piece (first call 65.3 s with Inductor, 48.8 s before). `"static"` routes
-static graphs only, `"off"` nothing.
+piece (first call 65.3 s with Inductor, 48.8 s before). `"static"` makes no
+twins (static graphs and decode graphs only), `"off"` routes nothing.
 
 Only captured pieces are rewritten (the backend calls this for them alone):
 in a piece that runs eagerly the op's extra dispatch would be host time on
@@ -60,11 +60,13 @@ def _operands(node: torch.fx.Node):
 
 
 def _few_rows(x: torch.Tensor, symbolic_rows: bool) -> bool:
-    """A static row count of at most MAX_ROWS, or (with `symbolic_rows`) a symbolic one."""
+    """A static row count of at most MAX_ROWS, or (with `symbolic_rows`) a symbolic one whose static
+    factors stay within MAX_ROWS: (B, 1, H) or (1, T, H), not (B, 512, H), which never has few rows."""
     sizes = x.shape[:-1]
+    static = math.prod(s for s in sizes if not isinstance(s, torch.SymInt))
     if any(isinstance(s, torch.SymInt) for s in sizes):
-        return symbolic_rows
-    return math.prod(sizes) <= skinny_gemm.MAX_ROWS
+        return symbolic_rows and static <= skinny_gemm.MAX_ROWS
+    return static <= skinny_gemm.MAX_ROWS
 
 
 def route_skinny_linears(gm: torch.fx.GraphModule, symbolic_rows: bool = False) -> int:
