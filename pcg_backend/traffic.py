@@ -292,8 +292,10 @@ def reference_sequences(reference, calls: list[Call], new_tokens: int, seed: int
 def agreement(sequences: list[torch.Tensor], reference: list[torch.Tensor], new_tokens: int) -> dict:
     """How far `sequences` keep `reference`'s new tokens: the share of calls with all of them equal,
     and the mean over every row of every call of the new tokens equal before the first difference."""
-    if len(sequences) != len(reference):
+    if len(sequences) != len(reference) or not reference:
         raise ValueError(f"{len(sequences)} calls against {len(reference)} reference calls")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be at least 1, got {new_tokens}")
     same, leading = [], []
     for ours, theirs in zip(sequences, reference):
         equal = ours[:, -new_tokens:] == theirs[:, -new_tokens:]

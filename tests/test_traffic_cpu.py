@@ -106,6 +106,10 @@ def test_agreement_counts_whole_calls_and_each_rows_equal_tokens_before_the_firs
     assert a == {"same_calls_share": 0.5, "leading_equal_tokens": 4 / 3, "new_tokens": 3, "calls": 2}
     with pytest.raises(ValueError, match="2 calls against 1 reference calls"):
         traffic.agreement(ours, reference[:1], 3)
+    with pytest.raises(ValueError, match="0 calls against 0 reference calls"):
+        traffic.agreement([], [], 3)
+    with pytest.raises(ValueError, match="new_tokens must be at least 1"):
+        traffic.agreement(ours, reference, 0)
 
 
 def test_table_states_tokens_against_eager_and_the_noise():
