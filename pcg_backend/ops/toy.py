@@ -3,9 +3,10 @@
 `pcg_toy::mix(x, out)` writes a causal running mean of `x` along its token
 dim into `out`: dim 0 of (T, H), dim 1 of (B, S, H), the dim before the
 features, as pcg's token-dim rule reads it (`mix_functional` and
-`running_sum` take 2-D inputs only). It mixes tokens, so padding rows would corrupt it: it reads the real
-token count from pcg's context, computes on those rows only, and zeroes the
-padded rows of `out`. It also counts its calls, for exact assertions.
+`running_sum` take 2-D inputs only). It mixes tokens, so padding rows would
+corrupt it: it reads the real token count from pcg's context, computes on
+those rows only, and zeroes the padded rows of `out`. It also counts its
+calls, for exact assertions.
 
 `pcg_toy::running_sum(x, state, out)` is the stateful one, a miniature of a
 recurrent layer: `out` gets `state` plus the running sum of the real rows,

@@ -24,8 +24,8 @@ at most MAX_ROWS tokens (`cudagraph.CudaGraphPiece`). Larger buckets and
 uncaptured calls run the unrouted piece.
 
 Option `skinny_gemm`: `"all"` (the default) routes static graphs and
-decode graphs in place and padded ones through twins. On the H100 a 16-token prefill then
-took 9.03 ms (1.53x the weight-read floor) and a 2048-token one 66.63 ms
+decode graphs in place and padded ones through twins. On the H100 a
+16-token prefill then took 9.03 ms (1.53x the weight-read floor) and a 2048-token one 66.63 ms
 (1.25x faster than eager); the price is a second compile of each padded
 piece (first call 65.3 s with Inductor, 48.8 s before). `"static"` makes no
 twins (static graphs and decode graphs only), `"off"` routes nothing.
