@@ -92,14 +92,18 @@ def weight_bytes(model) -> int:
 def state_bytes_per_row(model) -> int:
     """Bytes of Mamba2 state one sequence carries: each decode step reads and writes all of it.
 
-    Per Mamba2 mixer, the SSM state (heads x head dim x state size, fp32 as
-    pcg allocates it) and the conv state (channels x kernel width, in the
-    model's dtype). A decode step at batch b moves 2 * b times this on top
-    of the weights, which the weight-read floor leaves out.
+    Per Mamba2 mixer that pcg routes (`hf/adapters/mamba2.py`), the SSM
+    state (heads x head dim x state size, fp32 as pcg allocates it) and the
+    conv state (channels x kernel width, in the model's dtype). A decode step
+    at batch b moves 2 * b times this on top of the weights, which the
+    weight-read floor leaves out.
     """
+    from .hf.adapters.mamba2 import looks_like_mixer, missing_attributes
+
+    mixer_classes = {cls for cls in {type(m) for m in model.modules()} if looks_like_mixer(cls)}
     total = 0
     for m in model.modules():
-        if all(hasattr(m, a) for a in ("num_heads", "head_dim", "ssm_state_size", "conv_dim", "conv_kernel_size")):
+        if type(m) in mixer_classes and not missing_attributes(m):
             total += m.num_heads * m.head_dim * m.ssm_state_size * 4
             total += m.conv_dim * m.conv_kernel_size * next(m.parameters()).element_size()
     return total
