@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import context
-from . import mamba2_prep
+from . import mamba2_prep, state_update
 from .lean_op import lean_op
 from .registry import register_split_op
 
@@ -105,17 +105,13 @@ def mamba2_core(
 
     # 2. the SSM: one recurrent step in decode, the chunked scan otherwise
     if decode:
-        y = kernels.mamba2_selective_state_update(
-            ssm_state,
-            hs.view(batch, num_heads, head_dim),
-            dt.transpose(1, 2).expand(-1, -1, head_dim),
-            A[:, None, None].expand(-1, head_dim, state_size),
-            B.view(batch, n_groups, state_size),
-            C.view(batch, n_groups, state_size),
-            D[:, None].expand(-1, head_dim),
-            z=None,
-            **(dt_step or {"dt_bias": dt_bias[:, None].expand(-1, head_dim), "dt_softplus": True}),
-        ).view(batch, 1, -1)
+        step = dict(dt_step or {"dt_bias": dt_bias[:, None].expand(-1, head_dim), "dt_softplus": True})
+        args = (ssm_state, hs.view(batch, num_heads, head_dim), dt.transpose(1, 2).expand(-1, -1, head_dim),
+                A[:, None, None].expand(-1, head_dim, state_size), B.view(batch, n_groups, state_size),
+                C.view(batch, n_groups, state_size), D[:, None].expand(-1, head_dim))
+        if state_update.step_into(out.view(batch, num_heads, head_dim), *args, **step):
+            return
+        y = kernels.mamba2_selective_state_update(*args, z=None, **step).view(batch, 1, -1)
     else:
         y = _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size,
                         dt_bias=dt_bias, dt_softplus=True, dt_limit=(dt_min, dt_max))

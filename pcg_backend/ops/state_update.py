@@ -1,0 +1,96 @@
+"""A decode step's SSM update, written straight into the Mamba2 op's output.
+
+mamba-ssm's `selective_state_update` returns a new tensor, which the op then
+copies into its `out` buffer: inside a decode graph that is one more node per
+Mamba2 layer (a 1 µs copy and its launch gap, 27 per step of the 9B
+NemotronH, about 1 % of a step). `step_into` launches mamba-ssm's own Triton
+kernel with `out` as its output instead, with the same launch parameters as
+mamba-ssm's wrapper, so the values are the ones eager computes, bit for bit.
+
+The kernel is a private function of mamba-ssm. It is used only where its
+argument list is exactly the one this launcher was written against; with any
+other mamba-ssm, or on a device without it, `step_into` returns False and
+the op calls the public function and copies, as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+# The kernel's parameters in mamba-ssm 2.2-2.3 (`_selective_scan_update_kernel.arg_names`).
+EXPECTED_ARGS = (
+    "state_ptr", "x_ptr", "dt_ptr", "dt_bias_ptr", "A_ptr", "B_ptr", "C_ptr", "D_ptr", "z_ptr", "out_ptr",
+    "state_batch_indices_ptr", "batch", "nheads", "dim", "dstate", "nheads_ngroups_ratio",
+    "stride_state_batch", "stride_state_head", "stride_state_dim", "stride_state_dstate",
+    "stride_x_batch", "stride_x_head", "stride_x_dim", "stride_dt_batch", "stride_dt_head", "stride_dt_dim",
+    "stride_dt_bias_head", "stride_dt_bias_dim", "stride_A_head", "stride_A_dim", "stride_A_dstate",
+    "stride_B_batch", "stride_B_group", "stride_B_dstate", "stride_C_batch", "stride_C_group", "stride_C_dstate",
+    "stride_D_head", "stride_D_dim", "stride_z_batch", "stride_z_head", "stride_z_dim",
+    "stride_out_batch", "stride_out_head", "stride_out_dim",
+    "DT_SOFTPLUS", "TIE_HDIM", "BLOCK_SIZE_M", "HAS_DT_BIAS", "HAS_D", "HAS_Z", "HAS_STATE_BATCH_INDICES",
+    "BLOCK_SIZE_DSTATE",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel():
+    """mamba-ssm's state-update kernel where its arguments are the expected ones, else None."""
+    try:
+        module = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+    except Exception:   # not installed, or it fails to import here (no GPU, another triton)
+        return None
+    found = getattr(module, "_selective_scan_update_kernel", None)
+    # `arg_names` is what Triton binds a launch's arguments by (heuristics wrappers carry it too).
+    inner = found
+    while inner is not None and not hasattr(inner, "arg_names"):
+        inner = getattr(inner, "fn", None)
+    if tuple(getattr(inner, "arg_names", ())) != EXPECTED_ARGS:
+        return None
+    return found
+
+
+def block_config(dstate: int) -> tuple[int, int]:
+    """(rows per program, warps) as mamba-ssm's wrapper picks them, so the reduction order is its own."""
+    if dstate <= 16:
+        return 32, 4
+    if dstate <= 32:
+        return 16, 4
+    if dstate <= 64:
+        return 8, 4
+    if dstate <= 128:
+        return 4, 4
+    return 4, 8
+
+
+def step_into(out, state, x, dt, A, B, C, D, dt_bias, dt_softplus: bool) -> bool:
+    """One recurrent step of every head, into `out` (batch, heads, head_dim); False where it cannot launch.
+
+    Shapes are those of mamba-ssm's `selective_state_update` with heads:
+    state (batch, heads, head_dim, dstate), x and dt (batch, heads, head_dim),
+    A (heads, head_dim, dstate), B and C (batch, groups, dstate), D and
+    dt_bias (heads, head_dim).
+    """
+    launch = kernel() if x.is_cuda else None
+    if launch is None or out.dtype != x.dtype:
+        return False
+    batch, heads, dim, dstate = state.shape
+    groups = B.shape[1]
+    rows, warps = block_config(dstate)
+    tie = A.stride(-1) == 0 and A.stride(-2) == 0 and dt.stride(-1) == 0 and dt_bias.stride(-1) == 0
+    with torch.cuda.device(x.device.index):
+        launch[(triton_cdiv(dim, rows), batch, heads)](
+            state, x, dt, dt_bias, A, B, C, D, None, out, None,
+            batch, heads, dim, dstate, heads // groups,
+            *state.stride(), *x.stride(), *dt.stride(), *dt_bias.stride(), *A.stride(),
+            *B.stride(), *C.stride(), *D.stride(), 0, 0, 0, *out.stride(),
+            dt_softplus, tie, rows,
+            num_warps=warps,
+        )
+    return True
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
