@@ -116,3 +116,32 @@ def test_a_4d_mask_given_to_forward_never_lets_real_rows_attend_padded_keys(name
     # dtype, compiles a graph that is already dynamic.
     kinds = 2 if impl == "sdpa" else 1
     assert _padded_path_only()["padded_calls"] == kinds * len(lengths) - 1, pcg_backend.report()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_fresh_prefill_writes_every_element_of_the_new_states(name, monkeypatch):
+    """A new cache's Mamba2 states are allocated uninitialized (HF's zero fill is dead work, since a fresh
+    prefill overwrites them): poisoned with NaN here, every state a prefill returns must equal eager's.
+
+    Generated lengths: 1 (the one-step path), around the conv width (4) and the scan's chunk (16),
+    between buckets, and above the largest bucket (64).
+    """
+    from pcg_backend.hf.adapters import mamba2 as adapter
+
+    model = tiny_model(name)
+    compiled = torch.compile(model, backend="pcg", options=OPTIONS)
+    monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
+    monkeypatch.setattr(adapter, "uninitialized_like", lambda t: torch.full_like(t, float("nan")))
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, 2, 3, 4, 5, 7, 15, 16, 17, 33, 70]
+    with torch.no_grad():
+        for n in lengths:
+            ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g)
+            ref, got = model(ids, use_cache=True), compiled(ids, use_cache=True)
+            torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=0, msg=f"{name} {n}")
+            states = list(zip(_states(output_cache(ref)), _states(output_cache(got)), strict=True))
+            assert states
+            for r, s in states:
+                torch.testing.assert_close(s, r, atol=ATOL, rtol=0, msg=f"{name} {n}: a state element not written")
+    # Padded to a bucket: 3, 5, 7, 15, 17 and 33 (1, 2, 4 and 16 are buckets; 70 is above the largest).
+    assert _padded_path_only()["padded_calls"] == 6, pcg_backend.report()

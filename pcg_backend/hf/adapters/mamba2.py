@@ -38,6 +38,10 @@ REQUIRED = (
 )
 ROUTED = "Mamba2 core via pcg::mamba2_core"
 
+# How a new cache's states are allocated; the tests fill them with NaN instead, to prove that
+# a fresh prefill writes every element.
+uninitialized_like = torch.empty_like
+
 
 def looks_like_mixer(cls) -> bool:
     """True for an nn.Module class that defines a forward and whose source uses every Mamba2 marker."""
@@ -90,8 +94,8 @@ def routed_forward(mixer, hidden_states, cache=None, attention_mask=None, cache_
         # (pcg::mamba2_core writes the whole conv window, and the scan's final state or an
         # explicit zero for one token). Left unread, the zero fills are dead code in the graph:
         # 2 kernels per layer that wrote 5.2 MB per sequence per layer on the 9B NemotronH.
-        layer.conv_states[0] = torch.empty_like(layer.conv_states[0])
-        layer.recurrent_states[0] = torch.empty_like(layer.recurrent_states[0])
+        layer.conv_states[0] = uninitialized_like(layer.conv_states[0])
+        layer.recurrent_states[0] = uninitialized_like(layer.recurrent_states[0])
     decode = use_state and seq_len == 1
     out = torch.empty(batch, seq_len, mixer.intermediate_size, dtype=scan_output_dtype(dtype, decode),
                       device=hidden_states.device)
