@@ -124,7 +124,8 @@ def test_a_fresh_prefill_writes_every_element_of_the_new_states(name, monkeypatc
     prefill overwrites them): poisoned with NaN here, every state a prefill returns must equal eager's.
 
     Generated lengths: 1 (the one-step path), around the conv width (4) and the scan's chunk (16),
-    between buckets, and above the largest bucket (64).
+    between buckets, and above the largest bucket (64). On the CPU every length of more than one token
+    takes the padded path (`_padded_prefill`); the host-sliced path is the next test's.
     """
     from pcg_backend.hf.adapters import mamba2 as adapter
 
@@ -145,3 +146,33 @@ def test_a_fresh_prefill_writes_every_element_of_the_new_states(name, monkeypatc
                 torch.testing.assert_close(s, r, atol=ATOL, rtol=0, msg=f"{name} {n}: a state element not written")
     # Padded to a bucket: 3, 5, 7, 15, 17 and 33 (1, 2, 4 and 16 are buckets; 70 is above the largest).
     assert _padded_path_only()["padded_calls"] == 6, pcg_backend.report()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_host_path_of_a_fresh_prefill_writes_every_state_element(batch):
+    """`pcg::mamba2_core` called outside pcg's runtime (no device count: the path of calls above the largest
+    bucket on CUDA, and of eager pieces) from NaN states must leave exactly the states it leaves from zeros.
+
+    Generated lengths: 1 (the one-step path), below, at and above the conv width (4), and past the chunk (16).
+    """
+    model = tiny_model("nemotron_h")
+    mixer = next(m for m in model.modules() if hasattr(m, "A_log"))
+    width = mixer.conv_kernel_size
+    g = torch.Generator().manual_seed(batch)
+    for n in (1, 2, 3, 4, 5, 17):
+        xBC = torch.randn(batch, n, mixer.conv_dim, generator=g)
+        dt = torch.randn(batch, n, mixer.num_heads, generator=g)
+        runs = []
+        for fill in (0.0, float("nan")):
+            conv_state = torch.full((batch, mixer.conv_dim, width), fill)
+            ssm_state = torch.full((batch, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size), fill)
+            out = torch.empty(batch, n, mixer.intermediate_size)
+            torch.ops.pcg.mamba2_core(
+                xBC, dt, None, conv_state, ssm_state, out, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+                -torch.exp(mixer.A_log.float()), mixer.D, mixer.dt_bias, type(mixer).__module__, mixer.n_groups,
+                mixer.head_dim, mixer.ssm_state_size, mixer.chunk_size, mixer.activation,
+                *map(float, mixer.time_step_limit), False)
+            runs.append((conv_state, ssm_state, out))
+        for name, zero, poisoned in zip(("conv state", "SSM state", "output"), *runs):
+            assert not poisoned.isnan().any(), f"n={n}: {name} element left unwritten"
+            torch.testing.assert_close(poisoned, zero, atol=0, rtol=0, msg=f"n={n}: {name}")

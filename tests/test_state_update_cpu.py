@@ -18,6 +18,3 @@ def test_step_into_declines_on_the_cpu_and_runs_nothing():
     assert not state_update.step_into(out, state, x, dt, A, B, C, D, dt_bias, True)
     assert torch.equal(state, before) and out.isnan().all()
 
-
-def test_block_config_follows_mamba_ssm_by_state_size():
-    assert [state_update.block_config(d) for d in (16, 32, 64, 128, 256)] == [(32, 4), (16, 4), (8, 4), (4, 4), (4, 8)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
+from hf_models import pcg_twin, tiny_model
 from pcg_backend.ops import state_update
 
 pytestmark = [requires_cuda, pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None,
@@ -37,7 +38,7 @@ def test_the_kernel_is_found_in_the_installed_mamba_ssm():
 
 
 @pytest.mark.parametrize("batch,heads,dim,dstate,groups", [
-    (1, 8, 8, 16, 2), (3, 8, 16, 64, 1), (1, 128, 80, 128, 8), (8, 128, 80, 128, 8), (2, 24, 64, 128, 1),
+    (1, 8, 8, 16, 2), (2, 8, 16, 32, 2), (3, 8, 16, 64, 1), (1, 128, 80, 128, 8), (8, 128, 80, 128, 8), (2, 24, 64, 128, 1),
     (4, 16, 32, 256, 2),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -61,3 +62,16 @@ def test_step_into_declines_an_output_of_another_dtype():
     before = state.clone()
     assert not state_update.step_into(out, state, x, dt, A, B, C, D, dt_bias, True)
     assert torch.equal(state, before)   # nothing ran
+
+
+def test_a_compiled_decode_step_takes_the_direct_launch(monkeypatch):
+    """Every Mamba2 decode step of a compiled bf16 model launches into the op's output, none falls back."""
+    model = tiny_model("nemotron_h", dtype=torch.bfloat16, device="cuda")
+    launched = []
+    real = state_update.step_into
+    monkeypatch.setattr(state_update, "step_into", lambda *a, **k: launched.append(real(*a, **k)) or launched[-1])
+    ids = torch.randint(3, model.config.vocab_size, (1, 5), device="cuda")
+    with torch.no_grad():
+        pcg_twin(model, {}).generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    # Captures call the op (warm-up, sync probe, capture); replays do not.
+    assert launched and all(launched), launched

@@ -13,7 +13,10 @@ compiled call launched (HF's generate loop between steps, for instance) are
 grouped as "outside".
 
 A profiler trace inflates host time, so a gap here is an upper bound on one
-in an unprofiled run; kernel durations are not affected.
+in an unprofiled run; kernel durations are not affected. "Busy" adds event
+durations, so on several streams at once it counts overlap twice; and a gap
+inside one graph replay is named after the host op that launched the graph,
+though there the GPU waited on itself.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ OUTSIDE = "outside"
 @dataclass
 class CallSummary:
     name: str
-    start: float                  # µs, the first GPU event's start
     events: list = field(default_factory=list)
 
     @property
@@ -99,7 +101,7 @@ def calls(events) -> list[CallSummary]:
             if i >= 0 and launch["ts"] <= regions[i]["ts"] + regions[i]["dur"]:
                 name = f"{regions[i]['name']} @{i}"
         if not out or out[-1].name != name:
-            out.append(CallSummary(name, e["ts"]))
+            out.append(CallSummary(name))
         out[-1].events.append(e)
     return out
 

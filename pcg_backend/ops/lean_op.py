@@ -17,9 +17,10 @@ given up: autograd through these ops (they are inference kernels; a backward
 that reaches one makes torch warn that no autograd kernel is registered) and
 the version-counter bump for written arguments that the op does not write
 with torch ops itself. pcg's ops write their declared arguments with in-place
-torch ops, which bump it, except the conv state that the Mamba2 core's Triton
-prep kernel writes on CUDA (`mamba2_prep.py`); nothing in inference reads
-that counter.
+torch ops, which bump it, except what the Mamba2 core's Triton kernels
+write on CUDA: the conv state in the prep kernel (`mamba2_prep.py`), and the
+SSM state and `out` in a decode step (`state_update.py`); nothing in
+inference reads that counter.
 """
 
 from __future__ import annotations

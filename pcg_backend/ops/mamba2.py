@@ -9,9 +9,10 @@ Kernels are the HF modeling module's own functions, which transformers binds
 to mamba-ssm / causal-conv1d when they import and to the torch reference
 otherwise, so pcg computes exactly what eager computes. The one exception
 is a decode step on CUDA, where `state_update.py` launches mamba-ssm's own
-step kernel with the op's `out` as its output, bit for bit the same values. Run eagerly, the op
-slices its inputs to the real token count, so padding never reaches the conv
-window or the SSM state, and the padded rows of `out` are zeroed.
+step kernel with the op's `out` as its output: bit for bit the same values.
+Run eagerly, the op slices its inputs to the real token count, so padding
+never reaches the conv window or the SSM state, and the padded rows of
+`out` are zeroed.
 
 It is also `padding_safe`: inside a padded graph that pcg captures, the real
 count n is a device tensor, and the op runs at the full bucket instead. Both

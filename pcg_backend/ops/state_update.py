@@ -8,19 +8,24 @@ kernel with `out` as its output instead, with the same launch parameters as
 mamba-ssm's wrapper, so the values are the ones eager computes, bit for bit.
 
 The kernel is a private function of mamba-ssm. It is used only where its
-argument list is exactly the one this launcher was written against; with any
-other mamba-ssm, or on a device without it, `step_into` returns False and
-the op calls the public function and copies, as before.
+argument list is exactly the one this launcher was written against and the
+public wrapper still chooses its launch parameters the way `block_config`
+and the tied-head rule below do (mamba-ssm 2.2.3 to 2.3.x); with any other
+mamba-ssm, or on a device without it, `step_into` returns False and the op
+calls the public function and copies, as before. The launch is always
+mamba-ssm's kernel: where HF was told to use a hub build of it instead
+(`use_kernels`), a decode step runs the installed package's.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 
 import torch
 
-# The kernel's parameters in mamba-ssm 2.2-2.3 (`_selective_scan_update_kernel.arg_names`).
+# The kernel's parameters in mamba-ssm 2.2.3-2.3.x (`_selective_scan_update_kernel.arg_names`).
 EXPECTED_ARGS = (
     "state_ptr", "x_ptr", "dt_ptr", "dt_bias_ptr", "A_ptr", "B_ptr", "C_ptr", "D_ptr", "z_ptr", "out_ptr",
     "state_batch_indices_ptr", "batch", "nheads", "dim", "dstate", "nheads_ngroups_ratio",
@@ -47,9 +52,30 @@ def kernel():
     inner = found
     while inner is not None and not hasattr(inner, "arg_names"):
         inner = getattr(inner, "fn", None)
-    if tuple(getattr(inner, "arg_names", ())) != EXPECTED_ARGS:
+    if tuple(getattr(inner, "arg_names", ())) != EXPECTED_ARGS or not _same_launch_rules(module):
         return None
     return found
+
+
+# Lines of mamba-ssm's wrapper that decide what `step_into` copies: its block table and tied-head rule.
+WRAPPER_RULES = (
+    "((32, 4) if dstate <= 16",
+    "((16, 4) if dstate <= 32 else",
+    "((8, 4) if dstate <= 64 else",
+    "((4, 4) if dstate <= 128 else",
+    "((4, 8))))))",
+    "tie_hdim = A.stride(-1) == 0 and A.stride(-2) == 0 and dt.stride(-1) == 0 and dt_bias.stride(-1) == 0",
+    "grid = lambda META: (triton.cdiv(dim, META['BLOCK_SIZE_M']), batch, nheads)",
+)
+
+
+def _same_launch_rules(module) -> bool:
+    """True where mamba-ssm's public wrapper still launches as `step_into` does (its source says so)."""
+    try:
+        source = inspect.getsource(module.selective_state_update)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return all(rule in source for rule in WRAPPER_RULES)
 
 
 def block_config(dstate: int) -> tuple[int, int]:
@@ -76,8 +102,8 @@ def step_into(out, state, x, dt, A, B, C, D, dt_bias, dt_softplus: bool) -> bool
     launch = kernel() if x.is_cuda else None
     if launch is None or out.dtype != x.dtype:
         return False
-    batch, heads, dim, dstate = state.shape
-    groups = B.shape[1]
+    _, heads, dim, dstate = state.shape
+    batch, groups = x.shape[0], B.shape[1]   # the batch of the step, as mamba-ssm takes it
     rows, warps = block_config(dstate)
     tie = A.stride(-1) == 0 and A.stride(-2) == 0 and dt.stride(-1) == 0 and dt_bias.stride(-1) == 0
     with torch.cuda.device(x.device.index):
