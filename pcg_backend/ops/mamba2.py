@@ -108,7 +108,7 @@ def mamba2_core(
 
     # 2. the SSM: one recurrent step in decode, the chunked scan otherwise
     if decode:
-        step = dict(dt_step or {"dt_bias": dt_bias[:, None].expand(-1, head_dim), "dt_softplus": True})
+        step = dt_step or {"dt_bias": dt_bias[:, None].expand(-1, head_dim), "dt_softplus": True}
         args = (ssm_state, hs.view(batch, num_heads, head_dim), dt.transpose(1, 2).expand(-1, -1, head_dim),
                 A[:, None, None].expand(-1, head_dim, state_size), B.view(batch, n_groups, state_size),
                 C.view(batch, n_groups, state_size), D[:, None].expand(-1, head_dim))

@@ -107,7 +107,7 @@ def step_into(out, state, x, dt, A, B, C, D, dt_bias, dt_softplus: bool) -> bool
     rows, warps = block_config(dstate)
     tie = A.stride(-1) == 0 and A.stride(-2) == 0 and dt.stride(-1) == 0 and dt_bias.stride(-1) == 0
     with torch.cuda.device(x.device.index):
-        launch[(triton_cdiv(dim, rows), batch, heads)](
+        launch[(-(-dim // rows), batch, heads)](   # grid: ceil(dim / rows) row blocks per head
             state, x, dt, dt_bias, A, B, C, D, None, out, None,
             batch, heads, dim, dstate, heads // groups,
             *state.stride(), *x.stride(), *dt.stride(), *dt_bias.stride(), *A.stride(),
@@ -116,7 +116,3 @@ def step_into(out, state, x, dt, A, B, C, D, dt_bias, dt_softplus: bool) -> bool
             num_warps=warps,
         )
     return True
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
