@@ -30,6 +30,10 @@ CHECK = textwrap.dedent("""
         tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
         whole = skinny_gemm.triton_linear(x, w, b, tile=tile)
         split_k = skinny_gemm.triton_linear(x, w, b, tile={**tile, "SPLIT_K": split})
+        # The last program of each column block reset its arrival counter, and a second launch,
+        # which finds them at zero again, adds the partials in the same order: the same bits.
+        assert not skinny_gemm._ARRIVALS["cpu"].any()
+        assert torch.equal(skinny_gemm.triton_linear(x, w, b, tile={**tile, "SPLIT_K": split}), split_k)
         ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
         for name, got in (("whole", whole), ("split", split_k)):
             assert got.shape == ref.shape and got.dtype == torch.float16

@@ -15,12 +15,12 @@ from pcg_backend.rewrite.skinny_routing import route_skinny_linears, routed_twin
 
 
 class ThreeLinears(torch.nn.Module):
-    """One linear the pass may route (bf16, 4096 columns) and two it must not (1024 columns; fp32)."""
+    """One linear the pass may route (bf16, 4096 columns) and two it must not (256 columns; fp32)."""
 
     def __init__(self):
         super().__init__()
         self.wide = torch.nn.Linear(64, 4096, bias=True, dtype=torch.bfloat16)
-        self.narrow = torch.nn.Linear(64, 1024, bias=False, dtype=torch.bfloat16)
+        self.narrow = torch.nn.Linear(64, 256, bias=False, dtype=torch.bfloat16)
         self.fp32 = torch.nn.Linear(64, 4096, bias=False)
 
     def forward(self, x):
@@ -112,7 +112,7 @@ def test_routed_twin_of_a_graph_without_eligible_linears_is_none():
         twins.append(routed_twin(gm))
         return gm.forward
 
-    model = torch.nn.Linear(64, 1024, dtype=torch.bfloat16)   # too few columns
+    model = torch.nn.Linear(64, 256, dtype=torch.bfloat16)    # too few columns
     x = torch.randn(40, 64, dtype=torch.bfloat16)
     torch._dynamo.mark_dynamic(x, 0)
     with torch.no_grad():
@@ -169,3 +169,21 @@ def test_tile_takes_a_fifth_stage_only_where_it_was_measured_and_fits(k, n, shar
     if stages == 5:   # the fifth stage is taken only with room for it and Triton's own spare bytes
         needed = 5 * skinny_gemm._stage_bytes(tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"])
         assert needed + skinny_gemm._SPARE_BYTES <= shared_memory
+
+
+@pytest.mark.parametrize("k, n, sms, splits", [
+    (4480, 1024, 132, 8),       # kv_proj: 16 column blocks on 132 SMs, at most MAX_SPLITS partials
+    (12288, 3072, 132, 2),      # FalconH1's down_proj: 48 blocks, two parts each in one wave
+    (3072, 1536, 132, 5),       # 24 blocks: five parts fit one wave, six would not
+    (1536, 512, 132, 6),        # no more splits than K has 256-wide steps
+    (10240, 4480, 132, 1),      # out_proj: 70 blocks, split in two they would need a second wave
+    (4480, 22656, 132, 1),      # in_proj: 354 blocks already fill the SMs
+    (4480, 1024, None, 1),      # SM count unknown: never split
+])
+def test_tile_splits_k_only_into_parts_that_fit_one_wave(k, n, sms, splits):
+    tile = skinny_gemm._tile(1, k, n, 232448, sms)
+    assert tile.get("SPLIT_K", 1) == splits
+    blocks = -(-n // tile["BLOCK_N"])
+    if splits > 1:   # one wave; more parts only where K and MAX_SPLITS allow them and the SMs hold them
+        assert blocks * splits <= sms
+        assert (blocks * (splits + 1) > sms or splits in (skinny_gemm.MAX_SPLITS, -(-k // tile["BLOCK_K"])))

@@ -50,8 +50,9 @@ def search(k: int, n: int, m: int, tiles: list[dict] = SEARCH) -> tuple[float, d
     return best
 
 
-SPLIT = [{"BLOCK_N": 64, "BLOCK_K": bk, "num_warps": 4, "num_stages": st, "SPLIT_K": sk}
-         for bk, st, sk in itertools.product((128, 256), (3, 4, 5), (2, 3, 4, 6))]
+# Split-K tiles, and the same tile unsplit (SPLIT_K 1) to compare against.
+SPLIT = [{"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": st, "SPLIT_K": sk}
+         for st, sk in itertools.product((4, 5), (1, 2, 3, 4, 6, 8))]
 
 
 def relative_error(k: int, n: int, m: int) -> float:
@@ -75,7 +76,7 @@ def main() -> None:
         sys.exit("tools/skinny_gemm.py needs a CUDA GPU")
     print(torch.cuda.get_device_name(), flush=True)
     previous = torch.backends.cuda.preferred_blas_library()
-    smem = skinny_gemm._shared_memory(torch.cuda.current_device())
+    facts = skinny_gemm._device_facts(torch.cuda.current_device())
     try:
         searched = {int(r) for r in args.search.split(",") if r}
         split = {int(r) for r in args.split.split(",") if r}
@@ -91,16 +92,20 @@ def main() -> None:
                 tr = None
                 if m <= skinny_gemm.MAX_ROWS:   # the tile table covers these; --search tries its own
                     tr = time_linear(k, n, m, "cublaslt", linear=skinny_gemm.triton_linear)
-                    line += (f"  triton {tr:7.1f} us ({rate(tr):5.0f} GB/s) {skinny_gemm._tile(m, k, n, smem)}"
+                    line += (f"  triton {tr:7.1f} us ({rate(tr):5.0f} GB/s) {skinny_gemm._tile(m, k, n, *facts)}"
                              f"  rel err {relative_error(k, n, m):.1e}")
                 print(f"{line}  op takes {'triton' if taken else 'F.linear'}", flush=True)
                 if m in searched:
                     best_us, best_tile = search(k, n, m)
                     print(f"      best tile {best_tile}: {best_us:7.1f} us ({rate(best_us):5.0f} GB/s)", flush=True)
                     totals["best tiles"] = totals.get("best tiles", 0.0) + count * best_us
-                if m in split:
-                    split_us, split_tile = search(k, n, m, SPLIT)
-                    print(f"      best split-K tile {split_tile}: {split_us:7.1f} us ({rate(split_us):5.0f} GB/s)",
+                if m in split and -(-n // 64) < facts[1]:   # too few column blocks to fill the SMs
+                    timed = {(t["num_stages"], t["SPLIT_K"]): search(k, n, m, [t])[0] for t in SPLIT}
+                    print("      split-K (stages, splits): " + "  ".join(f"{key} {us:.1f}" for key, us in timed.items()),
+                          flush=True)
+                    (stages, splits), split_us = min(timed.items(), key=lambda item: item[1])
+                    print(f"      best split-K tile: {stages} stages, SPLIT_K {splits}: {split_us:7.1f} us "
+                          f"({rate(split_us):5.0f} GB/s)",
                           flush=True)
                     totals["best split-K"] = totals.get("best split-K", 0.0) + count * min(split_us, tr or lt)
                 totals["cublaslt"] += count * lt

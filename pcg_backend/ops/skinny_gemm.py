@@ -18,17 +18,20 @@ first call compiles one kernel per tile and bias/no-bias variant, and
 autotunes nothing.
 
 A tile with `SPLIT_K` > 1 also splits K: program (n, s) sums its share of K
-into an fp32 partial, and a second kernel adds the partials in a fixed
-order, with the bias. It is for weights with too few column blocks to fill
-the GPU (a 4480-column weight gives 70 programs for 132 SMs). No shape in
-the tile table takes it yet: `tools/skinny_gemm.py --split` times it, and
-the table changes only where that measures faster.
+into an fp32 partial, and the last of a column block's programs to finish
+adds the partials in a fixed order, with the bias (one launch; an arrival
+counter per column block tells a program whether it is the last). It is for
+weights with too few column blocks to keep the GPU's SMs busy: narrow
+projections such as `kv_proj` (1024 columns) and FalconH1's 3072-column
+weights, which cuBLAS also reads slowly (`_tile`).
 
 The op takes the kernel only where it measured faster: CUDA, bf16 or fp16,
-at most MAX_ROWS rows, at least MIN_COLUMNS output columns (with fewer, too
-few programs fill the GPU: `kv_proj`'s 1024 columns took 11.9 µs against
-cuBLASLt's 8.5). Anything else goes to `F.linear`, which is also what a CPU
-run uses. `pcg_backend/rewrite/skinny_routing.py` decides which graph nodes call it.
+at most MAX_ROWS rows, at least MIN_COLUMNS output columns (on the H200,
+with split-K, every weight shape of the benchmark families from 512 columns
+up measured faster than cuBLASLt, or within 0.2 µs of it; below 512 are
+adapter and router weights too small to matter). Anything else goes to
+`F.linear`, which is also what a CPU run uses.
+`pcg_backend/rewrite/skinny_routing.py` decides which graph nodes call it.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ except ImportError:  # a CPU-only torch build ships without Triton
     triton = None
 
 MAX_ROWS = 16
-MIN_COLUMNS = 4096
+MIN_COLUMNS = 512
 # Launches per path, counted on the host (so at capture, not at replay): tests read them.
 LAUNCHES = {"triton": 0, "linear": 0}
 
@@ -86,15 +89,21 @@ if triton is not None:
 
     @triton.jit
     def _skinny_split_kernel(
-        x_ptr, w_ptr, part_ptr, M, N, K, sxm, swn, K_PER_SPLIT,
+        x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, arrivals_ptr, M, N, K, sxm, swn, sym, K_PER_SPLIT,
+        SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # Program (n, s) sums K_PER_SPLIT of K for its BLOCK_N columns into fp32 partial sum s.
+        # The last of a column block's SPLITS programs to arrive adds the partials in split
+        # order (the same bits whichever arrives last), writes the output, and resets the
+        # block's arrival counter for the next launch: one kernel, no second launch to add.
+        pid_n = tl.program_id(0)
         rm = tl.arange(0, BLOCK_M)
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         m_in = rm < M
         n_in = rn < N
+        tile_in = m_in[:, None] & n_in[None, :]
         start = tl.program_id(1) * K_PER_SPLIT
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(start, start + K_PER_SPLIT, BLOCK_K):
@@ -103,23 +112,21 @@ if triton is not None:
             x = tl.load(x_ptr + rm[:, None] * sxm + k[None, :], mask=m_in[:, None] & k_in[None, :], other=0.0)
             w = tl.load(w_ptr + rn[None, :] * swn + k[:, None], mask=n_in[None, :] & k_in[:, None], other=0.0)
             acc = tl.dot(x, w, acc)
-        tl.store(part_ptr + (tl.program_id(1) * M + rm[:, None]) * N + rn[None, :], acc,
-                 mask=m_in[:, None] & n_in[None, :])
-
-    @triton.jit
-    def _split_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, sym,
-                          SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        # The partial sums in a fixed order (the same bits every run), plus the bias, in x's dtype.
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = i < M * N
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(SPLITS):
-            acc += tl.load(part_ptr + s * M * N + i, mask=inside, other=0.0)
-        row = i // N
-        col = i % N
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + col, mask=inside, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * sym + col, acc.to(y_ptr.dtype.element_ty), mask=inside)
+        tile = rm[:, None] * N + rn[None, :]
+        tl.store(part_ptr + tl.program_id(1) * M * N + tile, acc, mask=tile_in)
+        # Every thread's partial is stored before the counter moves (barrier), and the counter's
+        # acquire-release makes all earlier programs' partials visible to the last one.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                # .cg: read from L2, where the other SMs' partials are, never a stale L1 line.
+                total += tl.load(part_ptr + s * M * N + tile, mask=tile_in, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rm[:, None] * sym + rn[None, :], total.to(y_ptr.dtype.element_ty), mask=tile_in)
+            tl.atomic_xchg(arrivals_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
 # The kernel holds all of x's rows in one tile, padded to a power of two of at least 16 (tl.dot's
@@ -128,7 +135,7 @@ if triton is not None:
 LARGEST_BLOCK_M = 128
 
 
-def _tile(m: int, k: int, n: int, shared_memory: int | None = None) -> dict:
+def _tile(m: int, k: int, n: int, shared_memory: int | None = None, sm_count: int | None = None) -> dict:
     """Tile sizes and launch settings for at most MAX_ROWS rows of a linear layer with an (n, k) weight.
 
     What the autotuner chose on the H100 for the benchmark model's shapes at 1, 8 and 16 rows
@@ -139,6 +146,13 @@ def _tile(m: int, k: int, n: int, shared_memory: int | None = None) -> dict:
     (`out_proj` 25.4 µs against 25.9 at one row, `down_proj` 37.6 against 40.2, `q_proj` 14.2
     against 14.5; tools/skinny_gemm.py --search). Wider weights were not searched with it; 16 rows
     share the tile of 1 and 8 (BLOCK_M 16 either way).
+
+    A weight with at most half as many column blocks as the GPU has SMs (`sm_count`) leaves
+    most SMs without a program; its K is then split (`SPLIT_K`) into as many parts as keep every
+    program in one wave (a block's shared memory holds one program per SM). On the H200 (132
+    SMs) that read `kv_proj` (1024 columns) in 6.6 µs at one row, against 11.9 unsplit and 8.0
+    on cuBLASLt, and FalconH1's 3072-column weights 7-12 % faster than cuBLASLt; a second wave
+    costs more than it gains (`out_proj`, 70 blocks: 25.8 µs unsplit, 35.4 split in two).
     """
     if m > MAX_ROWS:
         raise ValueError(f"pcg's skinny GEMM tiles cover at most {MAX_ROWS} rows, got {m}")
@@ -146,7 +160,18 @@ def _tile(m: int, k: int, n: int, shared_memory: int | None = None) -> dict:
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
     fits = shared_memory is not None and shared_memory >= 5 * _stage_bytes(16, 64, 256) + _SPARE_BYTES
     stages = 5 if fits and n < 8192 else 4
-    return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": stages}
+    tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": stages}
+    blocks = -(-n // tile["BLOCK_N"])
+    if sm_count and 2 * blocks <= sm_count:
+        # No more splits than K has 256-wide steps, nor than MAX_SPLITS partials to add.
+        splits = min(sm_count // blocks, MAX_SPLITS, -(-k // tile["BLOCK_K"]))
+        if splits > 1:
+            tile["SPLIT_K"] = splits
+    return tile
+
+
+# The most partial sums one output tile is split into (the last program adds them all).
+MAX_SPLITS = 8
 
 
 # Shared memory a pipelined tile needs beyond its stages (Triton's own bookkeeping, barriers).
@@ -159,9 +184,10 @@ def _stage_bytes(block_m: int, block_n: int, block_k: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _shared_memory(device_index: int) -> int | None:
-    """Bytes of shared memory one block may opt in to on that GPU (None where torch does not say: ROCm)."""
-    return getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", None)
+def _device_facts(device_index: int) -> tuple[int | None, int]:
+    """(bytes of shared memory one block may opt in to, or None where torch does not say (ROCm); SMs) of a GPU."""
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", None), props.multi_processor_count
 
 
 def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -177,8 +203,11 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         raise ValueError(f"triton_linear takes at most {LARGEST_BLOCK_M} rows, got {m}")
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tile = tile or _tile(m, k, n, _shared_memory(x.device.index if x.device.index is not None
-                                                 else torch.cuda.current_device()) if x.is_cuda else None)
+    if tile is None:
+        facts = (None, None)
+        if x.is_cuda:
+            facts = _device_facts(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        tile = _tile(m, k, n, *facts)
     launch = {key: value for key, value in tile.items() if key != "SPLIT_K"}
     columns = triton.cdiv(n, tile["BLOCK_N"])
     # Triton launches on the current device; the tensors may live on another one. (CPU tensors
@@ -192,15 +221,32 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
             step = triton.cdiv(triton.cdiv(k, tile["SPLIT_K"]), tile["BLOCK_K"]) * tile["BLOCK_K"]
             splits = triton.cdiv(k, step)
             part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-            _skinny_split_kernel[(columns, splits)](x2, w, part, m, n, k, x2.stride(0), w.stride(0), step, **launch)
-            _split_sum_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
-                part, bias if bias is not None else part, y, m, n, y.stride(0),
-                SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=_SUM_BLOCK)
+            _skinny_split_kernel[(columns, splits)](
+                x2, w, bias if bias is not None else w, y, part, _arrival_counters(x.device, columns), m, n, k,
+                x2.stride(0), w.stride(0), y.stride(0), step, SPLITS=splits, HAS_BIAS=bias is not None, **launch)
     return y.reshape(*lead, n)
 
 
-# Elements per program of the split-K sum: a few programs for the few rows and columns it adds.
-_SUM_BLOCK = 1024
+# One arrival counter per column block, per device, zero between launches (the last program of a
+# block resets its own). Launches that share them must not overlap: pcg launches and replays every
+# skinny GEMM on one stream per device, where kernels run one after another.
+_ARRIVALS: dict[str, torch.Tensor] = {}
+_ARRIVAL_SLOTS = 4096
+
+
+def _arrival_counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """The device's zeroed int32 arrival counters (a fixed number: captured graphs keep their address).
+
+    Allocated on first use, which in pcg is a piece's warm-up run before its capture. Were the
+    first use inside a capture, the zero fill would be captured too, and would only re-zero
+    counters that are already zero.
+    """
+    if blocks > _ARRIVAL_SLOTS:
+        raise ValueError(f"a split-K launch of {blocks} column blocks; the counters cover {_ARRIVAL_SLOTS}")
+    counters = _ARRIVALS.get(str(device))
+    if counters is None:
+        counters = _ARRIVALS[str(device)] = torch.zeros(_ARRIVAL_SLOTS, dtype=torch.int32, device=device)
+    return counters
 
 
 @lean_op("pcg::skinny_linear", mutates_args=())
