@@ -226,14 +226,18 @@ def _quantile(values, q: float) -> float:
 def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: int = 3, cache: str = "dynamic") -> dict:
     """Per call: the prefill of its batch at its bucket plus `new_tokens - 1` decode steps, as measured now.
 
-    Both go through `generate()`, so that they use the graphs the calls used:
-    the prefill is a `generate()` of one new token on a prompt of the bucket's
-    length (the prompt itself above the largest bucket), a decode step the
-    difference of `generate()` calls of 2 and 1 new tokens. Returns the
-    per-call ideal seconds and the p50 over the plan.
+    Both go through `generate()` on prompts made as the calls make them (left
+    padded), so that they use the graphs the calls used: the prefill is a
+    `generate()` of one new token on a prompt of the bucket's length (the
+    prompt itself above the largest bucket), a decode step the difference of
+    `generate()` calls of `new_tokens` and 1 new tokens over the steps between
+    them (a single step's difference would carry the first step's extra work
+    and the timer's noise alone). Returns the per-call ideal seconds and the
+    p50 over the plan.
     """
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
     prefill: dict = {}
     step: dict = {}
 
@@ -247,19 +251,20 @@ def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: in
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    def generate(ids, k):
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                              do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+    def generate(batch, prompt, k):
+        ids, mask = prompts(Call(batch, prompt), vocab, device, generator)
+        return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
+                                      do_sample=False, pad_token_id=0, **cache_kwargs(cache))
 
+    steps = max(1, new_tokens - 1)
     with torch.no_grad():
         for call in calls:
             size = ladder.bucket(call.prompt) or call.prompt
             if (call.batch, size) not in prefill:
-                ids = torch.randint(3, vocab, (call.batch, size), device=device)
-                prefill[(call.batch, size)] = timed(lambda: generate(ids, 1))
+                prefill[(call.batch, size)] = timed(generate(call.batch, size, 1))
             if call.batch not in step:
-                ids = torch.randint(3, vocab, (call.batch, 16), device=device)
-                step[call.batch] = max(0.0, timed(lambda: generate(ids, 2)) - timed(lambda: generate(ids, 1)))
+                longer, one = timed(generate(call.batch, 16, 1 + steps)), timed(generate(call.batch, 16, 1))
+                step[call.batch] = max(0.0, longer - one) / steps
     per_call = [prefill[(c.batch, ladder.bucket(c.prompt) or c.prompt)] + (new_tokens - 1) * step[c.batch]
                 for c in calls]
     return {"per_call_s": per_call, "p50_s": statistics.median(per_call),
