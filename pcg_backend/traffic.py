@@ -256,15 +256,20 @@ def ideal(model, calls: list[Call], new_tokens: int, ladder: Ladder, repeats: in
         return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
                                       do_sample=False, pad_token_id=0, **cache_kwargs(cache))
 
-    steps = max(1, new_tokens - 1)
+    steps = new_tokens - 1
+
+    def decode_step(batch):
+        longer, one = timed(generate(batch, 16, 1 + steps)), timed(generate(batch, 16, 1))
+        return max(0.0, longer - one) / steps
+
     with torch.no_grad():
         for call in calls:
             size = ladder.bucket(call.prompt) or call.prompt
             if (call.batch, size) not in prefill:
                 prefill[(call.batch, size)] = timed(generate(call.batch, size, 1))
             if call.batch not in step:
-                longer, one = timed(generate(call.batch, 16, 1 + steps)), timed(generate(call.batch, 16, 1))
-                step[call.batch] = max(0.0, longer - one) / steps
+                # Calls of one token have no decode step: nothing to time, nor to compile for it.
+                step[call.batch] = decode_step(call.batch) if steps else 0.0
     per_call = [prefill[(c.batch, ladder.bucket(c.prompt) or c.prompt)] + (new_tokens - 1) * step[c.batch]
                 for c in calls]
     return {"per_call_s": per_call, "p50_s": statistics.median(per_call),

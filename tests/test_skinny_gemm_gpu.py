@@ -77,7 +77,8 @@ def test_kernel_limits():
     w = torch.empty(4096, 64, device="cuda", dtype=torch.bfloat16)
     assert skinny_gemm.supported(torch.empty(16, 64, device="cuda", dtype=torch.bfloat16), w)
     assert not skinny_gemm.supported(torch.empty(17, 64, device="cuda", dtype=torch.bfloat16), w)
-    assert not skinny_gemm.supported(torch.empty(1, 64, device="cuda", dtype=torch.bfloat16), w[:256])
+    assert skinny_gemm.supported(torch.empty(1, 64, device="cuda", dtype=torch.bfloat16), w[:512])
+    assert not skinny_gemm.supported(torch.empty(1, 64, device="cuda", dtype=torch.bfloat16), w[:511])
     assert not skinny_gemm.supported(torch.empty(1, 64, device="cuda"), w.float())
     assert not skinny_gemm.supported(torch.empty(1, 64, device="cuda", dtype=torch.bfloat16), w.t().contiguous().t())
 

@@ -172,11 +172,13 @@ def test_tile_takes_a_fifth_stage_only_where_it_was_measured_and_fits(k, n, shar
 
 
 @pytest.mark.parametrize("k, n, sms, splits", [
-    (4480, 1024, 132, 8),       # kv_proj: 16 column blocks on 132 SMs, at most MAX_SPLITS partials
+    (4480, 1024, 132, 6),       # kv_proj: 16 column blocks; eight parts asked, 18 K steps give six of 3
     (12288, 3072, 132, 2),      # FalconH1's down_proj: 48 blocks, two parts each in one wave
-    (3072, 1536, 132, 5),       # 24 blocks: five parts fit one wave, six would not
-    (1536, 512, 132, 6),        # no more splits than K has 256-wide steps
-    (10240, 4480, 132, 1),      # out_proj: 70 blocks, split in two they would need a second wave
+    (7168, 3584, 132, 2),       # 56 blocks: still under SPLIT_BELOW of the SMs
+    (3072, 1536, 132, 4),       # 24 blocks: five parts asked, 12 K steps give four of 3
+    (1536, 512, 132, 6),        # no more parts than K has 256-wide steps
+    (8192, 4096, 132, 1),       # 64 blocks: two parts measured no faster than one
+    (10240, 4480, 132, 1),      # out_proj: 70 blocks, two parts would need a second wave
     (4480, 22656, 132, 1),      # in_proj: 354 blocks already fill the SMs
     (4480, 1024, None, 1),      # SM count unknown: never split
 ])
@@ -184,6 +186,14 @@ def test_tile_splits_k_only_into_parts_that_fit_one_wave(k, n, sms, splits):
     tile = skinny_gemm._tile(1, k, n, 232448, sms)
     assert tile.get("SPLIT_K", 1) == splits
     blocks = -(-n // tile["BLOCK_N"])
-    if splits > 1:   # one wave; more parts only where K and MAX_SPLITS allow them and the SMs hold them
-        assert blocks * splits <= sms
-        assert (blocks * (splits + 1) > sms or splits in (skinny_gemm.MAX_SPLITS, -(-k // tile["BLOCK_K"])))
+    if splits > 1:   # the count the launch uses, all in one wave
+        assert skinny_gemm.k_parts(k, tile["BLOCK_K"], splits)[1] == splits   # triton_linear launches as many
+        assert blocks * splits <= sms and tile["num_stages"] == 4
+
+
+@pytest.mark.parametrize("k", [130, 256, 1000, 1536, 4480, 12288])
+@pytest.mark.parametrize("parts", [1, 2, 3, 5, 8])
+def test_k_parts_cover_k_in_whole_steps_with_no_empty_part(k, parts):
+    step, launched = skinny_gemm.k_parts(k, 256, parts)
+    assert step % 256 == 0 and 1 <= launched <= parts
+    assert (launched - 1) * step < k <= launched * step   # every part launched has K to sum

@@ -83,6 +83,8 @@ def test_ideal_times_each_bucket_and_batch_once_through_generate():
     per_call = result["per_call_s"]
     assert len(per_call) == 4 and per_call[0] == per_call[1] > 0     # prompts 3 and 4 share the bucket 4
     assert result["p50_s"] == sorted(per_call)[1] / 2 + sorted(per_call)[2] / 2
+    # Calls of one new token have no decode step to time.
+    assert traffic.ideal(model, calls[:1], 1, pcg_backend.buckets.Ladder((4, 8)), repeats=1)["decode_step_ms"] == {1: 0.0}
 
 
 @pytest.mark.parametrize("family", ["nemotron_h", "bamba"])

@@ -147,12 +147,16 @@ def _tile(m: int, k: int, n: int, shared_memory: int | None = None, sm_count: in
     against 14.5; tools/skinny_gemm.py --search). Wider weights were not searched with it; 16 rows
     share the tile of 1 and 8 (BLOCK_M 16 either way).
 
-    A weight with at most half as many column blocks as the GPU has SMs (`sm_count`) leaves
-    most SMs without a program; its K is then split (`SPLIT_K`) into as many parts as keep every
-    program in one wave (a block's shared memory holds one program per SM). On the H200 (132
-    SMs) that read `kv_proj` (1024 columns) in 6.6 µs at one row, against 11.9 unsplit and 8.0
-    on cuBLASLt, and FalconH1's 3072-column weights 7-12 % faster than cuBLASLt; a second wave
-    costs more than it gains (`out_proj`, 70 blocks: 25.8 µs unsplit, 35.4 split in two).
+    A weight whose column blocks fill less than SPLIT_BELOW of the GPU's SMs (`sm_count`) leaves
+    most SMs without a program; its K is then split (`SPLIT_K`, the number of parts launched)
+    into as many parts as keep every program in one wave (a block's shared memory holds one
+    program per SM), in whole BLOCK_K steps. On the H200 (132 SMs) that read `kv_proj` (1024
+    columns, 6 parts) in 6.6 µs at one row, against 11.9 unsplit and 8.0 on cuBLASLt, and
+    FalconH1's 3072-column weights (2 parts) 5-12 % faster than cuBLASLt. A second wave costs
+    more than it gains (`out_proj`, 70 blocks: 25.8 µs unsplit, 35.4 in two parts), and 64
+    blocks in two parts were no faster than unsplit (4096 columns, a 8192-long K: 19.7 µs
+    unsplit, 19.9-20.6 in two parts); 56 blocks were (3584 columns: 17.1 against 16.0).
+    Split tiles keep four pipeline stages, which measured at least as fast as five for them.
     """
     if m > MAX_ROWS:
         raise ValueError(f"pcg's skinny GEMM tiles cover at most {MAX_ROWS} rows, got {m}")
@@ -162,16 +166,31 @@ def _tile(m: int, k: int, n: int, shared_memory: int | None = None, sm_count: in
     stages = 5 if fits and n < 8192 else 4
     tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": stages}
     blocks = -(-n // tile["BLOCK_N"])
-    if sm_count and 2 * blocks <= sm_count:
-        # No more splits than K has 256-wide steps, nor than MAX_SPLITS partials to add.
-        splits = min(sm_count // blocks, MAX_SPLITS, -(-k // tile["BLOCK_K"]))
+    if sm_count and blocks < SPLIT_BELOW * sm_count:
+        # No more parts than fit one wave, nor than MAX_SPLITS partials to add; whole K steps each.
+        _, splits = k_parts(k, tile["BLOCK_K"], min(sm_count // blocks, MAX_SPLITS))
         if splits > 1:
-            tile["SPLIT_K"] = splits
+            tile.update(SPLIT_K=splits, num_stages=4)
     return tile
 
 
 # The most partial sums one output tile is split into (the last program adds them all).
 MAX_SPLITS = 8
+# Split K only where the column blocks fill less than this share of the SMs (see `_tile`).
+SPLIT_BELOW = 0.45
+
+
+def k_parts(k: int, block_k: int, parts: int) -> tuple[int, int]:
+    """(K per part, parts launched) for K split into at most `parts` parts of whole `block_k` steps.
+
+    The parts launched can be fewer than asked: 4480 in 256-wide steps is 18 steps, and eight
+    parts of 3 steps (768) cover it in six.
+    """
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    step = cdiv(cdiv(k, parts), block_k) * block_k
+    return step, cdiv(k, step)
 
 
 # Shared memory a pipelined tile needs beyond its stages (Triton's own bookkeeping, barriers).
@@ -218,8 +237,7 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
                 x2, w, bias if bias is not None else w, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
                 HAS_BIAS=bias is not None, **launch)
         else:
-            step = triton.cdiv(triton.cdiv(k, tile["SPLIT_K"]), tile["BLOCK_K"]) * tile["BLOCK_K"]
-            splits = triton.cdiv(k, step)
+            step, splits = k_parts(k, tile["BLOCK_K"], tile["SPLIT_K"])
             part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
             _skinny_split_kernel[(columns, splits)](
                 x2, w, bias if bias is not None else w, y, part, _arrival_counters(x.device, columns), m, n, k,
@@ -237,14 +255,18 @@ _ARRIVAL_SLOTS = 4096
 def _arrival_counters(device: torch.device, blocks: int) -> torch.Tensor:
     """The device's zeroed int32 arrival counters (a fixed number: captured graphs keep their address).
 
-    Allocated on first use, which in pcg is a piece's warm-up run before its capture. Were the
-    first use inside a capture, the zero fill would be captured too, and would only re-zero
-    counters that are already zero.
+    Allocated on the first split launch on the device, which in pcg is a piece's warm-up run
+    before its capture. Inside a capture the zero fill would only be recorded, and the counters
+    would come from the capture's memory pool, so a first use there is an error.
     """
     if blocks > _ARRIVAL_SLOTS:
         raise ValueError(f"a split-K launch of {blocks} column blocks; the counters cover {_ARRIVAL_SLOTS}")
     counters = _ARRIVALS.get(str(device))
     if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("pcg::skinny_linear splits K with counters that it allocates on its first call, "
+                               "which must come before any CUDA graph capture of it: call it once outside "
+                               "the capture (pcg's own warm-up does)")
         counters = _ARRIVALS[str(device)] = torch.zeros(_ARRIVAL_SLOTS, dtype=torch.int32, device=device)
     return counters
 
