@@ -28,8 +28,8 @@ weights, which cuBLAS also reads slowly (`_tile`).
 The op takes the kernel only where it measured faster: CUDA, bf16 or fp16,
 at most MAX_ROWS rows, at least MIN_COLUMNS output columns (on the H200,
 with split-K, every weight shape of the benchmark families from 512 columns
-up measured faster than cuBLASLt, or within 0.2 µs of it; below 512 are
-adapter and router weights too small to matter). Anything else goes to
+up measured faster than cuBLASLt at 1 and 8 rows, or within 0.4 µs of it;
+below 512 are adapter and router weights too small to matter). Anything else goes to
 `F.linear`, which is also what a CPU run uses.
 `pcg_backend/rewrite/skinny_routing.py` decides which graph nodes call it.
 """
