@@ -73,6 +73,23 @@ def test_split_k_replays_in_a_cuda_graph_with_its_counters_reset():
         torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=1e-2)
 
 
+def test_a_first_split_launch_inside_a_capture_is_an_error():
+    # The counters must exist before a capture records their address (pcg's warm-up makes them).
+    x = torch.randn(1, 4480, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 4480, device="cuda", dtype=torch.bfloat16)
+    key = str(x.device)
+    saved = skinny_gemm._ARRIVALS.pop(key, None)   # kept alive: graphs of other tests may hold its address
+    try:
+        with pytest.raises(RuntimeError, match="before any CUDA graph capture"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                skinny_gemm.triton_linear(x, w)
+        assert key not in skinny_gemm._ARRIVALS
+    finally:
+        skinny_gemm._ARRIVALS.pop(key, None)
+        if saved is not None:
+            skinny_gemm._ARRIVALS[key] = saved
+
+
 def test_kernel_limits():
     w = torch.empty(4096, 64, device="cuda", dtype=torch.bfloat16)
     assert skinny_gemm.supported(torch.empty(16, 64, device="cuda", dtype=torch.bfloat16), w)
