@@ -41,6 +41,9 @@ VARIANTS = ("eager", "compile", "reduce-overhead", "pcg-eager", "pcg-inductor")
 # `reduce-overhead` recompile the whole model for each new size class (50-140 s each on the
 # H100), which no 5-minute run holds.
 QUICK_VARIANTS = ("eager", "pcg-inductor")
+# pcg-inductor with --baseline-options merged over --pcg-options, run first: an option's effect
+# measured against its absence in the same process (these machines are shared and noisy).
+BASELINE = "pcg-baseline"
 FIRST_CALL_TOKENS = 16  # the first call is a 16-token prefill: compile, plus capture for pcg
 
 
@@ -151,11 +154,18 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def chosen_variants(variants: str | None, quick: bool) -> list[str]:
-    """The variants to run: those named by --variants, else QUICK_VARIANTS with --quick, else all."""
-    if variants:
-        return variants.split(",")
-    return list(QUICK_VARIANTS if quick else VARIANTS)
+def chosen_variants(variants: str | None, quick: bool, baseline: bool = False) -> list[str]:
+    """The variants to run: those named by --variants, else QUICK_VARIANTS with --quick, else all;
+    with `baseline`, BASELINE first."""
+    chosen = variants.split(",") if variants else list(QUICK_VARIANTS if quick else VARIANTS)
+    return [BASELINE, *(v for v in chosen if v != BASELINE)] if baseline else chosen
+
+
+def variant_options(variant: str, pcg_options: dict, baseline_options: dict | None) -> dict:
+    """The pcg options `variant` compiles with: --pcg-options, and for BASELINE --baseline-options over them."""
+    if variant == BASELINE:
+        return {**pcg_options, **(baseline_options or {})}
+    return dict(pcg_options)
 
 
 def install_variant(model, variant: str, skip_module_guards: bool = False, pcg_options: dict | None = None):
@@ -173,8 +183,9 @@ def install_variant(model, variant: str, skip_module_guards: bool = False, pcg_o
     elif variant == "reduce-overhead":
         model.forward = torch.compile(model.forward, mode="reduce-overhead", options=guards or None)
     elif variant.startswith("pcg-"):
+        compiler = "inductor" if variant == BASELINE else variant[4:]
         model.forward = torch.compile(model.forward, backend="pcg",
-                                      options={"compiler": variant[4:], **(pcg_options or {}), **guards})
+                                      options={"compiler": compiler, **(pcg_options or {}), **guards})
 
 
 def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None, batches=(1,)) -> None:
@@ -425,9 +436,15 @@ def main(argv=None):
                              "more, freed before the timed calls)")
     parser.add_argument("--pcg-options", type=_json_object, default={},
                         help='extra pcg options as JSON for the pcg variants, e.g. \'{"max_capture_size": 1024}\'')
+    parser.add_argument("--baseline-options", type=_json_object, default=None,
+                        help=f"also run {BASELINE}, first: pcg-inductor with these options as JSON merged over "
+                             "--pcg-options, e.g. '{\"skinny_gemm\": \"static\"}', so that the other variants are "
+                             "read against it in the same process")
     args = parser.parse_args(argv)
-    variants = chosen_variants(args.variants, args.quick)
-    bad = [v for v in variants if v not in VARIANTS]
+    variants = chosen_variants(args.variants, args.quick, baseline=args.baseline_options is not None)
+    # BASELINE is a variant only with its options given (it is then added, first).
+    known = VARIANTS + ((BASELINE,) if args.baseline_options is not None else ())
+    bad = [v for v in variants if v not in known]
     if bad:
         parser.error(f"unknown variant(s) {bad}; choose from {VARIANTS}")
     if args.noise and not args.traffic:
@@ -455,7 +472,8 @@ def main(argv=None):
     state_ms_per_row = 1e3 * 2 * state_bytes_per_row(model) / bandwidth
     print(f"variants: {','.join(variants)}; prefill {prefill}; decode batches {batches}", flush=True)
     print(f"family: {args.family}; pattern: {short_pattern(args.layers) if args.family == 'nemotron_h' else '-'}; module guards {'skipped' if args.skip_module_guards else 'kept'}; "
-          f"extra pcg options {args.pcg_options}", flush=True)
+          f"extra pcg options {args.pcg_options}"
+          f"{f'; {BASELINE} options {args.baseline_options}' if args.baseline_options is not None else ''}", flush=True)
     print(f"device: {device}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
           f"{weights / 1e9:.1f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.2f} ms", flush=True)
     results = []
@@ -466,7 +484,8 @@ def main(argv=None):
             json.dump({"device": device, "family": args.family, "floor_ms": floor_ms, "weight_bytes": weights,
                        "state_ms_per_row": state_ms_per_row,
                        "bandwidth_bytes_s": bandwidth, "skip_module_guards": args.skip_module_guards,
-                       "pcg_options": args.pcg_options, "cache": args.cache,
+                       "pcg_options": args.pcg_options, "baseline_options": args.baseline_options,
+                       "cache": args.cache,
                        "results": results}, f, indent=1, default=str)
 
     for v in variants:
@@ -474,7 +493,8 @@ def main(argv=None):
         results.append(result)
         try:
             run_variant(model, v, prefill, batches, new_tokens, repeats, args.out if args.profile else None,
-                        args.skip_module_guards, args.trace, args.pcg_options, result, save, args.cache)
+                        args.skip_module_guards, args.trace, variant_options(v, args.pcg_options, args.baseline_options),
+                        result, save, args.cache)
         except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
             message = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"  {v:>16} FAILED: {message}", flush=True)
@@ -490,7 +510,8 @@ def main(argv=None):
 
 
 def run_traffic(args, variants: list[str]) -> dict:
-    """`--traffic`: the same seeded generate() calls for each variant, then the ideal on the last pcg variant."""
+    """`--traffic`: the same seeded generate() calls for each variant, then the ideal on the last pcg variant
+    (not BASELINE). The plan's buckets follow --pcg-options."""
     import pcg_backend
     from pcg_backend import traffic
     from pcg_backend.options import parse_options
@@ -533,7 +554,7 @@ def run_traffic(args, variants: list[str]) -> dict:
                        "new_tokens": args.new_tokens, "results": results, "ideal": ideal}, f, indent=1, default=str)
 
     for v in variants:
-        install_variant(model, v, args.skip_module_guards, args.pcg_options)
+        install_variant(model, v, args.skip_module_guards, variant_options(v, args.pcg_options, args.baseline_options))
         try:
             r = traffic.run(model, calls, args.new_tokens, log=lambda m: print(f"  {v:>14} {m}", flush=True),
                             cache=args.cache, largest=opts.largest)
@@ -550,7 +571,7 @@ def run_traffic(args, variants: list[str]) -> dict:
         print(f"  {v:>14} p50 {1e3 * r['p50_s']:.1f} ms, captures after warm-up {r['captures_after_warm_up']}, "
               f"compiles {r['compiles_after_warm_up']}", flush=True)
         save()
-        if v.startswith("pcg"):
+        if v.startswith("pcg") and v != BASELINE:   # the ideal of the variants under test, not the baseline's
             ideal = traffic.ideal(model, calls, args.new_tokens, Ladder(opts.capture_sizes), cache=args.cache)
             print(f"  ideal p50 {1e3 * ideal['p50_s']:.1f} ms, decode step ms {ideal['decode_step_ms']}", flush=True)
             save()

@@ -86,6 +86,21 @@ def test_quick_runs_eager_and_pcg_inductor_unless_variants_are_named():
     assert bench.chosen_variants("eager,compile", quick=True) == ["eager", "compile"]
 
 
+def test_baseline_runs_first_with_its_options_over_the_shared_ones(capsys):
+    assert bench.chosen_variants("eager,pcg-inductor", quick=False, baseline=True) == [
+        bench.BASELINE, "eager", "pcg-inductor"]
+    shared, baseline = {"max_capture_size": 64}, {"skinny_gemm": "static", "max_capture_size": 32}
+    assert bench.variant_options(bench.BASELINE, shared, baseline) == {"max_capture_size": 32, "skinny_gemm": "static"}
+    assert bench.variant_options("pcg-inductor", shared, baseline) == shared
+    # Named without --baseline-options it is an unknown variant, whose options nobody gave.
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", bench.BASELINE])
+    assert "unknown variant(s) ['pcg-baseline']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--baseline-options", "[1]"])
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
 def test_traffic_plan_is_seeded_and_spans_the_buckets():
     from pcg_backend import traffic
 
