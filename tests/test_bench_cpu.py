@@ -80,6 +80,26 @@ def test_gemm_tool_times_exactly_the_benchmark_models_linear_layers():
     assert found == expected
 
 
+def test_gemm_tools_family_shapes_are_the_familys_linear_layers():
+    """tools/skinny_gemm.py --family F times F's weight shapes; for nemotron_h they are the hand-written table's."""
+    import collections
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "gemm_libraries.py"
+    spec = importlib.util.spec_from_file_location("gemm_libraries", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    by_shape = collections.Counter()
+    for k, n, count in tool.shapes().values():
+        by_shape[(k, n)] += count
+    assert {(k, n): c for k, n, c in tool.family_shapes("nemotron_h").values()} == dict(by_shape)
+    falcon = tool.family_shapes("falcon_h1")
+    # 44 layers: k and v (512 columns), q and o (3072), the Mamba2 out-projection and down_proj.
+    assert falcon["3072x512"] == (3072, 512, 88) and falcon["3072x3072"] == (3072, 3072, 88)
+    assert falcon["5120x3072"][2] == falcon["12288x3072"][2] == 44
+
+
 def test_quick_runs_eager_and_pcg_inductor_unless_variants_are_named():
     assert bench.chosen_variants(None, quick=True) == ["eager", "pcg-inductor"]
     assert bench.chosen_variants(None, quick=False) == list(bench.VARIANTS)

@@ -37,6 +37,24 @@ def shapes() -> dict[str, tuple[int, int, int]]:
     }
 
 
+def family_shapes(family: str) -> dict[str, tuple[int, int, int]]:
+    """"KxN" -> (K, N, linear modules of that shape) for a benchmark family (`pcg_backend/families.py`),
+    read off the model built on the meta device. A shared block (Zamba2's) counts once, however
+    often a forward calls it."""
+    import collections
+
+    from transformers import AutoModelForCausalLM
+
+    from pcg_backend.bench import nano9b_config
+    from pcg_backend.families import config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(nano9b_config() if family == "nemotron_h" else config(family))
+    counts = collections.Counter((m.in_features, m.out_features) for m in model.modules()
+                                 if isinstance(m, torch.nn.Linear))
+    return {f"{k}x{n}": (k, n, count) for (k, n), count in sorted(counts.items())}
+
+
 def time_linear(k: int, n: int, m: int, library: str, linear=torch.nn.functional.linear) -> float:
     """Median microseconds per `linear` (default `F.linear`) of an (m, k) input and an (n, k) weight,
     with torch's preferred BLAS library set to `library`."""

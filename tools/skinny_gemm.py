@@ -1,6 +1,6 @@
 """pcg's Triton skinny-GEMM kernel against cuBLASLt on the benchmark model's shapes (needs CUDA).
 
-    python tools/skinny_gemm.py [--rows 1,8,16] [--search 32,64,128] [--split 1,8]
+    python tools/skinny_gemm.py [--rows 1,8,16] [--search 32,64,128] [--split 1,8] [--family F]
 
 For each weight shape of the Nemotron-Nano-9B-v2-shaped model and each row
 count, it checks `pcg_backend.ops.skinny_gemm.triton_linear` against an fp32
@@ -12,7 +12,9 @@ that shape, and the sum over one forward for cuBLASLt, for what
 `pcg::skinny_linear` does, and (up to 16 rows) for the kernel everywhere.
 `--split` times split-K tiles (`SPLIT`) at those row counts too, and prints
 the fastest against the table's tile; `--extra K:N,...` adds weight shapes
-(counted once per forward in the sums).
+(counted once per forward in the sums). `--family F` times another benchmark
+family's weight shapes instead (`pcg_backend/families.py`), each counted as
+often as the model has linear layers of that shape.
 """
 
 import argparse
@@ -25,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemm_libraries import shapes, time_linear  # noqa: E402
+from gemm_libraries import family_shapes, shapes, time_linear  # noqa: E402
 
+from pcg_backend.families import FAMILIES  # noqa: E402
 from pcg_backend.ops import skinny_gemm  # noqa: E402
 
 
@@ -71,6 +74,8 @@ def main() -> None:
     parser.add_argument("--split", default="", help="row counts at which to time split-K tiles")
     parser.add_argument("--extra", default="",
                         help="more weight shapes as K:N pairs, e.g. 12288:3072,5120:3072 (FalconH1's narrow ones)")
+    parser.add_argument("--family", default=None, choices=FAMILIES,
+                        help="time this benchmark family's weight shapes instead of Nemotron-Nano-9B-v2's")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tools/skinny_gemm.py needs a CUDA GPU")
@@ -80,10 +85,11 @@ def main() -> None:
     try:
         searched = {int(r) for r in args.search.split(",") if r}
         split = {int(r) for r in args.split.split(",") if r}
+        base = family_shapes(args.family) if args.family else shapes()
         for m in sorted({int(r) for r in args.rows.split(",")} | searched | split):
             totals = {"cublaslt": 0.0, "pcg::skinny_linear": 0.0}
             extra = {f"{k}:{n}": (int(k), int(n), 1) for k, n in (p.split(":") for p in args.extra.split(",") if p)}
-            for name, (k, n, count) in {**shapes(), **extra}.items():
+            for name, (k, n, count) in {**base, **extra}.items():
                 lt = time_linear(k, n, m, "cublaslt")
                 probe = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
                 taken = skinny_gemm.supported(probe, torch.empty(n, k, device="cuda", dtype=torch.bfloat16))
