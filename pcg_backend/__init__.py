@@ -38,13 +38,18 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+# Options that `torch.compile` reads from its `options` dict itself, before the backend sees them.
+TORCH_OPTIONS = ("guard_filter_fn",)
+
+
 def compile(model, *, dynamic: bool | None = None, fullgraph: bool = False, **options):
     """`torch.compile(model, backend="pcg", options=options)`, with the options checked here and HF routing on.
 
         model = pcg_backend.compile(model, max_capture_size=256, compiler="inductor")
 
-    `options` are the backend's options as keywords (see the README's table);
-    `dynamic` and `fullgraph` go to `torch.compile`. A bad option raises
+    `options` are the backend's options as keywords (see the README's table),
+    plus `guard_filter_fn`, which `torch.compile` itself takes in its options
+    (TORCH_OPTIONS); `dynamic` and `fullgraph` go to `torch.compile`. A bad option raises
     `PcgOptionError`, a `ValueError` naming the valid choices, from this call,
     before anything is traced. When `model` is an HF model (an `nn.Module`
     with transformers layers, or a method of one such as `model.forward`), HF
@@ -53,7 +58,7 @@ def compile(model, *, dynamic: bool | None = None, fullgraph: bool = False, **op
     gets there too: the backend enables routing at its first HF graph and
     makes Dynamo trace that frame once more.)
     """
-    parse_options(options)
+    parse_options({k: v for k, v in options.items() if k not in TORCH_OPTIONS})
     if _is_hf_model(model):
         hf.enable()
     return torch.compile(model, backend="pcg", options=options or None, dynamic=dynamic, fullgraph=fullgraph)

@@ -60,6 +60,22 @@ def test_compile_passes_options_to_the_backend():
     assert s["eager_reasons"]["token count above the largest bucket 8"] == 3     # the 3 token-wise pieces
 
 
+def test_compile_hands_torch_compiles_own_guard_filter_to_torch_compile():
+    seen = []
+
+    def keep_every_guard(entries):   # torch.compile calls it with the guards it built
+        seen.append(len(entries))
+        return [True] * len(entries)
+
+    torch.manual_seed(0)
+    model = ToyModel(1)
+    compiled = pcg_backend.compile(model, capture_sizes=[4, 8], guard_filter_fn=keep_every_guard)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
+    assert len(seen) == 1 and seen[0] > 0
+    assert pcg_backend.stats()["graphs_compiled"] == 1
+
+
 def test_bad_option_through_torch_compile_fails_at_the_first_call():
     # Dynamo calls the backend only then; the error names the choices either way.
     f = torch.compile(lambda x: x + 1, backend="pcg", options={"nope": 1})
