@@ -82,8 +82,10 @@ def mamba2_core(
         dt = F.softplus(dt.float() + dt_bias).clamp_(dt_min, dt_max)
         # a zero bias, not None: mamba-ssm 2.3's selective_state_update reads dt_bias.stride() either way
         dt_step = {"dt_bias": dt_bias.new_zeros(1).expand(dt_bias.shape[0], head_dim), "dt_softplus": False}
-    # decode: one row, and causal_conv1d_update takes (batch, channels, 1) as laid out by `.contiguous()`
-    x = xBC[:, :n].transpose(1, 2).contiguous() if decode else _channel_last(xBC[:, :n])
+    # decode: one row; causal_conv1d_update takes (batch, channels, 1) at any batch stride, as HF's
+    # own decode hands it a view of the in-projection (a `.contiguous()` here cost a copy kernel per
+    # layer at batch > 1)
+    x = xBC[:, :n].transpose(1, 2) if decode else _channel_last(xBC[:, :n])
     dt = dt[:, :n]
     if mask is not None:
         mask = mask[:, :n]
