@@ -6,7 +6,8 @@ interpreter reads bf16 wrongly (NumPy has no bf16) and its loops need NumPy
 before 2.0, so the check is in fp16, in a subprocess that sets the variable
 before Triton is imported. Split-K must give the unsplit kernel's result
 within fp16 rounding, for K on and off the tile and for more splits than K
-has tiles.
+has tiles. The gated-norm kernel (`ops/gated_norm.py`) and the relu2
+epilogue are checked the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +45,30 @@ CHECK = textwrap.dedent("""
 """)
 
 
+FUSED_CHECK = textwrap.dedent('''
+import torch
+from pcg_backend.ops import gated_norm, skinny_gemm
+torch.manual_seed(0)
+# The norm kernel: HF's arithmetic, to fp16 rounding (its reduction adds in another order).
+for rows, width, group in [(1, 64, 32), (3, 96, 96), (5, 256, 64)]:
+    y, z = torch.randn(rows, width, dtype=torch.float16), torch.randn(rows, width, dtype=torch.float16)
+    w = torch.rand(width, dtype=torch.float16) + 0.5
+    got = gated_norm.norm_launch(y, z, w, 1e-5, group)
+    ref = gated_norm.reference(y, z, w, 1e-5, group)
+    assert got.dtype == ref.dtype == torch.float16
+    torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
+# relu2 in the epilogue: the plain kernel's output, relu'd and squared in fp16, bit for bit.
+x = torch.randn(3, 256, dtype=torch.float16)
+w = torch.randn(4160, 256, dtype=torch.float16) / 16
+for split in (1, 2):
+    tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2, "SPLIT_K": split}
+    plain = skinny_gemm.triton_linear(x, w, None, tile=tile)
+    fused = skinny_gemm.triton_linear(x, w, None, tile=tile, activation="relu2")
+    assert torch.equal(fused, torch.square(torch.relu(plain))), split
+print("ok")
+''')
+
+
 def _interpreter_usable() -> str | None:
     try:
         import numpy
@@ -55,12 +80,22 @@ def _interpreter_usable() -> str | None:
     return None
 
 
-def test_split_k_gives_the_unsplit_kernels_result():
+def _run_interpreted(check: str) -> None:
     reason = _interpreter_usable()
     if reason:
         pytest.skip(reason)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", CHECK], cwd=root, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", check], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_split_k_gives_the_unsplit_kernels_result():
+    _run_interpreted(CHECK)
+
+
+def test_gated_norm_kernel_and_the_relu2_epilogue():
+    # The gated norm against HF's arithmetic; the relu2 epilogue against the plain kernel's
+    # output squared, bit for bit, split or not.
+    _run_interpreted(FUSED_CHECK)

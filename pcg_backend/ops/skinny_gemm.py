@@ -66,9 +66,19 @@ def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _activate(acc, y_ptr, ACTIVATION: tl.constexpr):
+        # The output in y's dtype, after the activation. "relu2" (NemotronH's MLP) rounds to y's dtype
+        # before and after squaring, as HF's relu and square of the linear's output do.
+        if ACTIVATION == "relu2":
+            r = tl.maximum(acc.to(y_ptr.dtype.element_ty).to(tl.float32), 0.0)
+            acc = r * r
+        return acc.to(y_ptr.dtype.element_ty)
+
+    @triton.jit
     def _skinny_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ACTIVATION: tl.constexpr,
     ):
         rm = tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,14 +94,14 @@ if triton is not None:
             acc = tl.dot(x, w, acc)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], _activate(acc, y_ptr, ACTIVATION),
                  mask=m_in[:, None] & n_in[None, :])
 
     @triton.jit
     def _skinny_split_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, arrivals_ptr, M, N, K, sxm, swn, sym, K_PER_SPLIT,
         SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACTIVATION: tl.constexpr,
     ):
         # Program (n, s) sums K_PER_SPLIT of K for its BLOCK_N columns into fp32 partial sum s.
         # The last of a column block's SPLITS programs to arrive adds the partials in split
@@ -125,7 +135,7 @@ if triton is not None:
                 total += tl.load(part_ptr + s * M * N + tile, mask=tile_in, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(b_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + rm[:, None] * sym + rn[None, :], total.to(y_ptr.dtype.element_ty), mask=tile_in)
+            tl.store(y_ptr + rm[:, None] * sym + rn[None, :], _activate(total, y_ptr, ACTIVATION), mask=tile_in)
             tl.atomic_xchg(arrivals_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
@@ -210,9 +220,11 @@ def _device_facts(device_index: int) -> tuple[int | None, int]:
 
 
 def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                  tile: dict | None = None) -> torch.Tensor:
-    """`F.linear(x, w, bias)` through the Triton kernel; the caller checks `supported` first.
-    `tile` overrides the tile table (`tools/skinny_gemm.py` searches with it)."""
+                  tile: dict | None = None, activation: str = "") -> torch.Tensor:
+    """`F.linear(x, w, bias)` through the Triton kernel, then `activation` (see ACTIVATIONS); the caller checks
+    `supported` first. `tile` overrides the tile table (`tools/skinny_gemm.py` searches with it)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"pcg::skinny_linear: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -235,13 +247,14 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         if tile.get("SPLIT_K", 1) == 1:
             _skinny_kernel[(columns,)](
                 x2, w, bias if bias is not None else w, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
-                HAS_BIAS=bias is not None, **launch)
+                HAS_BIAS=bias is not None, ACTIVATION=activation, **launch)
         else:
             step, splits = k_parts(k, tile["BLOCK_K"], tile["SPLIT_K"])
             part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
             _skinny_split_kernel[(columns, splits)](
                 x2, w, bias if bias is not None else w, y, part, _arrival_counters(x.device, columns), m, n, k,
-                x2.stride(0), w.stride(0), y.stride(0), step, SPLITS=splits, HAS_BIAS=bias is not None, **launch)
+                x2.stride(0), w.stride(0), y.stride(0), step, SPLITS=splits, HAS_BIAS=bias is not None,
+                ACTIVATION=activation, **launch)
     return y.reshape(*lead, n)
 
 
@@ -271,15 +284,25 @@ def _arrival_counters(device: torch.device, blocks: int) -> torch.Tensor:
     return counters
 
 
+# What the kernel can apply to its output before storing it, as the eager ops after a linear do.
+ACTIVATIONS = {
+    "": lambda y: y,
+    "relu2": lambda y: torch.square(torch.relu(y)),   # NemotronH's MLP (HF's ReLUSquaredActivation)
+}
+
+
 @lean_op("pcg::skinny_linear", mutates_args=())
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  activation: str = "") -> torch.Tensor:
     if supported(x, weight) and (bias is None or bias.stride(0) == 1):
         LAUNCHES["triton"] += 1
-        return triton_linear(x, weight, bias)
+        return triton_linear(x, weight, bias, activation=activation)
     LAUNCHES["linear"] += 1
-    return torch.nn.functional.linear(x, weight, bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"pcg::skinny_linear: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
 
 
 @torch.library.register_fake("pcg::skinny_linear")
-def _skinny_linear_fake(x, weight, bias=None):
+def _skinny_linear_fake(x, weight, bias=None, activation=""):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

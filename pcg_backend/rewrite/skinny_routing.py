@@ -38,12 +38,16 @@ every call, and those pieces are host-bound.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx
 
 from ..analyse.fx_facts import node_value
 from ..ops import skinny_gemm
+
+# Fusions made by the pass, per kind, process-wide (tests and the benchmark read them).
+FUSIONS = {"relu2": 0}
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 HALF_TYPES = (torch.bfloat16, torch.float16)
@@ -89,9 +93,49 @@ def route_skinny_linears(gm: torch.fx.GraphModule, symbolic_rows: bool = False) 
         node.args = (x, w, b)
         node.kwargs = {}
         routed += 1
+        if _fuse_activation(gm, node):
+            FUSIONS["relu2"] += 1
     if routed:
         gm.recompile()
     return routed
+
+
+def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _erase_unused(gm: torch.fx.GraphModule, nodes) -> None:
+    """Erase `nodes` (readers first) where nothing reads them any more."""
+    for node in nodes:
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
+RELU_TARGETS = (torch.relu, torch.nn.functional.relu)
+
+
+def _is_square(node: torch.fx.Node, of: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target is torch.square:
+        return node.args == (of,) and not node.kwargs
+    if node.op == "call_function" and node.target in (torch.pow, operator.pow):
+        return node.args == (of, 2) and not node.kwargs
+    return node.op == "call_method" and node.target == "pow" and node.args == (of, 2) and not node.kwargs
+
+
+def _fuse_activation(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> bool:
+    """`square(relu(skinny_linear(x, W, b)))`, each the only reader of the one before, becomes
+    `skinny_linear(x, W, b, "relu2")` (NemotronH's MLP): the kernel squares as it stores."""
+    relu = _only_user(linear)
+    if (relu is None or relu.op != "call_function" or relu.target not in RELU_TARGETS or relu.args != (linear,)
+            or relu.kwargs.get("inplace", False)):
+        return False
+    square = _only_user(relu)
+    if square is None or not _is_square(square, relu):
+        return False
+    linear.args = (*linear.args[:3], "relu2")
+    square.replace_all_uses_with(linear)
+    _erase_unused(gm, [square, relu])
+    return True
 
 
 def routed_twin(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule | None, int]:

@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ...ops import mamba2  # noqa: F401  (registers pcg::mamba2_core)
+from ...ops import gated_norm, mamba2  # noqa: F401  (registers pcg::gated_rms_norm, pcg::mamba2_core)
 from ...ops.mamba2 import scan_output_dtype
 from ..gate import tracing_for_pcg
 from ..layers import note_routing
@@ -37,6 +37,11 @@ REQUIRED = (
     "conv_kernel_size",
 )
 ROUTED = "Mamba2 core via pcg::mamba2_core"
+
+# Gated RMSNorm classes that compute `gated_norm.reference` exactly (tried on CPU when their module
+# is patched): a decode step hands them to pcg::gated_rms_norm. FalconH1's, which can normalise
+# before gating and weights in fp32, is not one of them and keeps its own forward.
+REFERENCE_NORMS: list[type] = []
 
 # How a new cache's states are allocated; the tests fill them with NaN instead, to prove that
 # a fresh prefill writes every element.
@@ -113,7 +118,12 @@ def routed_forward(mixer, hidden_states, cache=None, attention_mask=None, cache_
         layer.has_previous_state[0] = True
 
     if getattr(mixer, "mamba_rms_norm", True):
-        scan_output = mixer.norm(out, gate)
+        if decode and out.dtype == dtype and isinstance(mixer.norm, tuple(REFERENCE_NORMS)):
+            # One kernel instead of the two Inductor makes of HF's norm.
+            scan_output = torch.ops.pcg.gated_rms_norm(out, gate, mixer.norm.weight, mixer.norm.variance_epsilon,
+                                                       mixer.norm.group_size)
+        else:
+            scan_output = mixer.norm(out, gate)
     else:  # FalconH1 without the gated norm gates with silu(z)
         scan_output = out * F.silu(gate.to(out.dtype))
     return mixer.out_proj(scan_output.to(dtype))
@@ -137,6 +147,9 @@ def wrap_forward(original):
 
 def patch_modeling_module(module, patches) -> None:
     for value in list(vars(module).values()):
+        if (isinstance(value, type) and value.__module__ == module.__name__ and value.__name__.endswith("RMSNormGated")
+                and gated_norm.computes_reference(value) and value not in REFERENCE_NORMS):
+            REFERENCE_NORMS.append(value)
         # Only classes the module defines: an imported mixer is wrapped in its own module.
         if isinstance(value, type) and value.__module__ == module.__name__ and looks_like_mixer(value):
             patches.wrap(value, "forward", wrap_forward)
