@@ -38,10 +38,12 @@ REQUIRED = (
 )
 ROUTED = "Mamba2 core via pcg::mamba2_core"
 
-# Gated RMSNorm classes that compute `gated_norm.reference` exactly (tried on CPU when their module
-# is patched): a decode step hands them to pcg::gated_rms_norm. FalconH1's, which can normalise
-# before gating and weights in fp32, is not one of them and keeps its own forward.
-REFERENCE_NORMS: list[type] = []
+# Set on each gated RMSNorm class that computes `gated_norm.reference` exactly (tried on CPU when its
+# module is patched): a decode step hands such norms to pcg::gated_rms_norm. FalconH1's, which can
+# normalise before gating and weights in fp32, is not one of them and keeps its own forward. A class
+# attribute, not a list, because Dynamo guards on what a trace reads: a list that grows when another
+# modeling module is patched would recompile every graph that read it.
+REFERENCE_NORM = "_pcg_computes_reference_norm"
 
 # How a new cache's states are allocated; the tests fill them with NaN instead, to prove that
 # a fresh prefill writes every element.
@@ -118,7 +120,7 @@ def routed_forward(mixer, hidden_states, cache=None, attention_mask=None, cache_
         layer.has_previous_state[0] = True
 
     if getattr(mixer, "mamba_rms_norm", True):
-        if decode and out.dtype == dtype and isinstance(mixer.norm, tuple(REFERENCE_NORMS)):
+        if decode and out.dtype == dtype and getattr(type(mixer.norm), REFERENCE_NORM, False):
             # One kernel instead of the two Inductor makes of HF's norm.
             scan_output = torch.ops.pcg.gated_rms_norm(out, gate, mixer.norm.weight, mixer.norm.variance_epsilon,
                                                        mixer.norm.group_size)
@@ -148,8 +150,8 @@ def wrap_forward(original):
 def patch_modeling_module(module, patches) -> None:
     for value in list(vars(module).values()):
         if (isinstance(value, type) and value.__module__ == module.__name__ and value.__name__.endswith("RMSNormGated")
-                and gated_norm.computes_reference(value) and value not in REFERENCE_NORMS):
-            REFERENCE_NORMS.append(value)
+                and gated_norm.computes_reference(value)):
+            setattr(value, REFERENCE_NORM, True)
         # Only classes the module defines: an imported mixer is wrapped in its own module.
         if isinstance(value, type) and value.__module__ == module.__name__ and looks_like_mixer(value):
             patches.wrap(value, "forward", wrap_forward)
