@@ -18,8 +18,8 @@ from pcg_backend.ops import gated_norm, skinny_gemm
 from pcg_backend.rewrite import skinny_routing
 from pcg_backend.rewrite.skinny_routing import route_skinny_linears
 
-# Every family's gated norm, and whether pcg may compute it: FalconH1's can normalise before the gate
-# and weights in fp32, so it is not the norm `reference` computes.
+# Every family's gated norm, and whether pcg may compute it: FalconH1's has another constructor and can
+# normalise before the gate, so it is not the norm `reference` computes.
 GATED_NORMS = [
     ("nemotron_h", "NemotronHRMSNormGated", True), ("bamba", "BambaRMSNormGated", True),
     ("granitemoehybrid", "GraniteMoeHybridRMSNormGated", True), ("zamba2", "Zamba2RMSNormGated", True),
@@ -48,28 +48,107 @@ def test_gated_rms_norm_equals_each_familys_norm_bit_for_bit(family, name, dtype
         assert torch.equal(torch.ops.pcg.gated_rms_norm(y, z, norm.weight, 1e-5, group), norm(y, z))
 
 
-def test_patching_a_modeling_module_registers_its_reference_norms():
+def test_patching_marks_the_reference_norms_and_disable_removes_the_mark():
     import transformers.models.falcon_h1.modeling_falcon_h1 as falcon
     import transformers.models.nemotron_h.modeling_nemotron_h as nemotron
 
     from pcg_backend.hf.patches import Patches
 
+    norm_class = nemotron.NemotronHRMSNormGated
     patches = Patches()
     try:
         mamba2_adapter.patch_modeling_module(nemotron, patches)
         mamba2_adapter.patch_modeling_module(falcon, patches)
+        assert getattr(norm_class, mamba2_adapter.REFERENCE_NORM) is norm_class
+        assert not hasattr(falcon.FalconH1RMSNormGated, mamba2_adapter.REFERENCE_NORM)
+
+        class Overriding(norm_class):   # inherits the mark, but not the arithmetic it vouches for
+            def forward(self, hidden_states, gate=None):
+                return hidden_states
+
+        y = torch.randn(2, 1, 8, dtype=torch.bfloat16, device="meta")
+        marked, subclass = norm_class(8, group_size=4), Overriding(8, group_size=4)
+        # The mark holds for the class itself only; on CPU the kernel does not apply either way.
+        assert getattr(type(marked), mamba2_adapter.REFERENCE_NORM, None) is type(marked)
+        assert getattr(type(subclass), mamba2_adapter.REFERENCE_NORM, None) is not type(subclass)
+        assert not mamba2_adapter._norm_kernel_applies(marked, y)
     finally:
         patches.restore_all()
-    assert getattr(nemotron.NemotronHRMSNormGated, mamba2_adapter.REFERENCE_NORM) is True
-    assert not hasattr(falcon.FalconH1RMSNormGated, mamba2_adapter.REFERENCE_NORM)
+    assert mamba2_adapter.REFERENCE_NORM not in vars(norm_class)
 
 
-def test_bad_group_sizes_raise():
-    y = torch.randn(2, 12)
+def test_the_check_runs_on_cpu_inside_a_meta_device_context():
+    # HF's from_pretrained builds models under torch.device("meta"); the check must not fail there.
+    import transformers.models.bamba.modeling_bamba as bamba
+
+    class Copy(bamba.BambaRMSNormGated):   # a class the check has not cached yet
+        pass
+
+    with torch.device("meta"):
+        assert gated_norm.computes_reference(Copy)
+
+
+def test_the_check_rejects_a_norm_that_rounds_in_another_order():
+    import transformers.models.nemotron_h.modeling_nemotron_h as nemotron
+
+    class WeightsInFp32(nemotron.NemotronHRMSNormGated):
+        """The same signature and the same numbers in fp32; in bf16 the weight multiplies before the cast."""
+
+        def forward(self, hidden_states, gate=None):
+            h = hidden_states.float() * F.silu(gate.float())
+            groups = h.view(*h.shape[:-1], -1, self.group_size)
+            groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (self.weight.float() * groups.view(h.shape)).to(hidden_states.dtype)
+
+    assert not gated_norm.computes_reference(WeightsInFp32)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])   # meta: the fake kernel checks the same
+def test_bad_group_sizes_raise(device):
+    y = torch.randn(2, 12, device=device)
+    ones = torch.ones(12, device=device)
     with pytest.raises(ValueError, match="groups of 5"):
-        torch.ops.pcg.gated_rms_norm(y, y, torch.ones(12), 1e-5, 5)
+        torch.ops.pcg.gated_rms_norm(y, y, ones, 1e-5, 5)
     with pytest.raises(ValueError, match="groups of 4"):
-        torch.ops.pcg.gated_rms_norm(y, y[:, :8], torch.ones(12), 1e-5, 4)
+        torch.ops.pcg.gated_rms_norm(y, y[:, :8], ones, 1e-5, 4)
+    with pytest.raises(ValueError, match="groups of 0"):
+        torch.ops.pcg.gated_rms_norm(y, y, ones, 1e-5, 0)
+
+
+def test_the_fake_kernel_gives_a_contiguous_result_of_the_promoted_dtype():
+    y = torch.empty(4, 3, 16, device="meta", dtype=torch.bfloat16).transpose(0, 1)   # dense, not contiguous
+    out = torch.ops.pcg.gated_rms_norm(y, y, torch.empty(16, device="meta"), 1e-5, 8)
+    assert out.shape == y.shape and out.is_contiguous() and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "bamba", "zamba2", "granitemoehybrid", "mamba2"])
+def test_a_decode_step_through_the_norm_op_equals_eager(family, monkeypatch):
+    # On CPU the kernel does not apply, so the adapter keeps HF's norm; with the adapter told that it
+    # does (its class check kept), decode steps run pcg::gated_rms_norm's reference: eager's bits in fp32.
+    import copy
+
+    from hf_models import tiny_model
+
+    monkeypatch.setattr(mamba2_adapter, "_norm_kernel_applies", lambda norm, out: getattr(
+        type(norm), mamba2_adapter.REFERENCE_NORM, None) is type(norm))
+    torch._dynamo.reset()
+    model = tiny_model(family)
+    twin = copy.copy(model)
+    twin.forward = torch.compile(model.forward, backend="pcg", options={"progress": False})
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    before = dict(gated_norm.LAUNCHES)
+    with torch.no_grad():
+        kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                      return_dict_in_generate=True)
+        ref, got = model.generate(ids, **kwargs), twin.generate(ids, **kwargs)
+    torch._dynamo.reset()
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # Every Mamba2 layer's norm, in each of the 3 decode steps.
+    layers = sum(type(m).__name__.endswith("RMSNormGated") for m in model.modules())
+    assert gated_norm.LAUNCHES["reference"] - before["reference"] == 3 * layers
+    assert gated_norm.LAUNCHES["norm_kernel"] == before["norm_kernel"]
 
 
 class Relu2Mlp(torch.nn.Module):
@@ -129,6 +208,8 @@ def test_relu_then_square_moves_into_the_linear(form, fused, batch):
     assert len(linears) == 2
     assert [n.args[3:] for n in linears] == ([("relu2",), ()] if fused else [(), ()])
     assert (F.relu in _targets(gm)) is not fused
+    squares = [t for t in _targets(gm) if t is torch.square] + [n for n in gm.graph.nodes if n.target == "pow"]
+    assert (not squares) is fused
     assert skinny_gemm.LAUNCHES["linear"] - before["linear"] == 2
     if form == "shared":
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

@@ -16,7 +16,9 @@ pytestmark = requires_cuda
 @pytest.mark.parametrize("rows, width, group", [(1, 10240, 1280), (8, 8192, 8192), (24, 7168, 3584), (3, 120, 40)])
 def test_gated_rms_norm_kernel_rounds_as_hf(rows, width, group):
     torch.manual_seed(rows)
-    y, z = (torch.randn(rows, 1, width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    y = torch.randn(rows, 1, width, device="cuda", dtype=torch.bfloat16)
+    # The gate as the adapter passes it: a view of the in-projection, between other columns.
+    z = torch.randn(rows, 1, width + 40, device="cuda", dtype=torch.bfloat16)[..., 16:16 + width]
     w = torch.rand(width, device="cuda", dtype=torch.bfloat16) + 0.5
     before = dict(gated_norm.LAUNCHES)
     got = torch.ops.pcg.gated_rms_norm(y, z, w, 1e-5, group)
@@ -30,10 +32,13 @@ def test_gated_rms_norm_kernel_rounds_as_hf(rows, width, group):
 def test_relu2_epilogue_equals_relu_and_square_of_the_kernels_output(split):
     torch.manual_seed(split)
     x = torch.randn(8, 4480, device="cuda", dtype=torch.bfloat16)
+    x[3, 7] = float("nan")    # a NaN row stays NaN through the relu, as in torch
     w = torch.randn(3072, 4480, device="cuda", dtype=torch.bfloat16) / 67
     tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4, "SPLIT_K": split}
     plain = skinny_gemm.triton_linear(x, w, tile=tile)
-    assert torch.equal(skinny_gemm.triton_linear(x, w, tile=tile, activation="relu2"), torch.square(torch.relu(plain)))
+    fused = skinny_gemm.triton_linear(x, w, tile=tile, activation="relu2")
+    torch.testing.assert_close(fused, torch.square(torch.relu(plain)), atol=0, rtol=0, equal_nan=True)
+    assert fused[3].isnan().all() and not fused[:3].isnan().any()
 
 
 @torch._dynamo.config.patch(recompile_limit=64)

@@ -51,7 +51,8 @@ from pcg_backend.ops import gated_norm, skinny_gemm
 torch.manual_seed(0)
 # The norm kernel: HF's arithmetic, to fp16 rounding (its reduction adds in another order).
 for rows, width, group in [(1, 64, 32), (3, 96, 96), (5, 256, 64)]:
-    y, z = torch.randn(rows, width, dtype=torch.float16), torch.randn(rows, width, dtype=torch.float16)
+    y = torch.randn(rows, width, dtype=torch.float16)
+    z = torch.randn(rows, width + 24, dtype=torch.float16)[:, 8:8 + width]   # a strided gate, as split() gives it
     w = torch.rand(width, dtype=torch.float16) + 0.5
     got = gated_norm.norm_launch(y, z, w, 1e-5, group)
     ref = gated_norm.reference(y, z, w, 1e-5, group)
@@ -59,12 +60,14 @@ for rows, width, group in [(1, 64, 32), (3, 96, 96), (5, 256, 64)]:
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
 # relu2 in the epilogue: the plain kernel's output, relu'd and squared in fp16, bit for bit.
 x = torch.randn(3, 256, dtype=torch.float16)
+x[1, 5] = float("nan")   # the relu keeps a NaN, as torch.relu does
 w = torch.randn(4160, 256, dtype=torch.float16) / 16
 for split in (1, 2):
     tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2, "SPLIT_K": split}
     plain = skinny_gemm.triton_linear(x, w, None, tile=tile)
     fused = skinny_gemm.triton_linear(x, w, None, tile=tile, activation="relu2")
-    assert torch.equal(fused, torch.square(torch.relu(plain))), split
+    torch.testing.assert_close(fused, torch.square(torch.relu(plain)), atol=0, rtol=0, equal_nan=True)
+    assert fused[1].isnan().all() and not fused[0].isnan().any(), split
 print("ok")
 ''')
 

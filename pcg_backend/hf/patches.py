@@ -1,8 +1,9 @@
 """The record of every HF attribute pcg replaced, so that `disable()` can put each one back.
 
 Adapters never assign to transformers directly: they call `PATCHES.wrap`
-(an attribute of a class or module) or `PATCHES.wrap_item` (an entry of a
-dict such as `ALL_ATTENTION_FUNCTIONS._global_mapping`). Each call keeps the
+(an attribute of a class or module), `PATCHES.wrap_item` (an entry of a
+dict such as `ALL_ATTENTION_FUNCTIONS._global_mapping`) or `PATCHES.mark`
+(a new attribute of pcg's own on a class). Each call keeps the
 original object, and `restore_all` puts the originals back in reverse order,
 so after `disable()` every patched attribute is the very object it was
 before (`is`, not only equal).
@@ -79,6 +80,17 @@ class Patches:
         wrapper = self._mark(make_wrapper(current), current)
         setattr(owner, name, wrapper)
         self._add(Patch(owner, name, original, wrapper, is_item=False))
+        return True
+
+    def mark(self, owner, name: str, value: Any) -> bool:
+        """Set `owner.name = value` where `owner` itself has no such attribute; False if pcg already did.
+        `restore_all` deletes it again."""
+        if self.is_patched(owner, name):
+            return False
+        if name in vars(owner):
+            raise ValueError(f"pcg: {owner!r} already has its own attribute {name!r}")
+        setattr(owner, name, value)
+        self._add(Patch(owner, name, _MISSING, value, is_item=False))
         return True
 
     def wrap_item(self, mapping: dict, key: str, make_wrapper: Callable[[Any], Any]) -> bool:

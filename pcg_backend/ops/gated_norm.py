@@ -12,8 +12,10 @@ about 1.2 µs of GPU time with its launch gap, on the 27 norms.
 
 `gated_rms_norm` is the norm in one Triton kernel (a program per row and
 group), with HF's roundings: the normalised value is cast to the input
-dtype before the weight multiplies it. On CPU, or without Triton, it runs
-`reference`, HF's own arithmetic.
+dtype before the weight multiplies it. Where the kernel does not apply
+(`kernel_applies`: CPU, no Triton, fp32, a weight of another dtype, a group
+above MAX_GROUP) it runs `reference`, HF's own arithmetic; the adapter
+calls the op only where the kernel applies, decided at trace time.
 
 Fusing the norm into `out_proj`'s skinny GEMM as well (gating, weighting
 and summing squares as each K step loads, and scaling each group's partial
@@ -25,7 +27,7 @@ weight. The norm stays a kernel of its own.
 The Mamba2 adapter (`hf/adapters/mamba2.py`) calls `gated_rms_norm` in a
 decode step where the norm's class computes exactly `reference`
 (`computes_reference`, checked when the modeling module is patched, outside
-any trace).
+any trace) and the kernel applies.
 """
 
 from __future__ import annotations
@@ -58,23 +60,36 @@ def reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float
 
 @functools.lru_cache(maxsize=None)
 def computes_reference(norm_class: type) -> bool:
-    """True if `norm_class(hidden_size, group_size=..., eps=...)` computes `reference`, checked once per class on
-    a small fp32 input on CPU: pcg replaces only a norm it has seen give the same numbers."""
+    """True if `norm_class(hidden_size, group_size=..., eps=...)` computes `reference` bit for bit, in fp32 and
+    in bf16 (where the order of the casts and the weight's multiply shows), on a small CPU input: pcg replaces
+    only a norm it has seen give the same numbers. Built on the CPU whatever device or dtype context the caller
+    is in (HF's `from_pretrained` builds its model inside a meta-device context)."""
     try:
-        norm = norm_class(8, group_size=4, eps=1e-5)
-        with torch.no_grad():
-            norm.weight.copy_(torch.linspace(0.5, 1.5, 8))
-        generator = torch.Generator().manual_seed(0)
-        y, z = torch.randn(2, 3, 8, generator=generator), torch.randn(2, 3, 8, generator=generator)
-        with torch.no_grad():
-            return torch.allclose(norm(y, z), reference(y, z, norm.weight, 1e-5, 4), rtol=1e-6, atol=1e-6)
+        with torch.device("cpu"):
+            norm = norm_class(8, group_size=4, eps=1e-5).float()
+            generator = torch.Generator().manual_seed(0)
+            y, z = (torch.randn(2, 3, 8, generator=generator, dtype=torch.float32) for _ in range(2))
+            with torch.no_grad():
+                norm.weight.copy_(torch.linspace(0.5, 1.5, 8))
+                for dtype in (torch.float32, torch.bfloat16):
+                    norm.to(dtype)
+                    yd, zd = y.to(dtype), z.to(dtype)
+                    if not torch.equal(norm(yd, zd), reference(yd, zd, norm.weight, 1e-5, 4)):
+                        return False
+        return True
     except Exception:  # noqa: BLE001 - another constructor or forward: not the norm this op computes
         return False
 
 
-def _on_triton(*tensors: torch.Tensor) -> bool:
-    return (triton is not None and all(t.is_cuda for t in tensors)
-            and tensors[0].dtype in (torch.bfloat16, torch.float16))
+# The largest group one program normalises: a whole group is one block, at most 32 elements a thread.
+MAX_GROUP = 16384
+
+
+def kernel_applies(y: torch.Tensor, weight: torch.Tensor, group_size: int) -> bool:
+    """True where `gated_rms_norm` runs its Triton kernel rather than `reference` (also usable on fake tensors)."""
+    return (triton is not None and y.is_cuda and weight.is_cuda and y.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == y.dtype and weight.dim() == 1 and weight.stride(0) == 1
+            and 0 < group_size <= MAX_GROUP)
 
 
 if triton is not None:
@@ -104,7 +119,7 @@ def norm_launch(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: flo
     """The norm kernel's launch; the op checks the shapes first."""
     y2, z2 = _rows(y), _rows(z)
     out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
-    block = triton.next_power_of_2(group_size)   # a whole group per program, at most 16 elements a thread
+    block = triton.next_power_of_2(group_size)   # a whole group per program: 4-16 warps, as its size needs
     with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
         _gated_norm_kernel[(y2.shape[0], y2.shape[1] // group_size)](
             y2, z2, weight, out, group_size, eps, y2.stride(0), z2.stride(0), out.stride(0),
@@ -113,7 +128,7 @@ def norm_launch(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: flo
 
 
 def _checked(y, z, weight, group_size) -> None:
-    if y.shape != z.shape or y.shape[-1] % group_size or weight.shape != y.shape[-1:]:
+    if group_size <= 0 or y.shape != z.shape or y.shape[-1] % group_size or weight.shape != y.shape[-1:]:
         raise ValueError(f"pcg::gated_rms_norm: y {tuple(y.shape)}, gate {tuple(z.shape)} and weight "
                          f"{tuple(weight.shape)} do not make groups of {group_size}")
 
@@ -121,7 +136,7 @@ def _checked(y, z, weight, group_size) -> None:
 @lean_op("pcg::gated_rms_norm", mutates_args=())
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int) -> torch.Tensor:
     _checked(y, z, weight, group_size)
-    if _on_triton(y, z, weight) and weight.dtype == y.dtype and y.numel():
+    if kernel_applies(y, weight, group_size) and z.is_cuda and y.numel():
         LAUNCHES["norm_kernel"] += 1
         return norm_launch(y, z, weight, eps, group_size)
     LAUNCHES["reference"] += 1
@@ -130,4 +145,5 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 
 @torch.library.register_fake("pcg::gated_rms_norm")
 def _gated_rms_norm_fake(y, z, weight, eps, group_size):
-    return torch.empty_like(y, dtype=torch.promote_types(weight.dtype, y.dtype))
+    _checked(y, z, weight, group_size)
+    return y.new_empty(y.shape, dtype=torch.promote_types(weight.dtype, y.dtype))

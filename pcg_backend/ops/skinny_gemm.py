@@ -14,8 +14,13 @@ tensor cores padded to 16. Accumulation is fp32; the output has x's dtype,
 as cuBLAS gives it. The tile is fixed per weight shape and the GPU's shared
 memory (what `triton.autotune` chose on the H100 for the benchmark model's
 shapes, with a deeper pipeline where an H200 measured it faster), so the
-first call compiles one kernel per tile and bias/no-bias variant, and
-autotunes nothing.
+first call compiles one kernel per tile, bias/no-bias variant and
+activation, and autotunes nothing.
+
+`activation="relu2"` applies NemotronH's relu and square as the kernel
+stores its output, with HF's roundings (to the output dtype before and
+after squaring); `rewrite/skinny_routing.py` moves them there from the
+graph, one kernel fewer per MLP layer of a decode step.
 
 A tile with `SPLIT_K` > 1 also splits K: program (n, s) sums its share of K
 into an fp32 partial, and the last of a column block's programs to finish
@@ -30,7 +35,7 @@ at most MAX_ROWS rows, at least MIN_COLUMNS output columns (on the H200,
 with split-K, every weight shape of the benchmark families from 512 columns
 up measured faster than cuBLASLt at 1 and 8 rows, or within 0.4 µs of it;
 below 512 are adapter and router weights too small to matter). Anything else goes to
-`F.linear`, which is also what a CPU run uses.
+`F.linear` (then the activation, in torch), which is also what a CPU run uses.
 `pcg_backend/rewrite/skinny_routing.py` decides which graph nodes call it.
 """
 
@@ -70,7 +75,8 @@ if triton is not None:
         # The output in y's dtype, after the activation. "relu2" (NemotronH's MLP) rounds to y's dtype
         # before and after squaring, as HF's relu and square of the linear's output do.
         if ACTIVATION == "relu2":
-            r = tl.maximum(acc.to(y_ptr.dtype.element_ty).to(tl.float32), 0.0)
+            rounded = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            r = tl.where(rounded < 0.0, 0.0, rounded)   # keeps a NaN, as torch.relu does (tl.maximum drops it)
             acc = r * r
         return acc.to(y_ptr.dtype.element_ty)
 
@@ -223,8 +229,7 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
                   tile: dict | None = None, activation: str = "") -> torch.Tensor:
     """`F.linear(x, w, bias)` through the Triton kernel, then `activation` (see ACTIVATIONS); the caller checks
     `supported` first. `tile` overrides the tile table (`tools/skinny_gemm.py` searches with it)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"pcg::skinny_linear: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+    _check_activation(activation)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -291,18 +296,23 @@ ACTIVATIONS = {
 }
 
 
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"pcg::skinny_linear: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+
+
 @lean_op("pcg::skinny_linear", mutates_args=())
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   activation: str = "") -> torch.Tensor:
+    _check_activation(activation)
     if supported(x, weight) and (bias is None or bias.stride(0) == 1):
         LAUNCHES["triton"] += 1
         return triton_linear(x, weight, bias, activation=activation)
     LAUNCHES["linear"] += 1
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"pcg::skinny_linear: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
 
 
 @torch.library.register_fake("pcg::skinny_linear")
 def _skinny_linear_fake(x, weight, bias=None, activation=""):
+    _check_activation(activation)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -39,10 +39,11 @@ REQUIRED = (
 ROUTED = "Mamba2 core via pcg::mamba2_core"
 
 # Set on each gated RMSNorm class that computes `gated_norm.reference` exactly (tried on CPU when its
-# module is patched): a decode step hands such norms to pcg::gated_rms_norm. FalconH1's, which can
-# normalise before gating and weights in fp32, is not one of them and keeps its own forward. A class
-# attribute, not a list, because Dynamo guards on what a trace reads: a list that grows when another
-# modeling module is patched would recompile every graph that read it.
+# module is patched), with the class itself as its value, so that a subclass, which may override
+# `forward`, does not inherit it. A decode step hands such norms to pcg::gated_rms_norm. FalconH1's,
+# whose constructor and arithmetic differ (it can normalise before gating), keeps its own forward.
+# A class attribute, not a list, because Dynamo guards on what a trace reads: a list that grows when
+# another modeling module is patched would recompile every graph that read it.
 REFERENCE_NORM = "_pcg_computes_reference_norm"
 
 # How a new cache's states are allocated; the tests fill them with NaN instead, to prove that
@@ -67,6 +68,13 @@ def missing_attributes(mixer: torch.nn.Module) -> list[str]:
     if getattr(mixer, "mamba_rms_norm", True) and not hasattr(mixer, "norm"):
         missing.append("norm")
     return missing
+
+
+def _norm_kernel_applies(norm: torch.nn.Module, out: torch.Tensor) -> bool:
+    """True where pcg::gated_rms_norm computes `norm` and runs its Triton kernel (decided at trace time:
+    elsewhere the op would run HF's arithmetic as separate eager kernels, which Inductor fuses better)."""
+    return getattr(type(norm), REFERENCE_NORM, None) is type(norm) and gated_norm.kernel_applies(out, norm.weight,
+                                                                                                 norm.group_size)
 
 
 def routed_forward(mixer, hidden_states, cache=None, attention_mask=None, cache_params=None, **kwargs):
@@ -120,7 +128,7 @@ def routed_forward(mixer, hidden_states, cache=None, attention_mask=None, cache_
         layer.has_previous_state[0] = True
 
     if getattr(mixer, "mamba_rms_norm", True):
-        if decode and out.dtype == dtype and getattr(type(mixer.norm), REFERENCE_NORM, False):
+        if decode and out.dtype == dtype and _norm_kernel_applies(mixer.norm, out):
             # One kernel instead of the two Inductor makes of HF's norm.
             scan_output = torch.ops.pcg.gated_rms_norm(out, gate, mixer.norm.weight, mixer.norm.variance_epsilon,
                                                        mixer.norm.group_size)
@@ -151,7 +159,7 @@ def patch_modeling_module(module, patches) -> None:
     for value in list(vars(module).values()):
         if (isinstance(value, type) and value.__module__ == module.__name__ and value.__name__.endswith("RMSNormGated")
                 and gated_norm.computes_reference(value)):
-            setattr(value, REFERENCE_NORM, True)
+            patches.mark(value, REFERENCE_NORM, value)
         # Only classes the module defines: an imported mixer is wrapped in its own module.
         if isinstance(value, type) and value.__module__ == module.__name__ and looks_like_mixer(value):
             patches.wrap(value, "forward", wrap_forward)
