@@ -58,15 +58,29 @@ def reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float
     return weight * groups.view(h.shape).to(y.dtype)
 
 
+def group_size(norm: torch.nn.Module) -> int:
+    """The width a gated norm normalises over: its `group_size`, or its whole width where it has none
+    (transformers 5.17's Bamba, GraniteMoeHybrid and Mamba2 norms normalise the whole width)."""
+    return getattr(norm, "group_size", None) or norm.weight.shape[-1]
+
+
+def _small_instance(norm_class: type) -> torch.nn.Module:
+    """`norm_class` at width 8, in groups of 4 where its constructor takes a group size."""
+    try:
+        return norm_class(8, group_size=4, eps=1e-5)
+    except TypeError:
+        return norm_class(8, eps=1e-5)
+
+
 @functools.lru_cache(maxsize=None)
 def computes_reference(norm_class: type) -> bool:
-    """True if `norm_class(hidden_size, group_size=..., eps=...)` computes `reference` bit for bit, in fp32 and
-    in bf16 (where the order of the casts and the weight's multiply shows), on a small CPU input: pcg replaces
-    only a norm it has seen give the same numbers. Built on the CPU whatever device or dtype context the caller
-    is in (HF's `from_pretrained` builds its model inside a meta-device context)."""
+    """True if `norm_class(hidden_size, [group_size=...,] eps=...)` computes `reference` bit for bit, in fp32
+    and in bf16 (where the order of the casts and the weight's multiply shows), on a small CPU input: pcg
+    replaces only a norm it has seen give the same numbers. Built on the CPU whatever device or dtype context
+    the caller is in (HF's `from_pretrained` builds its model inside a meta-device context)."""
     try:
         with torch.device("cpu"):
-            norm = norm_class(8, group_size=4, eps=1e-5).float()
+            norm = _small_instance(norm_class).float()
             generator = torch.Generator().manual_seed(0)
             y, z = (torch.randn(2, 3, 8, generator=generator, dtype=torch.float32) for _ in range(2))
             with torch.no_grad():
@@ -74,7 +88,7 @@ def computes_reference(norm_class: type) -> bool:
                 for dtype in (torch.float32, torch.bfloat16):
                     norm.to(dtype)
                     yd, zd = y.to(dtype), z.to(dtype)
-                    if not torch.equal(norm(yd, zd), reference(yd, zd, norm.weight, 1e-5, 4)):
+                    if not torch.equal(norm(yd, zd), reference(yd, zd, norm.weight, 1e-5, group_size(norm))):
                         return False
         return True
     except Exception:  # noqa: BLE001 - another constructor or forward: not the norm this op computes

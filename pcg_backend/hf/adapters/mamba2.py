@@ -73,8 +73,8 @@ def missing_attributes(mixer: torch.nn.Module) -> list[str]:
 def _norm_kernel_applies(norm: torch.nn.Module, out: torch.Tensor) -> bool:
     """True where pcg::gated_rms_norm computes `norm` and runs its Triton kernel (decided at trace time:
     elsewhere the op would run HF's arithmetic as separate eager kernels, which Inductor fuses better)."""
-    return getattr(type(norm), REFERENCE_NORM, None) is type(norm) and gated_norm.kernel_applies(out, norm.weight,
-                                                                                                 norm.group_size)
+    return (getattr(type(norm), REFERENCE_NORM, None) is type(norm)
+            and gated_norm.kernel_applies(out, norm.weight, gated_norm.group_size(norm)))
 
 
 def routed_forward(mixer, hidden_states, cache=None, attention_mask=None, cache_params=None, **kwargs):
@@ -131,7 +131,7 @@ def routed_forward(mixer, hidden_states, cache=None, attention_mask=None, cache_
         if decode and out.dtype == dtype and _norm_kernel_applies(mixer.norm, out):
             # One kernel instead of the two Inductor makes of HF's norm.
             scan_output = torch.ops.pcg.gated_rms_norm(out, gate, mixer.norm.weight, mixer.norm.variance_epsilon,
-                                                       mixer.norm.group_size)
+                                                       gated_norm.group_size(mixer.norm))
         else:
             scan_output = mixer.norm(out, gate)
     else:  # FalconH1 without the gated norm gates with silu(z)
