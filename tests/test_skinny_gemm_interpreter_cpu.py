@@ -6,8 +6,9 @@ interpreter reads bf16 wrongly (NumPy has no bf16) and its loops need NumPy
 before 2.0, so the check is in fp16, in a subprocess that sets the variable
 before Triton is imported. Split-K must give the unsplit kernel's result
 within fp16 rounding, for K on and off the tile and for more splits than K
-has tiles. The gated-norm kernel (`ops/gated_norm.py`) and the relu2
-epilogue are checked the same way.
+has tiles. The gated-norm kernel (`ops/gated_norm.py`), the relu2
+epilogue and the decode-attention kernels (`ops/decode_attention.py`) are
+checked the same way.
 """
 
 from __future__ import annotations
@@ -71,6 +72,43 @@ for split in (1, 2):
 print("ok")
 ''')
 
+DECODE_ATTENTION_CHECK = textwrap.dedent('''
+import torch
+from pcg_backend.ops import decode_attention as da
+torch.manual_seed(0)
+# One query row over a cache, against the fp32 reference: unsplit and split (the merge kernel),
+# boolean masks shared by the heads or per head, an additive mask, none, and a cache that is a view.
+cases = [(1, 8, 2, 5, "bool", False), (2, 10, 2, 300, "bool", True), (3, 4, 4, 130, "float", False),
+         (2, 6, 3, 70, None, False), (1, 4, 1, 1, "bool", False)]
+for b, heads, kv, keys, kind, per_head in cases:
+    dim = 16 if keys != 300 else 24
+    q = torch.randn(b, heads, 1, dim, dtype=torch.float16)
+    k = torch.randn(b, kv, keys + 3, dim, dtype=torch.float16)[:, :, 3:]
+    v = torch.randn(b, kv, keys, dim, dtype=torch.float16)
+    m = None
+    if kind == "bool":
+        m = torch.rand(b, heads if per_head else 1, 1, keys) > 0.3
+        m[..., -1] = True
+    elif kind == "float":
+        m = torch.where(torch.rand(b, 1, 1, keys) > 0.3, 0.0, torch.finfo(torch.float16).min).to(torch.float16)
+        m[..., -1] = 0
+    for programs in (1, 132):
+        da.TARGET_PROGRAMS = programs
+        out = torch.full((b, 1, heads, dim), float("nan"), dtype=torch.float16)
+        da.decode_attention(q, k, v, m, out, dim ** -0.5)
+        torch.testing.assert_close(out, da.reference(q, k, v, m, dim ** -0.5), atol=2e-3, rtol=2e-3)
+    assert da.splits_for(b, kv, keys) == min(-(-keys // 64), -(-132 // (b * kv)))
+# A row whose every key is masked gets zeros, split or not.
+for programs in (1, 132):
+    da.TARGET_PROGRAMS = programs
+    q = torch.randn(1, 4, 1, 16, dtype=torch.float16)
+    k = torch.randn(1, 2, 100, 16, dtype=torch.float16)
+    out = torch.full((1, 1, 4, 16), float("nan"), dtype=torch.float16)
+    da.decode_attention(q, k, k, torch.zeros(1, 1, 1, 100, dtype=torch.bool), out, 0.25)
+    assert torch.equal(out, torch.zeros_like(out))
+print("ok")
+''')
+
 
 def _interpreter_usable() -> str | None:
     try:
@@ -102,3 +140,8 @@ def test_gated_norm_kernel_and_the_relu2_epilogue():
     # The gated norm against HF's arithmetic; the relu2 epilogue against the plain kernel's
     # output squared, bit for bit, split or not.
     _run_interpreted(FUSED_CHECK)
+
+
+def test_decode_attention_kernels():
+    # One query row per sequence against the fp32 reference, split and unsplit, with every mask kind.
+    _run_interpreted(DECODE_ATTENTION_CHECK)

@@ -38,6 +38,7 @@ import types
 import torch
 
 from .. import context
+from . import decode_attention
 from .lean_op import lean_op
 from .registry import register_split_op
 
@@ -141,6 +142,10 @@ def attention(
             padded_keys = torch.arange(key.shape[-2], device=mask.device) >= count
             mask = mask & ~padded_keys if mask.dtype == torch.bool else \
                 mask.masked_fill(padded_keys, torch.finfo(mask.dtype).min)
+    if padded == 1 and impl == "sdpa" and decode_attention.applies(query, key, value, mask):
+        # A decode step: one kernel reads the cache as it lies (no repeat_kv copies, no mask conversion).
+        decode_attention.decode_attention(query, key, value, mask, out, scaling)
+        return
     # HF attention functions read only these attributes of the module.
     module = types.SimpleNamespace(num_key_value_groups=num_key_value_groups, is_causal=is_causal, training=False)
     result, _ = _without_cudnn_sdpa(lambda: ORIGINAL_ATTENTION[impl](
