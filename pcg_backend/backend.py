@@ -2,10 +2,12 @@
 
     torch.compile(model, backend="pcg", options={...})
 
-Dynamo hands us one FX graph at a time. We cut it at split ops
+Dynamo hands us one FX graph at a time. We take the arithmetic on weights
+alone out of it (`rewrite/weight_prologue.py`), cut it at split ops
 (`split.py`), compile every non-split piece with the chosen piece compiler,
 wrap each capturable piece in a `CudaGraphPiece` (`cudagraph.py`), and
-return a `PiecewiseRunner` (`runtime.py`) that pads each call to its bucket.
+return a `PiecewiseRunner` (`runtime.py`) that pads each call to its bucket,
+behind the `WeightPrologue` that keeps the hoisted arithmetic current.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .cudagraph import CudaGraphPiece, pool_for, release_pools
 from .eager_pieces import EagerPiece, SplitOpPiece
 from .ops import skinny_gemm
 from .options import parse_backend_options
+from .rewrite import weight_prologue
 from .rewrite.skinny_routing import route_skinny_linears, routed_twin
 from .split import split_graph
 from .stats import STATS, GraphRecord
@@ -82,8 +85,9 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     opts = parse_backend_options(options, mode, pcg_backend, kwargs)
     hf.install(gm)  # an HF graph traced before routing was on: turn it on and make Dynamo trace again
     name = f"graph{STATS.graphs_compiled}"
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     check_one_device(gm)
+    prologue, gm = weight_prologue.hoist(gm, example_inputs)   # before the split: it adds graph inputs
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     split = split_graph(gm, opts.capture_split_ops)
     off_reason = _cuda_graphs_off_reason(opts, split)
     if off_reason:
@@ -94,6 +98,9 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
 
     wrapped = _wrap_pieces(split, name, opts, pool)
     notes = wrapped.notes + _graph_notes(split, opts, wrapped)
+    if prologue is not None:
+        notes.append(f"{prologue.hoisted} node(s) of arithmetic on the weights alone (such as a Mamba2 mixer's "
+                     f"-exp(A_log)) run outside the graph, again only when a weight changes")
     padding = "off (static shapes)" if split.token_symbol is None else f"to buckets {opts.capture_sizes[0]}..{opts.largest}"
     ladder = Ladder(opts.capture_sizes)
     runner = PiecewiseRunner(split, gm.graph, ladder, off_reason is None, off_reason or "", name, opts)
@@ -101,7 +108,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
         padding = "exact bucket sizes only: " + runner.unpaddable
         notes.append(runner.unpaddable)
     _count_graph(name, split, wrapped, padding, notes, opts, pool)
-    return runner
+    return runner if prologue is None else prologue.wrap(runner)
 
 
 @dataclasses.dataclass

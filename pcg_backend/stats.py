@@ -66,6 +66,8 @@ class Stats:
         self.padded_calls = 0
         self.state_slots = 0          # model-state buffers pcg allocated and lends to caches (`state_slots.py`)
         self.state_slot_bytes = 0
+        self.weight_nodes_hoisted = 0  # weight-only nodes moved out of graphs (rewrite/weight_prologue.py)
+        self.weight_prologue_runs = 0  # times that arithmetic ran: once per graph, again when a weight changed
         self.deferred_stop_checks = 0  # generate() decode loops that read their stop flag a step late (hf/stop_check.py)
         self.eager_runs = 0
         self.eager_reasons: collections.Counter[str] = collections.Counter()
@@ -112,6 +114,8 @@ class Stats:
             "padded_calls": self.padded_calls,
             "state_slots": self.state_slots,
             "state_slot_bytes": self.state_slot_bytes,
+            "weight_nodes_hoisted": self.weight_nodes_hoisted,
+            "weight_prologue_runs": self.weight_prologue_runs,
             "deferred_stop_checks": self.deferred_stop_checks,
             "eager_runs": self.eager_runs,
             "eager_reasons": dict(self.eager_reasons),

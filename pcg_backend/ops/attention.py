@@ -6,6 +6,8 @@
 * `pcg::attention`        - the attention core, through HF's own attention
                             function for the layer (sdpa, eager, ...), on the
                             real query rows; padded output rows are zeroed.
+                            A decode step's (one query row, "sdpa", bf16 or
+                            fp16 on CUDA) runs `decode_attention.py`'s kernel.
 
 `kv_write_static` and `attention` are padding-safe: captured inside a padded
 piece (`context.in_piece`, with the real count on the device), they run on
