@@ -34,6 +34,7 @@ from .stats import STATS
 __all__ = [
     "compile", "context", "hf", "pcg_backend", "register_split_op", "unregister_split_op", "is_split_op",
     "register_row_wise", "PcgOptionError", "BackendOptionError", "UndeclaredWriteError", "stats", "reset_stats", "report",
+    "refresh_weights",
 ]
 __version__ = "0.1.0"
 
@@ -80,6 +81,19 @@ def stats() -> dict:
 def reset_stats() -> None:
     """Zero every counter (graph records are kept with the graphs they describe only until reset)."""
     STATS.reset()
+
+
+def refresh_weights() -> None:
+    """Recompute the arithmetic on weights alone that pcg took out of its graphs, before each graph's next call.
+
+    pcg notices in-place writes to parameters, `load_state_dict` and `.data`
+    swaps by itself. Call this after changing a weight in a way that moves
+    neither its version counter nor its address: through `param.data`
+    (`param.data.mul_(0.5)`) or through another tensor on its storage.
+    """
+    from .rewrite import weight_prologue
+
+    weight_prologue.refresh_all()
 
 
 def report() -> str:

@@ -82,6 +82,54 @@ def test_two_models_sharing_the_compiled_code_each_get_their_own_weights():
     with torch.no_grad():
         for model, compiled in ((first, a), (second, b), (first, a), (second, b)):
             assert torch.equal(compiled(_x()), model(_x()))
+    # One graph serves both; each switch of model recomputes into the same tensors.
+    assert pcg_backend.stats()["graphs_compiled"] == 1
+    assert pcg_backend.stats()["weight_prologue_runs"] == 4
+
+
+def test_a_write_through_data_needs_refresh_weights():
+    # `param.data` has a version counter of its own, so this write moves neither the parameter's
+    # version nor its address: pcg_backend.refresh_weights() is how a caller says so.
+    model = Mixer()
+    compiled = _compiled(model)
+    with torch.no_grad():
+        compiled(_x())
+        model.A_log.data.mul_(0.5)
+        pcg_backend.refresh_weights()
+        assert torch.equal(compiled(_x()), model(_x()))
+    assert pcg_backend.stats()["weight_prologue_runs"] == 2
+
+
+class Shared(torch.nn.Module):
+    """Weight-only results that must stay per call: one written in place, one returned, one expanded."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.w = torch.nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        a = self.w.exp()
+        if self.kind == "written":
+            a.mul_(2)
+            return x * a
+        if self.kind == "returned":
+            return x * a, a
+        return x @ a.expand(4, 4)   # "expanded": a dense copy would not have the traced stride 0
+
+
+@pytest.mark.parametrize("kind", ["written", "returned", "expanded"])
+def test_results_written_returned_or_expanded_stay_in_the_graph(kind):
+    model = Shared(kind)
+    compiled = _compiled(model)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        outs = [compiled(x) for _ in range(3)]
+        for out in outs:
+            torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+        if kind == "returned":
+            assert outs[0][1] is not outs[1][1]
+    assert pcg_backend.stats()["weight_nodes_hoisted"] == 0
 
 
 def test_nothing_is_hoisted_from_a_graph_traced_with_autograd_on():

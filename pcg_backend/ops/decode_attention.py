@@ -55,6 +55,8 @@ def shapes_fit(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or query.shape[2] != 1:
         return False
     batch, heads, _, dim = query.shape
+    if batch == 0 or heads == 0 or dim == 0:
+        return False
     if key.shape[0] != batch or value.shape[:3] != key.shape[:3] or key.shape[-1] != dim or value.shape[-1] != dim:
         return False
     if query.dtype not in (torch.bfloat16, torch.float16) or key.dtype != query.dtype or value.dtype != query.dtype:
@@ -90,7 +92,8 @@ if triton is not None:
     ):
         # Program (sequence x KV head, split): all GROUP query heads of one KV head over a range of keys.
         pid, split = tl.program_id(0), tl.program_id(1)
-        b, kvh = pid // kv_heads, pid % kv_heads
+        # 64-bit offsets: a large static cache's batch stride times the batch index passes 2**31 elements.
+        b, kvh = (pid // kv_heads).to(tl.int64), (pid % kv_heads).to(tl.int64)
         g = tl.arange(0, GROUP_PAD)
         heads = kvh * GROUP + g
         real_head = g < GROUP
@@ -142,7 +145,7 @@ if triton is not None:
     def _merge_kernel(part_acc_ptr, part_ml_ptr, o_ptr, heads, nsplit, sob, soh, sod,
                       DIM: tl.constexpr, DIM_PAD: tl.constexpr, SPLIT_PAD: tl.constexpr):
         # Program (sequence x head): the softmax-weighted sum of its splits' partial results.
-        pid = tl.program_id(0)
+        pid = tl.program_id(0).to(tl.int64)
         b, h = pid // heads, pid % heads
         s = tl.arange(0, SPLIT_PAD)
         real = s < nsplit

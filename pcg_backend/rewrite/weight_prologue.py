@@ -13,25 +13,33 @@ owns and marks as static addresses, so captured pieces read them in place.
 
 `WeightPrologue` is then the graph's entry point. Before each call it checks
 its source parameters' version counters and addresses (a C-level `map` over
-a few dozen tensors); if any moved (an in-place write such as
-`load_state_dict`, or a `.data` swap) it reruns the prologue into the same
-tensors before the graph runs. So a weight update is never missed, and a
-call that changes nothing costs no kernel.
+a few dozen tensors); if any moved (an in-place write to the parameter, as
+`load_state_dict` and `param.mul_` make, or a `.data` swap) it reruns the
+prologue into the same tensors before the graph runs, and a call that
+changes nothing costs no kernel. A write that moves neither goes unseen:
+one through `param.data` (`param.data.mul_(...)`, which has a version
+counter of its own) or through another tensor on the parameter's storage.
+After such a write, `pcg_backend.refresh_weights()` (`refresh_all`) makes
+every graph recompute before its next call.
 
 What is left in the graph: results that alias a weight (views and no-op
-casts cost no kernel anyway), results above MAX_ELEMENTS (a hoisted copy of
-a large weight would cost memory for the model's life), and any graph
-traced with autograd on (hoisting would cut the weights' gradients).
+casts cost no kernel anyway), results that the graph writes in place or
+returns (one tensor held across calls would carry the write, or be handed
+to every caller), results whose dense copy would not have the traced
+strides (an `expand`), results above MAX_ELEMENTS (a hoisted copy of a large
+weight would cost memory for the model's life), and any graph traced with
+autograd on (hoisting would cut the weights' gradients).
 """
 
 from __future__ import annotations
 
 import operator
+import weakref
 
 import torch
 import torch.fx
 
-from ..analyse.fx_facts import VIEW_NAMES, mutated_inputs, target_name, written_args
+from ..analyse.fx_facts import VIEW_NAMES, mutated_inputs, node_value, target_name, written_args
 from ..stats import STATS
 
 # Pure ops that may be hoisted: elementwise math, casts and views. Nothing random, nothing that reads state.
@@ -61,6 +69,18 @@ def _pure(node: torch.fx.Node) -> bool:
                for a in [*node.args, *node.kwargs.values()])
 
 
+def _holdable(value: torch.Tensor, node: torch.fx.Node) -> bool:
+    """True if a dense copy of `value` has the strides the graph was traced with (an expanded result's
+    copy would not, and the compiled pieces assume the traced strides)."""
+    traced = node_value(node)
+    if not isinstance(traced, torch.Tensor):
+        return False
+    try:
+        return tuple(int(st) for st in traced.stride()) == value.clone().stride()
+    except TypeError:   # a symbolic stride
+        return False
+
+
 def _computes(node: torch.fx.Node, hoisted: set) -> bool:
     """True if the chain that makes `node` holds an op that is not a view (hoisting it saves a kernel)."""
     stack, seen = [node], set()
@@ -75,6 +95,20 @@ def _computes(node: torch.fx.Node, hoisted: set) -> bool:
     return False
 
 
+_LIVE: "weakref.WeakSet[WeightPrologue]" = weakref.WeakSet()
+
+
+def refresh_all() -> None:
+    """Make every graph recompute its hoisted arithmetic before its next call.
+
+    For weight changes that move neither the parameter's version counter nor
+    its address: writes through `param.data` (`param.data.mul_(...)`), or
+    through another tensor that shares the parameter's storage.
+    """
+    for prologue in list(_LIVE):
+        prologue._key = None
+
+
 class WeightPrologue:
     """The graph's entry: keeps the hoisted results current, then calls the graph with them appended."""
 
@@ -85,6 +119,7 @@ class WeightPrologue:
         self.hoisted = hoisted
         self.runner = None
         self._key = None
+        _LIVE.add(self)
 
     def wrap(self, runner):
         self.runner = runner
@@ -154,7 +189,25 @@ def _hoistable(gm, example_inputs):
         if inputs and _pure(node) and all(i in weights or i in hoisted for i in inputs):
             hoisted[node] = None
     outputs = [n for n in hoisted if any(u not in hoisted for u in n.users) and _computes(n, hoisted)]
+    shared = _written_or_returned(gm, outputs)
+    outputs = [n for n in outputs if n not in shared]
     return (weights, hoisted, outputs) if outputs else None
+
+
+def _written_or_returned(gm, outputs) -> set:
+    """The outputs that a node writes in place or the graph returns, directly or through views: one tensor
+    held across calls would carry a write into the next call, or hand every caller the same tensor."""
+    root: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node in outputs:
+            root[node] = node
+        elif node.op in ("call_method", "call_function") and node.args and isinstance(node.args[0], torch.fx.Node) \
+                and node.args[0] in root and target_name(node) in VIEW_NAMES | _VIEWS:
+            root[node] = root[node.args[0]]
+    shared = {root[a] for node in gm.graph.nodes for a in written_args(node) if a in root}
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    shared |= {root[a] for a in output.all_input_nodes if a in root}
+    return shared
 
 
 def _build(gm, example_inputs, weights, hoisted, outputs) -> WeightPrologue | None:
@@ -175,7 +228,7 @@ def _build(gm, example_inputs, weights, hoisted, outputs) -> WeightPrologue | No
     values = module(*weight_tensors)
     storages = {w.untyped_storage().data_ptr() for w in weight_tensors}
     keep = [j for j, v in enumerate(values) if isinstance(v, torch.Tensor) and v.numel() <= MAX_ELEMENTS
-            and v.untyped_storage().data_ptr() not in storages]
+            and v.untyped_storage().data_ptr() not in storages and _holdable(v, outputs[j])]
     if not keep:
         return None
     if len(keep) < len(outputs):
