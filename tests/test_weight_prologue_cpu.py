@@ -193,3 +193,16 @@ def test_every_family_hoists_a_per_mamba2_layer_and_follows_updates(family):
             for mixer in mixers:
                 mixer.A_log.add_(0.25)
     assert runs > stats["graphs_compiled"]   # the update of the first pass was picked up in the second
+
+
+def test_a_model_built_under_inference_mode_keeps_its_arithmetic_in_the_graph():
+    # Its parameters are inference tensors, which keep no version counter: a write could not be seen.
+    torch._dynamo.reset()
+    pcg_backend.reset_stats()
+    with torch.inference_mode():
+        model = Mixer()
+        compiled = torch.compile(model, backend="pcg", options={"progress": False})
+        assert torch.equal(compiled(_x()), model(_x()))
+        model.A_log.mul_(0.5)
+        assert torch.equal(compiled(_x()), model(_x()))
+    assert pcg_backend.stats()["weight_nodes_hoisted"] == 0

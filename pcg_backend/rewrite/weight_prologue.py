@@ -27,8 +27,10 @@ casts cost no kernel anyway), results that the graph writes in place or
 returns (one tensor held across calls would carry the write, or be handed
 to every caller), results whose dense copy would not have the traced
 strides (an `expand`), results above MAX_ELEMENTS (a hoisted copy of a large
-weight would cost memory for the model's life), and any graph traced with
-autograd on (hoisting would cut the weights' gradients).
+weight would cost memory for the model's life), results of inference
+tensors (built under `torch.inference_mode()`: they keep no version
+counter), and any graph traced with autograd on (hoisting would cut the
+weights' gradients).
 """
 
 from __future__ import annotations
@@ -181,8 +183,11 @@ def _hoistable(gm, example_inputs):
     if len(placeholders) != len(example_inputs):
         return None
     written = mutated_inputs(gm)
+    # An inference tensor (a model built under `torch.inference_mode()`) keeps no version counter, so a
+    # write to it could not be seen: it is no source.
     weights = {n: i for i, n in enumerate(placeholders)
-               if isinstance(example_inputs[i], torch.nn.Parameter) and n.name not in written}
+               if isinstance(example_inputs[i], torch.nn.Parameter) and not example_inputs[i].is_inference()
+               and n.name not in written}
     hoisted: dict[torch.fx.Node, None] = {}   # insertion-ordered: topological
     for node in gm.graph.nodes:
         inputs = node.all_input_nodes
