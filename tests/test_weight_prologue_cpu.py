@@ -206,3 +206,16 @@ def test_a_model_built_under_inference_mode_keeps_its_arithmetic_in_the_graph():
         model.A_log.mul_(0.5)
         assert torch.equal(compiled(_x()), model(_x()))
     assert pcg_backend.stats()["weight_nodes_hoisted"] == 0
+
+
+class Marked(torch.nn.Parameter):
+    """A Parameter subclass, as quantized-weight libraries make them."""
+
+
+def test_a_parameter_subclass_is_no_source():
+    model = Mixer()
+    model.A_log = Marked(model.A_log.detach().clone())
+    compiled = _compiled(model)
+    with torch.no_grad():
+        assert torch.equal(compiled(_x()), model(_x()))
+    assert pcg_backend.stats()["weight_nodes_hoisted"] == 0

@@ -27,10 +27,10 @@ casts cost no kernel anyway), results that the graph writes in place or
 returns (one tensor held across calls would carry the write, or be handed
 to every caller), results whose dense copy would not have the traced
 strides (an `expand`), results above MAX_ELEMENTS (a hoisted copy of a large
-weight would cost memory for the model's life), results of inference
-tensors (built under `torch.inference_mode()`: they keep no version
-counter), and any graph traced with autograd on (hoisting would cut the
-weights' gradients).
+weight would cost memory for the model's life), results of parameters
+that are not plain strided `nn.Parameter`s or are inference tensors (built
+under `torch.inference_mode()`: they keep no version counter), and any
+graph traced with autograd on (hoisting would cut the weights' gradients).
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ def _pure(node: torch.fx.Node) -> bool:
         return all(isinstance(a, torch.dtype) for a in extras) and set(node.kwargs) <= {"dtype"}
     return all(isinstance(a, (int, float, bool, torch.dtype, torch.fx.Node, type(None)))
                for a in [*node.args, *node.kwargs.values()])
+
+
+def _source(value) -> bool:
+    """True for a parameter whose writes the prologue can see: a plain strided `nn.Parameter` (a subclass,
+    such as a quantized weight, may hold no storage of its own to take the address of) that is not an
+    inference tensor (a model built under `torch.inference_mode()`: it keeps no version counter)."""
+    return type(value) is torch.nn.Parameter and value.layout == torch.strided and not value.is_inference()
 
 
 def _holdable(value: torch.Tensor, node: torch.fx.Node) -> bool:
@@ -183,11 +190,7 @@ def _hoistable(gm, example_inputs):
     if len(placeholders) != len(example_inputs):
         return None
     written = mutated_inputs(gm)
-    # An inference tensor (a model built under `torch.inference_mode()`) keeps no version counter, so a
-    # write to it could not be seen: it is no source.
-    weights = {n: i for i, n in enumerate(placeholders)
-               if isinstance(example_inputs[i], torch.nn.Parameter) and not example_inputs[i].is_inference()
-               and n.name not in written}
+    weights = {n: i for i, n in enumerate(placeholders) if _source(example_inputs[i]) and n.name not in written}
     hoisted: dict[torch.fx.Node, None] = {}   # insertion-ordered: topological
     for node in gm.graph.nodes:
         inputs = node.all_input_nodes
