@@ -2,14 +2,18 @@
 
 It owns everything between the projected `(xBC, dt)` and the scan output: the
 causal conv1d and its conv-state write, the SSD chunk scan (or
-`selective_state_update` for decode) and its SSM-state write. `in_proj`
+`selective_state_update` for decode, or `short_scan` for a fresh prefill of
+a short bucket on CUDA) and its SSM-state write. `in_proj`
 before it and the gated norm and `out_proj` after it stay in captured pieces.
 
 Kernels are the HF modeling module's own functions, which transformers binds
 to mamba-ssm / causal-conv1d when they import and to the torch reference
-otherwise, so pcg computes exactly what eager computes. The one exception
-is a decode step on CUDA, where `state_update.py` launches mamba-ssm's own
-step kernel with the op's `out` as its output: bit for bit the same values.
+otherwise, so pcg computes exactly what eager computes. There are two
+exceptions on CUDA. A decode step goes to `state_update.py`, which launches
+mamba-ssm's own step kernel with the op's `out` as its output: bit for bit
+the same values. A fresh prefill of at most `short_scan.MAX_ROWS` rows goes
+to `short_scan.py`'s kernel: the same recurrence, summed in another order
+(bf16 rounding apart).
 Run eagerly, the op slices its inputs to the real token count, so padding
 never reaches the conv window or the SSM state, and the padded rows of
 `out` are zeroed.
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import context
-from . import mamba2_prep, state_update
+from . import mamba2_prep, short_scan, state_update
 from .lean_op import lean_op
 from .registry import register_split_op
 
@@ -152,7 +156,8 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
     padded outputs, and those are zeroed in `h`), nor is the scan's output
     (a padded row's output is C·state + D·x with C = x = 0, which is 0).
     On CUDA, a fresh prefill does everything before the conv in one Triton
-    kernel (`mamba2_prep`); the torch ops below compute the same values.
+    kernel (`mamba2_prep`); the torch ops below compute the same values. A
+    fresh prefill of a short bucket then scans in one more (`short_scan`).
     """
     batch, padded, conv_dim = xBC.shape
     fresh = conv_state is not None and not use_state
@@ -165,11 +170,21 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
         valid = (torch.arange(padded, device=xBC.device) < count)[None, :, None]   # (1, padded, 1)
         h = _padded_conv(kernels, _channel_last(xBC), conv_state, conv_weight, conv_bias, count, activation,
                          use_state)
-        dt, dt_args = _padded_dt(dt, dt_bias, valid, dt_min, dt_max)
+        # The short scan takes dt as the chunked scan's softplus and clamp leave it, as `prepare` gives
+        # it. (Where it then declines all the same, on a strided h, the chunked scan gets that dt: the
+        # same values up to the rounding of torch's softplus against mamba-ssm's.)
+        process = fresh and ssm_state is not None and short_scan.may_apply(xBC, ssm_state, out)
+        dt, dt_args = _padded_dt(dt, dt_bias, valid, dt_min, dt_max, process=process)
     h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
     h = torch.where(valid, h, 0)
     groups_state = n_groups * state_size
     hs, B, C = torch.split(h, [conv_dim - 2 * groups_state, groups_state, groups_state], dim=-1)
+    if (fresh and ssm_state is not None and not dt_args["dt_softplus"]
+            and short_scan.applies(hs, dt, B, C, ssm_state, out)):
+        # A short bucket: the recurrence in one launch, writing y and the final state in place,
+        # where the chunked scan takes five launches and two copies (`short_scan.py`).
+        short_scan.short_scan(hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim)
+        return
     y = _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size, **dt_args)
     out.copy_(y)
 
@@ -195,14 +210,15 @@ def _padded_conv(kernels, x, conv_state, conv_weight, conv_bias, count, activati
     return kernels.causal_conv1d_fn(x, conv_weight, conv_bias, activation=activation)
 
 
-def _padded_dt(dt, dt_bias, valid, dt_min, dt_max):
+def _padded_dt(dt, dt_bias, valid, dt_min, dt_max, process=False):
     """dt with padded rows as identity steps of the SSM (dt = 0), and the scan's dt arguments.
 
     The kernels compute dt = clamp(softplus(dt + dt_bias), dt_min, dt_max),
     and softplus(-inf) is exactly 0, in Triton and in torch. With a positive
-    dt_min the clamp would lift that 0, so then dt is computed here instead.
+    dt_min the clamp would lift that 0, so then dt is computed here instead,
+    as it is when `process` asks for it (the short scan takes dt computed).
     """
-    if dt_min > 0:
+    if dt_min > 0 or process:
         dt = torch.where(valid, F.softplus(dt.float() + dt_bias).clamp_(dt_min, dt_max), 0.0)
         return dt, {"dt_bias": None, "dt_softplus": False}
     dt = torch.where(valid, dt, float("-inf"))
