@@ -15,15 +15,13 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from pcg_backend.ops import short_scan as ss
+from test_skinny_gemm_interpreter_cpu import _run_interpreted
 
 
 def _case(batch, heads, groups, head_dim, state, real, padded, dtype=torch.float32, seed=0):
@@ -246,29 +244,11 @@ print("ok")
 ''')
 
 
-def _interpreter_usable() -> str | None:
-    try:
-        import numpy
-        import triton  # noqa: F401
-    except ImportError:
-        return "Triton is not installed (a CPU-only torch ships without it)"
-    if int(numpy.__version__.split(".")[0]) >= 2:
-        return "Triton's interpreter needs NumPy before 2.0 for its loops"
-    return None
-
-
 def test_the_kernel_under_the_interpreter():
     # fp16 inputs against the fp32 reference: T = 1, padded rows, groups > 1, batch > 1, strided views of
     # one buffer, head_dim and N off powers of two, several row blocks per head, unrolled and looped, and
     # states in fp32 and fp16, every element written (they start as NaN).
-    reason = _interpreter_usable()
-    if reason:
-        pytest.skip(reason)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    _run_interpreted(INTERPRETED_CHECK)
 
 
 def test_may_apply_reads_rows_dtype_state_and_device():
