@@ -10,9 +10,14 @@ reads as much weight memory and runs the same layer mix as that model:
 | `nemotron_h` | Nemotron-Nano-9B-v2 | 56 | 4 |
 | `bamba` | Bamba-9B | 32 | 3 |
 | `falcon_h1` | Falcon-H1-7B (Mamba2 widened to 40 heads) | 44 | 44, beside Mamba2 in every layer |
-| `zamba2` | Zamba2-7B, 54 of its 81 layers | 54 | 9 uses of 2 shared blocks |
+| `zamba2` | Zamba2-7B, 54 of its 81 layers | 54 | 9 blocks (untied, below) |
 | `granitemoehybrid` | Granite-4.0-H-Tiny (64 experts, 6 per token) | 40 | 4 |
 | `mamba2` | an 8 B Mamba2 | 56 | 0 |
+
+Zamba2's hybrid layers share 2 attention blocks in the published model, but
+transformers ties them only when the config ties the word embeddings, which
+these configs do not: the benchmark's 9 blocks are 9 sets of weights, each
+read once per forward, as the weight-read floor counts them.
 """
 
 from __future__ import annotations

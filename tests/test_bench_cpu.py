@@ -184,12 +184,18 @@ def test_family_shapes_are_7_to_10_b_parameters_with_their_layer_mix(family):
         "nemotron_h": lambda: sum(t in ("attention", "full_attention") for t in cfg.layers_block_type),
         "bamba": lambda: len(cfg.attn_layer_indices),
         "falcon_h1": lambda: cfg.num_hidden_layers,            # attention beside Mamba2 in every layer
-        "zamba2": lambda: cfg.layers_block_type.count("hybrid"),   # uses of the shared blocks
+        "zamba2": lambda: cfg.layers_block_type.count("hybrid"),   # hybrid layers
         "granitemoehybrid": lambda: sum(t in ("attention", "full_attention") for t in cfg.layer_types),
         "mamba2": lambda: 0,
     }[family]()
     assert attention == {"nemotron_h": 4, "bamba": 3, "falcon_h1": 44, "zamba2": 9, "granitemoehybrid": 4,
                          "mamba2": 0}[family]
+    if family == "zamba2":
+        # Each hybrid layer's block holds weights of its own (transformers ties Zamba2's blocks only with
+        # tied word embeddings): the floor, which reads every weight once, counts every block use.
+        per_layer = [[id(p) for p in layer.shared_transformer.parameters()] for layer in model.model.layers
+                     if hasattr(layer, "shared_transformer")]
+        assert len(per_layer) == 9 and len({i for ids in per_layer for i in ids}) == sum(map(len, per_layer))
 
 
 def test_unknown_family_and_layers_outside_nemotron_h_are_errors(capsys):
