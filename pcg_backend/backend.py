@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 
@@ -39,8 +40,10 @@ def _compile_piece(sub: torch.fx.GraphModule, compiler: str):
         return sub.forward   # the generated code, without GraphModule.__call__'s wrapper frames
     from torch._inductor.compile_fx import compile_fx
 
+    start = time.perf_counter()
     example = [node_value(n) for n in sub.graph.nodes if n.op == "placeholder"]
     compiled = compile_fx(sub, example)
+    STATS.compile_seconds += time.perf_counter() - start
 
     def run(*args):
         return compiled(*args)

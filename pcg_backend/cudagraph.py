@@ -335,7 +335,9 @@ class CudaGraphPiece(torch.nn.Module):
         if reason is not None:
             return self._refuse(reason, args)
         run = self._runnable_to_capture()
+        warm_start = time.perf_counter()
         reason = self._warm_up(run, args)
+        STATS.warmup_seconds += time.perf_counter() - warm_start
         if reason is not None:
             return self._refuse(reason, args)
         start = time.perf_counter()

@@ -25,7 +25,7 @@ log = logging.getLogger("pcg_backend")
 CUDA_GRAPHS_OFF = ("CUDA graphs off", "CUDA graphs disabled")
 # Counters that only a graph with CUDA graphs can move.
 GPU_ONLY = ("skinny_linears", "skinny_linears_small_buckets", "twin_captures", "cuda_graphs_captured",
-            "cuda_graph_replays", "new_address_captures", "capture_seconds", "graph_memory_bytes")
+            "cuda_graph_replays", "new_address_captures", "capture_seconds", "warmup_seconds", "graph_memory_bytes")
 # How the backend words a graph that cannot be padded (`GraphRecord.padding`).
 _EXACT_ONLY = "exact bucket sizes only: "
 
@@ -62,6 +62,8 @@ class Stats:
         self.cuda_graph_replays = 0
         self.new_address_captures = 0
         self.capture_seconds = 0.0
+        self.warmup_seconds = 0.0     # the runs before each capture (lazy inits, Triton autotuning, the sync probe)
+        self.compile_seconds = 0.0    # in the piece compiler (Inductor, twins included), at the first call of a graph
         self.graph_memory_bytes = 0
         self.padded_calls = 0
         self.state_slots = 0          # model-state buffers pcg allocated and lends to caches (`state_slots.py`)
@@ -110,6 +112,8 @@ class Stats:
             "cuda_graph_replays": self.cuda_graph_replays,
             "new_address_captures": self.new_address_captures,
             "capture_seconds": round(self.capture_seconds, 3),
+            "compile_seconds": round(self.compile_seconds, 3),
+            "warmup_seconds": round(self.warmup_seconds, 3),
             "graph_memory_bytes": self.graph_memory_bytes,
             "padded_calls": self.padded_calls,
             "state_slots": self.state_slots,
@@ -153,7 +157,8 @@ class Stats:
         lines = ["Summary",
                  f"  {d['graphs_compiled']} graph(s) compiled: {d['pieces']} pieces, {d['capturable_pieces']} "
                  f"capturable, {d['split_op_nodes']} split-op nodes ({d['split_ops_in_graphs']} of them inside "
-                 f"captured pieces), {d['padded_calls']} call(s) padded to a bucket"]
+                 f"captured pieces), {d['padded_calls']} call(s) padded to a bucket"
+                 + (f"; {d['compile_seconds']} s compiling pieces" if d["compile_seconds"] else "")]
         if off:
             lines += [f"  {reason} ({count} runs). Every piece ran eagerly: the same results, no speed-up"
                       for reason, count in off.items()]

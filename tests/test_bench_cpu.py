@@ -1,6 +1,7 @@
 """The benchmark's pure parts on CPU: the layer pattern, the table's ratios, and argument checks."""
 
 import pytest
+import torch
 
 from pcg_backend import bench
 
@@ -212,3 +213,23 @@ def test_noise_needs_traffic(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--noise", "--variants", "eager"])
     assert "--noise needs --traffic" in capsys.readouterr().err
+
+
+def test_an_empty_batches_list_measures_prefills_only(monkeypatch):
+    """`--batches ""` runs no decode: no decode graph is compiled in a run meant to profile prefills."""
+    seen = {}
+
+    def stop(*args, **kwargs):
+        seen["batches"] = args[3]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench, "run_variant", stop)
+    monkeypatch.setattr(bench, "build_model", lambda *a: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(bench, "weight_bytes", lambda model: 1)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 1.0)
+    monkeypatch.setattr(bench, "state_bytes_per_row", lambda model: 0)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "test")
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "pcg-inductor", "--prefill", "16", "--batches", "", "--out", "/tmp/pcg_bench_test"])
+    assert seen["batches"] == []

@@ -53,6 +53,9 @@ def test_matches_eager_at_every_bucket_and_between(compiler):
         "token count above the largest bucket 16": 4 * 2,
     }
     assert s["padded_calls"] == 4  # 3, 5, 9, 15 were padded; bucket sizes and >16 were not
+    # Time in the piece compiler is counted for Inductor only; nothing is captured on CPU.
+    assert (s["compile_seconds"] > 0) == (compiler == "inductor")
+    assert s["warmup_seconds"] == 0 and s["capture_seconds"] == 0
 
 
 def test_one_token_gets_a_static_graph():
