@@ -282,13 +282,41 @@ def _scaled_close(got, ref, msg):
     torch.testing.assert_close(got, ref, atol=1e-4 * scale + 1e-12, rtol=0, msg=msg)
 
 
+def _stub_fresh_scans(monkeypatch, calls: list) -> None:
+    """Tell the Mamba2 core that both one-launch kernels apply (short_scan up to its MAX_ROWS,
+    one_chunk_scan up to its own), and put the fp32 reference in their place, recording
+    (kernel, rows) per call."""
+    from pcg_backend.ops import one_chunk_scan as oc
+
+    def reference_into(kernel):
+        def run(hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim):
+            assert dt.dtype == torch.float32 and (dt >= 0).all()     # computed dt: softplus and clamp applied
+            calls.append((kernel, hs.shape[1]))
+            y, state = ss.reference(hs, dt, A, B, C, D, n_groups, head_dim)
+            out.copy_(y)
+            ssm_state.copy_(state)
+        return run
+
+    monkeypatch.setattr(ss, "may_apply", lambda x, state, out, max_rows=ss.MAX_ROWS: x.shape[1] <= max_rows)
+    monkeypatch.setattr(ss, "applies", lambda hs, dt, B, C, s, o, T_max=ss.MAX_ROWS: hs.shape[1] <= T_max)
+    monkeypatch.setattr(ss, "short_scan", reference_into("short"))
+    monkeypatch.setattr(oc, "one_chunk_scan", reference_into("one_chunk"))
+
+
+def _kernel_for(bucket: int) -> str | None:
+    from pcg_backend.ops import one_chunk_scan as oc
+
+    return "short" if bucket <= ss.MAX_ROWS else "one_chunk" if bucket <= oc.MAX_ROWS else None
+
+
 @pytest.mark.parametrize("family", ["nemotron_h", "falcon_h1", "zamba2", "mamba2"])
-def test_short_prefills_go_through_the_short_scan_and_equal_eager(family, monkeypatch):
-    # On CPU the kernel does not apply; told that it does for buckets of at most MAX_ROWS rows, the Mamba2
-    # core hands each fresh padded prefill's scan to it, here the fp32 reference writing `out` and the state
-    # in its place. Padded rows are NaN and new states start as NaN. Every prefill, state and generated
-    # token must equal eager's, with exactly one call per Mamba2 layer per fresh prefill of 2 to MAX_ROWS
-    # tokens, and none for one token, longer buckets, a prefill that continues a cache, or decode.
+def test_fresh_prefills_go_through_the_one_launch_scans_and_equal_eager(family, monkeypatch):
+    # On CPU the kernels do not apply; told that they do, the Mamba2 core hands each fresh padded
+    # prefill's scan to the short scan (buckets up to its MAX_ROWS) or the one-chunk scan (above), here
+    # the fp32 reference writing `out` and the state in their place. Padded rows are NaN and new states
+    # start as NaN. Every prefill, state and generated token must equal eager's, with exactly one call per
+    # Mamba2 layer per fresh prefill of 2 tokens or more, of the kernel its bucket calls for, and none for
+    # one token, a prefill that continues a cache, or decode.
     from hf_checks import _states, output_cache
     from hf_models import tiny_model
     from test_reliability import _nan_pad
@@ -297,17 +325,7 @@ def test_short_prefills_go_through_the_short_scan_and_equal_eager(family, monkey
     from pcg_backend.hf.adapters import mamba2 as adapter
 
     calls = []
-
-    def reference_into(hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim):
-        assert dt.dtype == torch.float32 and (dt >= 0).all()     # computed dt: softplus and clamp applied
-        calls.append(hs.shape[1])
-        y, state = ss.reference(hs, dt, A, B, C, D, n_groups, head_dim)
-        out.copy_(y)
-        ssm_state.copy_(state)
-
-    monkeypatch.setattr(ss, "may_apply", lambda x, state, out: x.shape[1] <= ss.MAX_ROWS)
-    monkeypatch.setattr(ss, "applies", lambda hs, dt, B, C, s, o: hs.shape[1] <= ss.MAX_ROWS)
-    monkeypatch.setattr(ss, "short_scan", reference_into)
+    _stub_fresh_scans(monkeypatch, calls)
     monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
     monkeypatch.setattr(adapter, "uninitialized_like", lambda t: torch.full_like(t, float("nan")))
     torch._dynamo.reset()
@@ -315,7 +333,7 @@ def test_short_prefills_go_through_the_short_scan_and_equal_eager(family, monkey
     mixers = sum(1 for m in model.modules() if hasattr(m, "A_log"))
     compiled = torch.compile(model, backend="pcg", options={"max_capture_size": 64, "progress": False})
     g = torch.Generator().manual_seed(0)
-    lengths = [1, 2, 3, 8, 17, 24, 25, 40]   # buckets 1, 2, 4, 8, 24, 24, 32, 40
+    lengths = [1, 2, 3, 8, 17, 24, 25, 40, 57, 64, 65]   # buckets 1, 2, 4, 8, 24, 24, 32, 40, 64, 64, above
     with torch.no_grad():
         for n in lengths:
             ids = torch.randint(3, 128, (1, n), generator=g)
@@ -325,15 +343,17 @@ def test_short_prefills_go_through_the_short_scan_and_equal_eager(family, monkey
             assert states
             for r, s in states:
                 _scaled_close(s, r, f"{family} {n}: a state")
-    short = [n for n in lengths if 2 <= n and _bucket(n) <= ss.MAX_ROWS]
-    assert calls == [b for n in short for b in [_bucket(n)] * mixers]
+    # Above the largest bucket nothing is padded, but without CUDA graphs the runner still publishes the
+    # count, so that the path captured graphs take is the one tested: 65 rows take the one-chunk scan.
+    rows = [_bucket(n) if n <= 64 else n for n in lengths if n >= 2]
+    assert calls == [(_kernel_for(r), r) for r in rows for _ in range(mixers)]
 
     # generate() over a left-padded batch. Dynamo's first prefill graph is static (5 tokens, exact size:
-    # no short scan); the second prompt length makes it dynamic, padded: that prefill (bucket 8) takes
-    # the short scan, the decode steps do not.
+    # no one-launch scan); the second prompt length makes it dynamic, padded: that prefill (bucket 8, then
+    # 32) takes the kernel of its bucket, the decode steps none.
     twin = copy.copy(model)
     twin.forward = torch.compile(model.forward, backend="pcg", options={"max_capture_size": 64, "progress": False})
-    for length, expected in ((5, []), (7, [8] * mixers)):
+    for length, expected in ((5, []), (7, [("short", 8)] * mixers), (30, [("one_chunk", 32)] * mixers)):
         calls.clear()
         ids = torch.randint(3, 128, (2, length), generator=g)
         mask = torch.ones_like(ids)
@@ -357,22 +377,13 @@ def _bucket(n: int) -> int:
 
 @pytest.mark.parametrize("family", ["nemotron_h", "bamba"])
 def test_a_prefill_that_continues_a_cache_keeps_the_chunked_scan(family, monkeypatch):
-    # The short scan starts from a zero state: a second prompt on a cache that holds one must not take it,
-    # even where it would apply (here told so), and must equal eager's continuation.
+    # The one-launch scans start from a zero state: a second prompt on a cache that holds one must take
+    # neither, even where they would apply (here told so), and must equal eager's continuation.
     from hf_checks import _states, output_cache
     from hf_models import tiny_model
 
     calls = []
-    monkeypatch.setattr(ss, "may_apply", lambda x, state, out: x.shape[1] <= ss.MAX_ROWS)
-    monkeypatch.setattr(ss, "applies", lambda hs, dt, B, C, s, o: hs.shape[1] <= ss.MAX_ROWS)
-
-    def reference_into(hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim):
-        calls.append(hs.shape[1])
-        y, state = ss.reference(hs, dt, A, B, C, D, n_groups, head_dim)
-        out.copy_(y)
-        ssm_state.copy_(state)
-
-    monkeypatch.setattr(ss, "short_scan", reference_into)
+    _stub_fresh_scans(monkeypatch, calls)
     torch._dynamo.reset()
     model = tiny_model(family)
     compiled = torch.compile(model, backend="pcg", options={"max_capture_size": 64, "progress": False})

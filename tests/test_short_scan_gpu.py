@@ -121,11 +121,11 @@ def test_the_kernel_replays_in_a_cuda_graph():
     assert torch.equal(out, expected) and torch.equal(ssm_state, expected_state)
 
 
-def test_a_bf16_model_takes_the_kernel_once_per_layer_per_short_prefill():
+def test_a_bf16_model_takes_a_one_launch_scan_once_per_layer_per_fresh_prefill():
     # The real `applies` on the real layout: causal-conv1d's channel-last output and mamba-ssm's dtype.
     # Without CUDA graphs every call runs the Mamba2 core on the host, so each padded fresh prefill of
-    # a bucket of at most MAX_ROWS launches the kernel exactly once per Mamba2 layer, and the logits
-    # stay within bf16 noise of eager's.
+    # a bucket of at most MAX_ROWS launches the kernel exactly once per Mamba2 layer (above it, up to
+    # one_chunk_scan.MAX_ROWS, the one-chunk kernel), and the logits stay within bf16 noise of eager's.
     pytest.importorskip("mamba_ssm")
     pytest.importorskip("causal_conv1d")
     from hf_models import tiny_model
@@ -135,15 +135,18 @@ def test_a_bf16_model_takes_the_kernel_once_per_layer_per_short_prefill():
     mixers = sum(1 for m in model.modules() if hasattr(m, "A_log"))
     compiled = torch.compile(model, backend="pcg", options={"max_capture_size": 64, "cuda_graphs": False,
                                                            "progress": False})
+    from pcg_backend.ops import one_chunk_scan as oc
+
     g = torch.Generator().manual_seed(0)
     launched = []
     with torch.no_grad():
-        # 1 token: Dynamo's static graph, one step; then buckets 4, 8, 24 (short) and 32 (chunked).
-        for n in (1, 3, 8, 17, 25):
+        # 1 token: Dynamo's static graph, one step; then buckets 4, 8, 24 (short), 32 and 64 (one chunk),
+        # and 70 tokens, above the largest bucket (chunked, unpadded).
+        for n in (1, 3, 8, 17, 25, 64, 70):
             ids = torch.randint(3, 128, (1, n), generator=g).cuda()
-            before = ss.LAUNCHES["short_scan"]
+            before = ss.LAUNCHES["short_scan"], oc.LAUNCHES["one_chunk_scan"]
             got, ref = compiled(ids).logits.float(), model(ids).logits.float()
-            launched.append(ss.LAUNCHES["short_scan"] - before)
+            launched.append((ss.LAUNCHES["short_scan"] - before[0], oc.LAUNCHES["one_chunk_scan"] - before[1]))
             assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item() + 1e-2, n
     torch._dynamo.reset()
-    assert launched == [0, mixers, mixers, mixers, 0]
+    assert launched == [(0, 0), (mixers, 0), (mixers, 0), (mixers, 0), (0, mixers), (0, mixers), (0, 0)]

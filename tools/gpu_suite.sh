@@ -30,7 +30,7 @@ case "$stage" in
             files="tests/test_hf_gpu.py tests/test_reliability.py tests/test_cudagraph_gpu.py tests/test_mamba2_prep_gpu.py
                    tests/test_skinny_gemm_gpu.py tests/test_fused_decode_ops_gpu.py tests/test_decode_attention_gpu.py
                    tests/test_padding_rule_gpu.py
-                   tests/test_state_update_gpu.py tests/test_short_scan_gpu.py"
+                   tests/test_state_update_gpu.py tests/test_short_scan_gpu.py tests/test_one_chunk_scan_gpu.py"
         else
             files="tests/test_hf_padding_gpu.py tests/test_static_cache_gpu.py tests/test_traffic_gpu.py
                    tests/test_hf_stop_check_gpu.py tests/test_hf_half_precision_gpu.py"

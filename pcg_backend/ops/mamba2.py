@@ -13,7 +13,8 @@ exceptions on CUDA. A decode step goes to `state_update.py`, which launches
 mamba-ssm's own step kernel with the op's `out` as its output: bit for bit
 the same values. A fresh prefill of at most `short_scan.MAX_ROWS` rows goes
 to `short_scan.py`'s kernel: the same recurrence, summed in another order
-(bf16 rounding apart).
+(bf16 rounding apart); one of at most `one_chunk_scan.MAX_ROWS` rows to
+`one_chunk_scan.py`'s, the chunked scan's arithmetic for a single chunk.
 Run eagerly, the op slices its inputs to the real token count, so padding
 never reaches the conv window or the SSM state, and the padded rows of
 `out` are zeroed.
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import context
-from . import mamba2_prep, short_scan, state_update
+from . import mamba2_prep, one_chunk_scan, short_scan, state_update
 from .lean_op import lean_op
 from .registry import register_split_op
 
@@ -157,7 +158,8 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
     (a padded row's output is C·state + D·x with C = x = 0, which is 0).
     On CUDA, a fresh prefill does everything before the conv in one Triton
     kernel (`mamba2_prep`); the torch ops below compute the same values. A
-    fresh prefill of a short bucket then scans in one more (`short_scan`).
+    fresh prefill of up to 128 rows then scans in one more (`short_scan` up
+    to 24 rows, `one_chunk_scan` above).
     """
     batch, padded, conv_dim = xBC.shape
     fresh = conv_state is not None and not use_state
@@ -173,20 +175,32 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
         # The short scan takes dt as the chunked scan's softplus and clamp leave it, as `prepare` gives
         # it. (Where it then declines all the same, on a strided h, the chunked scan gets that dt: the
         # same values up to the rounding of torch's softplus against mamba-ssm's.)
-        process = fresh and ssm_state is not None and short_scan.may_apply(xBC, ssm_state, out)
+        process = fresh and ssm_state is not None and one_chunk_scan.may_apply(xBC, ssm_state, out)
         dt, dt_args = _padded_dt(dt, dt_bias, valid, dt_min, dt_max, process=process)
     h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
     h = torch.where(valid, h, 0)
     groups_state = n_groups * state_size
     hs, B, C = torch.split(h, [conv_dim - 2 * groups_state, groups_state, groups_state], dim=-1)
-    if (fresh and ssm_state is not None and not dt_args["dt_softplus"]
-            and short_scan.applies(hs, dt, B, C, ssm_state, out)):
-        # A short bucket: the recurrence in one launch, writing y and the final state in place,
-        # where the chunked scan takes five launches and two copies (`short_scan.py`).
-        short_scan.short_scan(hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim)
+    scan = _fresh_scan(hs, dt, B, C, ssm_state, out) if fresh and not dt_args["dt_softplus"] else None
+    if scan is not None:
+        # One launch writing y and the final state in place, where the chunked scan takes five
+        # launches and two copies.
+        scan(hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim)
         return
     y = _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size, **dt_args)
     out.copy_(y)
+
+
+def _fresh_scan(hs, dt, B, C, ssm_state, out):
+    """The one-launch kernel for a fresh scan of this many rows, or None for the chunked scan:
+    token by token up to `short_scan.MAX_ROWS` rows, as one SSD chunk up to `one_chunk_scan.MAX_ROWS`."""
+    if ssm_state is None:
+        return None
+    if short_scan.applies(hs, dt, B, C, ssm_state, out):
+        return short_scan.short_scan
+    if one_chunk_scan.applies(hs, dt, B, C, ssm_state, out):
+        return one_chunk_scan.one_chunk_scan
+    return None
 
 
 def _padded_conv(kernels, x, conv_state, conv_weight, conv_bias, count, activation, use_state):

@@ -90,21 +90,21 @@ def launch_config(state_size: int, head_dim: int) -> dict:
     bucket) so that the compiler can issue later rows' loads early; it won
     some batch-1 shapes by up to 6 % and lost at batch 8 (up to 18 %).
     """
-    block_p = max(1, min(32 * STATE_PER_THREAD // _pow2(state_size), _pow2(head_dim)))
+    block_p = max(1, min(32 * STATE_PER_THREAD // pow2(state_size), pow2(head_dim)))
     return {"BLOCK_P": block_p, "num_warps": 1, "UNROLL": False}
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
     """The least power of two >= n (Triton's `next_power_of_2`, which a CPU-only build lacks)."""
     return 1 << max(0, n - 1).bit_length()
 
 
-def may_apply(xBC: torch.Tensor, ssm_state: torch.Tensor, out: torch.Tensor) -> bool:
+def may_apply(xBC: torch.Tensor, ssm_state: torch.Tensor, out: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
     """The part of `applies` known before the conv, from the Mamba2 core's input xBC (batch, rows, channels),
-    its state and its output: Triton, the device, the dtypes, the row count and the state size. The core
-    computes dt for the kernel only where it holds."""
+    its state and its output: Triton, the device, the dtypes, the row count (up to `max_rows`, which
+    `one_chunk_scan` raises) and the state size. The core computes dt for the kernels only where it holds."""
     return (triton is not None and _device_ok(xBC) and xBC.dtype in (torch.bfloat16, torch.float16)
-            and out.dtype == xBC.dtype and 1 <= xBC.shape[1] <= MAX_ROWS and ssm_state.dim() == 4
+            and out.dtype == xBC.dtype and 1 <= xBC.shape[1] <= max_rows and ssm_state.dim() == 4
             and 1 <= ssm_state.shape[-1] <= MAX_STATE)
 
 
@@ -231,11 +231,7 @@ def short_scan(hs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     batch, rows, _ = hs.shape
     heads = dt.shape[-1]
     state_size = ssm_state.shape[-1]
-    if B.shape[-1] != n_groups * state_size or A.shape != (heads,) or D.shape != (heads,):
-        raise ValueError(f"short_scan: B of width {B.shape[-1]} is not {n_groups} groups of the state's "
-                         f"{state_size}, or A {tuple(A.shape)} / D {tuple(D.shape)} are not ({heads},)")
-    if A.device != hs.device or D.device != hs.device:
-        raise ValueError(f"short_scan: A and D on {A.device} / {D.device}, the activations on {hs.device}")
+    check_parameters(hs, A, B, D, heads, n_groups, state_size, "short_scan")
     cfg = {**launch_config(state_size, head_dim), **(config or {})}
     block_p = cfg["BLOCK_P"]
     grid = (triton.cdiv(head_dim, block_p), heads, batch)
@@ -246,9 +242,18 @@ def short_scan(hs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
             rows, head_dim, state_size, heads // n_groups,
             hs.stride(0), hs.stride(1), *dt.stride(), A.stride(0), B.stride(0), B.stride(1),
             C.stride(0), C.stride(1), D.stride(0), out.stride(0), out.stride(1), *ssm_state.stride(),
-            ROWS=rows if cfg["UNROLL"] else 0, N_PAD=_pow2(state_size), BLOCK_P=block_p,
+            ROWS=rows if cfg["UNROLL"] else 0, N_PAD=pow2(state_size), BLOCK_P=block_p,
             UNROLL=cfg["UNROLL"], num_warps=cfg["num_warps"],
         )
+
+
+def check_parameters(hs, A, B, D, heads: int, n_groups: int, state_size: int, kernel: str) -> None:
+    """Raise ValueError where B's width, A or D do not fit the call (what `shapes_fit` cannot see)."""
+    if B.shape[-1] != n_groups * state_size or A.shape != (heads,) or D.shape != (heads,):
+        raise ValueError(f"{kernel}: B of width {B.shape[-1]} is not {n_groups} groups of the state's "
+                         f"{state_size}, or A {tuple(A.shape)} / D {tuple(D.shape)} are not ({heads},)")
+    if A.device != hs.device or D.device != hs.device:
+        raise ValueError(f"{kernel}: A and D on {A.device} / {D.device}, the activations on {hs.device}")
 
 
 def reference(hs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

@@ -1,0 +1,153 @@
+"""The SSM scan of a fresh Mamba2 prefill of up to 128 rows as one SSD chunk, in one Triton kernel.
+
+Above `short_scan.MAX_ROWS` rows a fresh padded prefill's scan went to
+mamba-ssm's chunked SSD scan: five kernels (chunk cumsum, chunk state, state
+passing, bmm, chunk scan), then copies of the final state into the cache and
+of y into the op's `out`. Up to the model's chunk size (256 in every family
+pcg knows) the whole prefill is one chunk, and each of those launches does
+little: the chain costs about 21 µs per layer in a CUDA graph on an H200,
+where the arithmetic takes a few.
+
+`one_chunk_scan` does that chunk's work in one launch. One program per
+(block of head_dim rows, head, sequence) loads the chunk's x, dt, B and C
+once and computes, with tensor-core products over the rows,
+
+    cs_t  = A * (dt_1 + ... + dt_t)
+    y_t   = sum over s <= t of exp(cs_t - cs_s) * dt_s * (C_t . B_s) * x_s  +  D * x_t
+    state = sum over s of exp(cs_T - cs_s) * dt_s * x_s B_s^T
+
+writing y straight into the op's `out` and the state straight into the
+cache's `ssm_state`. This is the chunked scan's arithmetic for a chunk with a
+zero initial state, with the same roundings: C B^T summed in fp32, the decayed
+scores rounded to the model dtype before their product with x, and B scaled
+by its decay and dt, rounded likewise, before the state's product. Padded
+rows must be identity steps (dt = 0, x = B = C = 0, as `_padded_prefill`
+makes them): they add nothing to the state and their y is 0.
+
+The products hold a (T, T) score tile, so the row count is capped at
+`MAX_ROWS` = 128; buckets of at most `short_scan.MAX_ROWS` keep the
+token-by-token kernel, whose time at those sizes is lower. Which calls it
+takes follows `short_scan.applies`: the same dtypes, devices and unit channel
+strides, with this module's row limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import short_scan
+
+triton, tl = short_scan.triton, (short_scan.tl if short_scan.triton is not None else None)
+
+# Launches, counted on the host (at capture, not replay): tests read them.
+LAUNCHES = {"one_chunk_scan": 0}
+
+# Rows (the padded bucket) up to which a fresh prefill's scan takes this kernel: its (T, T) score tile in
+# registers bounds it. Below, `short_scan.MAX_ROWS` takes precedence.
+MAX_ROWS = 128
+# tl.dot's smallest tile side: T, N and the head_dim block are padded up to it.
+MIN_TILE = 16
+
+
+def launch_config(rows: int, state_size: int, head_dim: int) -> dict:
+    """BLOCK_P (head_dim rows per program) and num_warps.
+
+    A whole head per program by default: the scores C B^T depend on the
+    head's group only, so splitting a head's rows over programs would
+    compute them once per block.
+    """
+    block_p = max(MIN_TILE, short_scan.pow2(head_dim))
+    return {"BLOCK_P": block_p, "num_warps": 8 if max(rows, state_size) > 64 else 4}
+
+
+def may_apply(xBC: torch.Tensor, ssm_state: torch.Tensor, out: torch.Tensor) -> bool:
+    """`short_scan.may_apply` with this kernel's row limit: whether the core should compute dt for it."""
+    return short_scan.may_apply(xBC, ssm_state, out, max_rows=MAX_ROWS)
+
+
+def applies(hs: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ssm_state: torch.Tensor,
+            out: torch.Tensor) -> bool:
+    """True where `one_chunk_scan` computes this call: `short_scan.applies` with this kernel's row limit."""
+    return short_scan.applies(hs, dt, B, C, ssm_state, out, T_max=MAX_ROWS)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _one_chunk_kernel(
+        x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, y_ptr, state_ptr,
+        rows, head_dim, state_size, heads_per_group,
+        sx_b, sx_t, sdt_b, sdt_t, sdt_h, sa, sb_b, sb_t, sc_b, sc_t, sd, sy_b, sy_t,
+        ss_b, ss_h, ss_p, ss_n,
+        T_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        # Program (head_dim block, head, sequence). 64-bit offsets: a large batch's stride times its index
+        # can pass 2**31 elements.
+        pb = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        bi = tl.program_id(2).to(tl.int64)
+        g = h // heads_per_group
+        t = tl.arange(0, T_PAD)
+        t_in = t < rows
+        n = tl.arange(0, N_PAD)
+        n_in = n < state_size
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_in = p < head_dim
+        a = tl.load(a_ptr + h * sa).to(tl.float32)
+        d = tl.load(d_ptr + h * sd).to(tl.float32)
+        dt = tl.load(dt_ptr + bi * sdt_b + h * sdt_h + t * sdt_t, mask=t_in, other=0.0).to(tl.float32)
+        cs = tl.cumsum(dt * a, 0)                                                     # (T,)
+        tn = t_in[:, None] & n_in[None, :]
+        b = tl.load(b_ptr + bi * sb_b + g * state_size + t[:, None] * sb_t + n[None, :], mask=tn, other=0.0)
+        c = tl.load(c_ptr + bi * sc_b + g * state_size + t[:, None] * sc_t + n[None, :], mask=tn, other=0.0)
+        tp = t_in[:, None] & p_in[None, :]
+        x = tl.load(x_ptr + bi * sx_b + h * head_dim + t[:, None] * sx_t + p[None, :], mask=tp, other=0.0)
+
+        # y: the causal, decayed scores times x, plus the skip term.
+        scores = tl.dot(c, tl.trans(b))                                               # (T, T) fp32
+        causal = t[:, None] >= t[None, :]
+        # exp of -inf above the diagonal, where cs_t - cs_s would be positive and could overflow
+        decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+        scores = scores * decay * dt[None, :]
+        y = tl.dot(scores.to(x.dtype), x) + d * x.to(tl.float32)                      # (T, P)
+        tl.store(y_ptr + bi * sy_b + h * head_dim + t[:, None] * sy_t + p[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=tp)
+
+        # The state after the last row: x^T times B, each row scaled by its decay to the end and its dt.
+        last = tl.sum(dt * a, 0)
+        to_end = tl.exp(last - cs) * dt                                               # (T,)
+        b_scaled = (b.to(tl.float32) * to_end[:, None]).to(x.dtype)
+        state = tl.dot(tl.trans(x), b_scaled)                                         # (P, N)
+        dst = state_ptr + bi * ss_b + h * ss_h + p[:, None] * ss_p + n[None, :] * ss_n
+        tl.store(dst, state.to(state_ptr.dtype.element_ty), mask=p_in[:, None] & n_in[None, :])
+
+
+def one_chunk_scan(hs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor, ssm_state: torch.Tensor, out: torch.Tensor, n_groups: int, head_dim: int,
+                   config: dict | None = None) -> None:
+    """The fresh scan of every row of `hs` into `out` (y) and `ssm_state` (the state after the last row).
+
+    `applies(hs, dt, B, C, ssm_state, out)` must hold; arguments as
+    `short_scan.short_scan` takes them (and `short_scan.reference` is what
+    both compute, up to rounding). `config` overrides `launch_config`'s
+    defaults (for tests and tuning).
+    """
+    batch, rows, _ = hs.shape
+    heads = dt.shape[-1]
+    state_size = ssm_state.shape[-1]
+    short_scan.check_parameters(hs, A, B, D, heads, n_groups, state_size, "one_chunk_scan")
+    cfg = {**launch_config(rows, state_size, head_dim), **(config or {})}
+    block_p = cfg["BLOCK_P"]
+    grid = (triton.cdiv(head_dim, block_p), heads, batch)
+    LAUNCHES["one_chunk_scan"] += 1
+    with torch.cuda.device(hs.device) if hs.is_cuda else contextlib.nullcontext():
+        _one_chunk_kernel[grid](
+            hs, dt, A, B, C, D, out, ssm_state,
+            rows, head_dim, state_size, heads // n_groups,
+            hs.stride(0), hs.stride(1), *dt.stride(), A.stride(0), B.stride(0), B.stride(1),
+            C.stride(0), C.stride(1), D.stride(0), out.stride(0), out.stride(1), *ssm_state.stride(),
+            T_PAD=max(MIN_TILE, short_scan.pow2(rows)), N_PAD=max(MIN_TILE, short_scan.pow2(state_size)),
+            BLOCK_P=block_p, num_warps=cfg["num_warps"],
+        )

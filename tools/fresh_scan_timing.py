@@ -1,0 +1,110 @@
+"""Time a fresh prefill's Mamba2 scan per layer, in a CUDA graph: the kernels pcg can route it to.
+
+    python tools/fresh_scan_timing.py [--rows 16,24,32,64,128] [--batches 1,8]
+
+For each family's 9B shape, row count and batch: mamba-ssm's chunked scan
+with the two copies `_chunk_scan` adds (the final state into the cache, y
+into the op's output), `short_scan` (rows up to 64) and `one_chunk_scan`
+at its default launch and at the other launches given by `CONFIGS`. Each
+figure is the median over 7 replays of a graph of 20 launches, in µs. The
+row limits in `short_scan.py` and `one_chunk_scan.py` come from this table;
+it needs a GPU, mamba-ssm and Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pcg_backend.ops import one_chunk_scan, short_scan  # noqa: E402
+
+# family: (heads, head_dim, groups, N, chunk size), as pcg_backend/families.py builds them
+SHAPES = {
+    "nemotron_h": (128, 80, 8, 128, 128),
+    "bamba": (128, 64, 1, 128, 256),
+    "falcon_h1": (40, 128, 1, 256, 256),
+    "zamba2": (112, 64, 2, 64, 256),
+    "granitemoehybrid": (48, 64, 1, 128, 256),
+    "mamba2": (128, 64, 8, 128, 256),
+}
+CONFIGS = ({"BLOCK_P": 16, "num_warps": 4}, {"BLOCK_P": 32, "num_warps": 4}, {"BLOCK_P": 32, "num_warps": 8},
+           {"num_warps": 4}, {"num_warps": 8})
+
+
+def graph_us(fn, reps: int = 20) -> float:
+    """Median µs per call of `fn`, replayed in a CUDA graph of `reps` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[3]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="16,24,32,48,64,96,128")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--families", default=",".join(SHAPES))
+    args = parser.parse_args(argv)
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    for family in args.families.split(","):
+        heads, head_dim, groups, state, chunk = SHAPES[family]
+        for batch in (int(b) for b in args.batches.split(",")):
+            for rows in (int(r) for r in args.rows.split(",")):
+                width = heads * head_dim
+                h = torch.randn(batch, rows, width + 2 * groups * state, device="cuda", dtype=torch.bfloat16)
+                hs, B, C = torch.split(h, [width, groups * state, groups * state], dim=-1)
+                dt = torch.rand(batch, rows, heads, device="cuda") * 0.1
+                A = -torch.rand(heads, device="cuda") - 0.5
+                D = torch.randn(heads, device="cuda")
+                ssm_state = torch.empty(batch, heads, head_dim, state, device="cuda")
+                out = torch.empty(batch, rows, width, device="cuda", dtype=torch.bfloat16)
+
+                def chunked():
+                    y, final = mamba_chunk_scan_combined(
+                        hs.reshape(batch, rows, heads, head_dim), dt, A, B.reshape(batch, rows, groups, state),
+                        C.reshape(batch, rows, groups, state), chunk_size=chunk, D=D, z=None,
+                        return_final_states=True)
+                    ssm_state.copy_(final)
+                    out.copy_(y.reshape(batch, rows, -1))
+
+                line = [f"{family:16} b{batch} T={rows:3}: chunked+copies {graph_us(chunked):6.1f}"]
+                if short_scan.shapes_fit(hs, dt, B, C, ssm_state, out, T_max=64):
+                    us = graph_us(lambda: short_scan.short_scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim))
+                    line.append(f"short {us:6.1f}")
+                if one_chunk_scan.applies(hs, dt, B, C, ssm_state, out):
+                    for config in ({}, *CONFIGS):
+                        try:
+                            us = graph_us(lambda: one_chunk_scan.one_chunk_scan(
+                                hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, config=config))
+                            line.append(f"one-chunk{config or ''} {us:6.1f}")
+                        except Exception as e:  # noqa: BLE001 - a launch that does not fit is reported
+                            line.append(f"one-chunk{config} failed ({type(e).__name__})")
+                print("  ".join(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
