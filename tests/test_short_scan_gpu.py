@@ -53,7 +53,7 @@ def _max_error(got, ref):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("rows", [1, 2, 8, 16, 24])
+@pytest.mark.parametrize("rows", [1, 2, 8, 16])
 @pytest.mark.parametrize("family", list(SHAPES))
 def test_the_kernel_is_as_near_the_fp32_recurrence_as_the_chunked_scan(family, rows, batch):
     chunk_scan = _chunked_scan()
@@ -89,7 +89,7 @@ def test_the_kernel_matches_the_fp32_recurrence(family, config):
     # Without mamba-ssm: the kernel computes in fp32, so its only error is y's rounding to bf16, for the
     # default launch and the ones a sweep may pick instead.
     heads, head_dim, groups, state, _ = SHAPES[family]
-    real, hs, dt, A, B, C, D = _inputs(2, 24, heads, head_dim, groups, state, seed=1)
+    real, hs, dt, A, B, C, D = _inputs(2, 16, heads, head_dim, groups, state, seed=1)
     y_ref, state_ref = ss.reference(hs, dt, A, B, C, D, groups, head_dim)
     ssm_state = torch.empty(2, heads, head_dim, state, device="cuda")
     out = torch.empty(hs.shape, dtype=hs.dtype, device="cuda")
@@ -140,13 +140,14 @@ def test_a_bf16_model_takes_a_one_launch_scan_once_per_layer_per_fresh_prefill()
     g = torch.Generator().manual_seed(0)
     launched = []
     with torch.no_grad():
-        # 1 token: Dynamo's static graph, one step; then buckets 4, 8, 24 (short), 32 and 64 (one chunk),
-        # and 70 tokens, above the largest bucket (chunked, unpadded).
-        for n in (1, 3, 8, 17, 25, 64, 70):
+        # 1 token: Dynamo's static graph, one step; then buckets 4, 8, 16 (short), 24, 32 and 64 (one
+        # chunk), and 70 tokens, above the largest bucket (chunked, unpadded).
+        for n in (1, 3, 8, 13, 17, 25, 64, 70):
             ids = torch.randint(3, 128, (1, n), generator=g).cuda()
             before = ss.LAUNCHES["short_scan"], oc.LAUNCHES["one_chunk_scan"]
             got, ref = compiled(ids).logits.float(), model(ids).logits.float()
             launched.append((ss.LAUNCHES["short_scan"] - before[0], oc.LAUNCHES["one_chunk_scan"] - before[1]))
             assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item() + 1e-2, n
     torch._dynamo.reset()
-    assert launched == [(0, 0), (mixers, 0), (mixers, 0), (mixers, 0), (0, mixers), (0, mixers), (0, 0)]
+    assert launched == [(0, 0), (mixers, 0), (mixers, 0), (mixers, 0), (0, mixers), (0, mixers), (0, mixers),
+                        (0, 0)]

@@ -26,12 +26,12 @@ It is for short prefills only (`MAX_ROWS`). The loop is sequential in the
 rows, where the chunked scan does the same work as matrix products over
 whole chunks in parallel, so its time grows linearly with the row count
 while the chunked scan's stays near its launch cost. Measured in the same
-setting: 6.5 µs at 8 rows, 10.4 at 16, 18.2 at 32, 26 at 48 (batch 8: 26,
-46, 93, 138 µs), so it halves the time of the scan and its copies at 16
-rows and is even with them at 32; at batch 8 with FalconH1's N = 256 it is
-already 10 % slower there (120 against 109 µs). So it takes buckets of up
-to 24 rows: not timed, but its time grows linearly between 16 and 32 rows,
-which puts 24 below the chunked scan at every shape and batch measured.
+setting: 6.5 µs at 8 rows, 10.4 at 16, 18.2 at 32 (batch 8: 26, 46, 93
+µs), against 21 and 91 µs for the chunked scan and its copies. Above 16
+rows `one_chunk_scan`, the chunked scan's arithmetic for one chunk in one
+launch, is faster still (at 24 rows, batch 1: 5.1 µs against this
+kernel's 15.9 on NemotronH's shape), so this kernel takes buckets of up to
+16 rows; below that the two were not compared.
 
 It computes only a fresh scan (no initial state, no softplus or clamp of
 dt, no z gate): exactly what `_chunk_scan` is asked for after `prepare`.
@@ -62,9 +62,8 @@ except ImportError:  # a CPU-only torch build ships without Triton
 # Launches, counted on the host (at capture, not replay): tests read them.
 LAUNCHES = {"short_scan": 0}
 
-# Rows (the padded bucket) up to which a fresh prefill's scan takes this kernel: at 32 it is even with
-# the chunked scan at batch 8 (N = 128) and slower with N = 256.
-MAX_ROWS = 24
+# Rows (the padded bucket) up to which a fresh prefill's scan takes this kernel; above, `one_chunk_scan`.
+MAX_ROWS = 16
 # Sequences per launch: the batch is the grid's third dimension, which CUDA caps at 65535.
 MAX_BATCH = 65535
 # The state size up to which a program's state tile stays in registers (the families' largest is 256).
