@@ -110,8 +110,10 @@ def test_bad_parameters_are_errors():
 
 
 @pytest.mark.parametrize("rows, state, head_dim, expected", [
-    (32, 64, 64, {"BLOCK_P": 64, "num_warps": 4}), (128, 128, 80, {"BLOCK_P": 128, "num_warps": 8}),
+    (32, 64, 64, {"BLOCK_P": 64, "num_warps": 4}), (64, 128, 64, {"BLOCK_P": 64, "num_warps": 4}),
+    (128, 128, 80, {"BLOCK_P": 128, "num_warps": 8}), (24, 256, 128, {"BLOCK_P": 128, "num_warps": 8}),
     (64, 256, 128, {"BLOCK_P": 128, "num_warps": 8}), (25, 16, 3, {"BLOCK_P": 16, "num_warps": 4})])
 def test_default_launch_config(rows, state, head_dim, expected):
-    # A whole head per program (its scores are computed once), at least tl.dot's 16 columns.
+    # A whole head per program (its scores are computed once), at least tl.dot's 16 columns; 4 warps
+    # up to 64 rows with states of up to 128, else 8.
     assert oc.launch_config(rows, state, head_dim) == expected

@@ -59,12 +59,15 @@ MIN_TILE = 16
 def launch_config(rows: int, state_size: int, head_dim: int) -> dict:
     """BLOCK_P (head_dim rows per program) and num_warps.
 
-    A whole head per program by default: the scores C B^T depend on the
-    head's group only, so splitting a head's rows over programs would
-    compute them once per block.
+    A whole head per program: the scores C B^T depend on the head's group
+    only, so splitting a head's rows over programs computes them once per
+    block, and that lost at every shape above 32 rows (H200,
+    `tools/fresh_scan_timing.py`). 4 warps up to 64 rows with states of up
+    to 128, 8 above: 4 were faster at 24-64 rows there (by up to a third at
+    batch 8), 8 at 128 rows at batch 1 and with FalconH1's state of 256.
     """
     block_p = max(MIN_TILE, short_scan.pow2(head_dim))
-    return {"BLOCK_P": block_p, "num_warps": 8 if max(rows, state_size) > 64 else 4}
+    return {"BLOCK_P": block_p, "num_warps": 8 if rows > 64 or state_size > 128 else 4}
 
 
 def may_apply(xBC: torch.Tensor, ssm_state: torch.Tensor, out: torch.Tensor) -> bool:
