@@ -188,11 +188,12 @@ def install_variant(model, variant: str, skip_module_guards: bool = False, pcg_o
                                       options={"compiler": compiler, **(pcg_options or {}), **guards})
 
 
-def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None, batches=(1,)) -> None:
+def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None, batches=(1,),
+                 append: bool = False) -> None:
     """Write the top CPU and CUDA ops of a greedy generate of 8 tokens at each batch size in
-    `batches`, then of one prefill per size in `prefill_sizes` (profiles, not timings). With
-    `trace_dir`, also a gzipped Chrome trace per run, and the ops grouped by input shape (to tell
-    which copies are which)."""
+    `batches`, then of one prefill per size in `prefill_sizes` (profiles, not timings), to `path`
+    (after what it holds, with `append`). With `trace_dir`, also a gzipped Chrome trace per run,
+    and the ops grouped by input shape (to tell which copies are which)."""
     from torch.profiler import ProfilerActivity, profile
 
     vocab = model.config.vocab_size
@@ -205,7 +206,7 @@ def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None, 
     for n in prefill_sizes:
         prompt = torch.randint(2, vocab, (1, n), device="cuda")
         runs[f"prefill of {n} tokens"] = lambda prompt=prompt: model(prompt)
-    with open(path, "w") as f:
+    with open(path, "a" if append else "w") as f:
         for title, run in runs.items():
             with torch.no_grad():
                 run()   # unprofiled first: a new cache's first decode step may capture graphs (new addresses)
@@ -306,6 +307,14 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             result["prefill_ms"][n] = 1e3 * timed(lambda: model(ids), repeats)
             save()
             print(f"  {variant:>16} prefill {n:>5}: {result['prefill_ms'][n]:8.2f} ms{_captures_note()}", flush=True)
+        profile_path = os.path.join(profile_dir, f"profile_{variant}.txt") if profile_dir else None
+        trace_dir = os.path.join(profile_dir, f"traces_{variant}") if profile_dir and trace else None
+        if trace_dir:
+            os.makedirs(trace_dir, exist_ok=True)
+        if profile_path:
+            # The prefills' profiles before any decode: a run cut short at its time limit while the
+            # decode graph compiles still has them.
+            profile_runs(model, profile_path, prefill_sizes, trace_dir, batches=())
         for b in batches:
             ids = torch.randint(2, vocab, (b, 16), device="cuda")
             def gen(k):
@@ -326,11 +335,8 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             result["decode_tok_s"][b] = b / step
             save()
             print(f"  {variant:>16} decode b={b:>3}: {1e3 * step:8.2f} ms/step{_captures_note()}", flush=True)
-    if profile_dir:
-        trace_dir = os.path.join(profile_dir, f"traces_{variant}") if trace else None
-        if trace_dir:
-            os.makedirs(trace_dir, exist_ok=True)
-        profile_runs(model, os.path.join(profile_dir, f"profile_{variant}.txt"), prefill_sizes, trace_dir, batches)
+    if profile_path and batches:
+        profile_runs(model, profile_path, (), trace_dir, batches, append=True)
     if variant.startswith("pcg"):
         s = pcg_backend.stats()
         result["graph_memory_mib"] = s["graph_memory_bytes"] / 2**20

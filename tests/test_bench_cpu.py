@@ -233,3 +233,37 @@ def test_an_empty_batches_list_measures_prefills_only(monkeypatch):
     with pytest.raises(SystemExit):
         bench.main(["--variants", "pcg-inductor", "--prefill", "16", "--batches", "", "--out", "/tmp/pcg_bench_test"])
     assert seen["batches"] == []
+
+
+def test_prefill_profiles_are_written_before_any_decode(monkeypatch, tmp_path):
+    """A run cut short while the decode graph compiles keeps the prefills' profiles: they are
+    written right after the prefill timings, and the decode profiles are appended after decode."""
+    import itertools
+    import types
+
+    order = []
+    randint = torch.randint
+    monkeypatch.setattr(bench.torch, "randint", lambda *a, device=None, **k: randint(*a, **k))
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bench, "install_variant", lambda *a, **k: None)
+    seconds = itertools.count(1)
+    monkeypatch.setattr(bench, "timed", lambda fn, repeats: float(next(seconds)))
+    monkeypatch.setattr(bench, "profile_runs", lambda model, path, prefills, trace_dir=None, batches=(1,),
+                        append=False: order.append(("profile", tuple(prefills), tuple(batches), append)))
+
+    class Model:
+        config = types.SimpleNamespace(vocab_size=100)
+
+        def __call__(self, ids):
+            return None
+
+        def generate(self, ids, **kwargs):
+            order.append(("generate", ids.shape[0]))
+
+    bench.run_variant(Model(), "eager", [16, 128], [1, 8], 4, 1, profile_dir=str(tmp_path))
+    profiles = [entry for entry in order if entry[0] == "profile"]
+    assert profiles == [("profile", (16, 128), (), False), ("profile", (), (1, 8), True)]
+    assert order.index(profiles[0]) < order.index(("generate", 1))   # before the first decode
+    order.clear()
+    bench.run_variant(Model(), "eager", [16], [], 4, 1, profile_dir=str(tmp_path))
+    assert order == [("profile", (16,), (), False)]

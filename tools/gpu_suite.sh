@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The GPU checks in one place, for a machine with CUDA: `tools/gpu_suite.sh tests` runs the core GPU
-# test files (kernels, graphs, padding rule, HF forwards), `tools/gpu_suite.sh tests-hf` the HF
-# generate() ones (padding, static caches, traffic, the deferred stop check, bf16 noise), and
-# `tools/gpu_suite.sh bench [bench flags]` the quick benchmark against eager. Logs go to $OUT
+# test files (kernels, graphs, padding rule, HF forwards), `tools/gpu_suite.sh tests-scan` the fresh
+# prefill's scan kernels against mamba-ssm (whose autotuning makes them slow to start),
+# `tools/gpu_suite.sh tests-hf` the HF generate() ones (padding, static caches, traffic, the deferred
+# stop check, bf16 noise), and `tools/gpu_suite.sh bench [bench flags]` the quick benchmark against
+# eager. Logs go to $OUT
 # (default ./gpu_out). Each stage is cut at 9 minutes so that it fits a 10-minute call.
 # mamba-ssm / causal-conv1d wheels placed in .whl/ are installed into /tmp/site first, if present.
 set -u
 cd "$(dirname "$0")/.."
 stage=${1:-tests}
 shift || true
-if [ "$stage" != tests ] && [ "$stage" != tests-hf ] && [ "$stage" != bench ]; then
-    echo "usage: tools/gpu_suite.sh tests | tests-hf | bench [bench flags]" >&2
+if [ "$stage" != tests ] && [ "$stage" != tests-scan ] && [ "$stage" != tests-hf ] && [ "$stage" != bench ]; then
+    echo "usage: tools/gpu_suite.sh tests | tests-scan | tests-hf | bench [bench flags]" >&2
     exit 2
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -25,12 +27,13 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 python3 -c "import torch, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee "$OUT/device.txt"
 case "$stage" in
-    tests|tests-hf)
+    tests|tests-scan|tests-hf)
         if [ "$stage" = tests ]; then
             files="tests/test_hf_gpu.py tests/test_reliability.py tests/test_cudagraph_gpu.py tests/test_mamba2_prep_gpu.py
                    tests/test_skinny_gemm_gpu.py tests/test_fused_decode_ops_gpu.py tests/test_decode_attention_gpu.py
-                   tests/test_padding_rule_gpu.py
-                   tests/test_state_update_gpu.py tests/test_short_scan_gpu.py tests/test_one_chunk_scan_gpu.py"
+                   tests/test_padding_rule_gpu.py tests/test_state_update_gpu.py"
+        elif [ "$stage" = tests-scan ]; then
+            files="tests/test_short_scan_gpu.py tests/test_one_chunk_scan_gpu.py"
         else
             files="tests/test_hf_padding_gpu.py tests/test_static_cache_gpu.py tests/test_traffic_gpu.py
                    tests/test_hf_stop_check_gpu.py tests/test_hf_half_precision_gpu.py"
