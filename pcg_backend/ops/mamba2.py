@@ -2,8 +2,9 @@
 
 It owns everything between the projected `(xBC, dt)` and the scan output: the
 causal conv1d and its conv-state write, the SSD chunk scan (or
-`selective_state_update` for decode, or `short_scan` for a fresh prefill of
-a short bucket on CUDA) and its SSM-state write. `in_proj`
+`selective_state_update` for decode, or a one-launch scan, `short_scan` or
+`one_chunk_scan`, for a fresh prefill of up to 128 rows on CUDA) and its
+SSM-state write. `in_proj`
 before it and the gated norm and `out_proj` after it stay in captured pieces.
 
 Kernels are the HF modeling module's own functions, which transformers binds
@@ -172,8 +173,8 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
         valid = (torch.arange(padded, device=xBC.device) < count)[None, :, None]   # (1, padded, 1)
         h = _padded_conv(kernels, _channel_last(xBC), conv_state, conv_weight, conv_bias, count, activation,
                          use_state)
-        # The short scan takes dt as the chunked scan's softplus and clamp leave it, as `prepare` gives
-        # it. (Where it then declines all the same, on a strided h, the chunked scan gets that dt: the
+        # The one-launch scans take dt as the chunked scan's softplus and clamp leave it, as `prepare`
+        # gives it. (Where they then decline all the same, on a strided h, the chunked scan gets that dt: the
         # same values up to the rounding of torch's softplus against mamba-ssm's.)
         process = fresh and ssm_state is not None and one_chunk_scan.may_apply(xBC, ssm_state, out)
         dt, dt_args = _padded_dt(dt, dt_bias, valid, dt_min, dt_max, process=process)

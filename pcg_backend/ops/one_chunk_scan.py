@@ -3,10 +3,13 @@
 Above `short_scan.MAX_ROWS` rows a fresh padded prefill's scan went to
 mamba-ssm's chunked SSD scan: five kernels (chunk cumsum, chunk state, state
 passing, bmm, chunk scan), then copies of the final state into the cache and
-of y into the op's `out`. Up to the model's chunk size (256 in every family
-pcg knows) the whole prefill is one chunk, and each of those launches does
-little: the chain costs about 21 µs per layer in a CUDA graph on an H200,
-where the arithmetic takes a few.
+of y into the op's `out`. Up to the model's chunk size (128 or 256 in the
+families' published configs) the whole prefill is one chunk, and each of
+those launches does little: the chain costs about 21 µs per layer in a CUDA
+graph on an H200, where the arithmetic takes a few. (A model whose chunk
+size is below the bucket gets the same SSM computed as one chunk here,
+where the chunked scan would pass states between chunks: the same values,
+rounded differently.)
 
 `one_chunk_scan` does that chunk's work in one launch. One program per
 (block of head_dim rows, head, sequence) loads the chunk's x, dt, B and C
@@ -124,7 +127,8 @@ if triton is not None:
                  y.to(y_ptr.dtype.element_ty), mask=tp)
 
         # The state after the last row: x^T times B, each row scaled by its decay to the end and its dt.
-        last = tl.sum(dt * a, 0)
+        # cs at the last row (padded rows add dt = 0), as the chunked scan reads its chunk's end
+        last = tl.sum(tl.where(t == T_PAD - 1, cs, 0.0), 0)
         to_end = tl.exp(last - cs) * dt                                               # (T,)
         b_scaled = (b.to(tl.float32) * to_end[:, None]).to(x.dtype)
         state = tl.dot(tl.trans(x), b_scaled)                                         # (P, N)
