@@ -68,3 +68,20 @@ def config(family: str):
             vocab_size=256000, hidden_size=4096, num_hidden_layers=56, num_heads=128, head_dim=64, expand=2,
             n_groups=8, state_size=128, conv_kernel=4, chunk_size=256, **_COMMON)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+# Where each family's config keeps its Mamba2 mixer's sizes: heads, head_dim, groups, state size, chunk size.
+_MAMBA2_FIELDS = {
+    "nemotron_h": ("mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size", "chunk_size"),
+    "bamba": ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_chunk_size"),
+    "falcon_h1": ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_chunk_size"),
+    "zamba2": ("n_mamba_heads", "mamba_headdim", "mamba_ngroups", "mamba_d_state", "chunk_size"),
+    "granitemoehybrid": ("mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_chunk_size"),
+    "mamba2": ("num_heads", "head_dim", "n_groups", "state_size", "chunk_size"),
+}
+
+
+def mamba2_shape(family: str) -> tuple[int, int, int, int, int]:
+    """(heads, head_dim, groups, state size, chunk size) of the benchmark shape's Mamba2 mixers."""
+    cfg = config(family)
+    return tuple(int(getattr(cfg, field)) for field in _MAMBA2_FIELDS[family])

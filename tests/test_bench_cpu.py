@@ -197,6 +197,10 @@ def test_family_shapes_are_7_to_10_b_parameters_with_their_layer_mix(family):
         per_layer = [[id(p) for p in layer.shared_transformer.parameters()] for layer in model.model.layers
                      if hasattr(layer, "shared_transformer")]
         assert len(per_layer) == 9 and len({i for ids in per_layer for i in ids}) == sum(map(len, per_layer))
+    # The Mamba2 sizes the scan tools and tests take from `mamba2_shape` are the built mixers' own.
+    mixers = [m for m in model.modules() if hasattr(m, "A_log")]
+    assert mixers and {(m.num_heads, m.head_dim, m.n_groups, m.ssm_state_size, m.chunk_size)
+                       for m in mixers} == {families.mamba2_shape(family)}
 
 
 def test_unknown_family_and_layers_outside_nemotron_h_are_errors(capsys):

@@ -20,22 +20,13 @@ from pcg_backend.ops import short_scan as ss
 from test_skinny_gemm_interpreter_cpu import _run_interpreted
 
 INTERPRETED_CHECK = textwrap.dedent('''
+import sys
 import torch
 from pcg_backend.ops import one_chunk_scan as oc, short_scan as ss
+sys.path.insert(0, "tests")
+from scan_cases import interpreted_case as case   # strided fp16 views of one buffer, padded rows as no-ops
 assert ss.INTERPRETED
 torch.manual_seed(0)
-
-def case(batch, heads, groups, head_dim, state, real, padded):
-    rows = real + padded
-    width = heads * head_dim
-    h = torch.randn(batch, rows, width + 2 * groups * state + 8, dtype=torch.float16)[..., 3:-5]
-    h[:, real:] = 0
-    hs, B, C = torch.split(h, [width, groups * state, groups * state], dim=-1)   # strided views of one buffer
-    dt = torch.rand(batch, rows, heads) * 0.5
-    dt[:, real:] = 0
-    A = -torch.empty(heads).uniform_(0.5, 8.0)
-    D = torch.randn(heads)
-    return hs, dt, A, B, C, D
 
 def close(got, ref, what):
     # The kernel rounds the decayed scores and the scaled B to fp16 before its products, as the chunked

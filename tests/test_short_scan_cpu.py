@@ -195,22 +195,13 @@ def test_default_launch_config(state, head_dim, block_p):
 
 
 INTERPRETED_CHECK = textwrap.dedent('''
+import sys
 import torch
 from pcg_backend.ops import short_scan as ss
+sys.path.insert(0, "tests")
+from scan_cases import interpreted_case as case   # strided fp16 views of one buffer, padded rows as no-ops
 assert ss.INTERPRETED
 torch.manual_seed(0)
-
-def case(batch, heads, groups, head_dim, state, real, padded):
-    rows = real + padded
-    width = heads * head_dim
-    h = torch.randn(batch, rows, width + 2 * groups * state + 8, dtype=torch.float16)[..., 3:-5]
-    h[:, real:] = 0
-    hs, B, C = torch.split(h, [width, groups * state, groups * state], dim=-1)   # strided views of one buffer
-    dt = torch.rand(batch, rows, heads) * 0.5
-    dt[:, real:] = 0
-    A = -torch.empty(heads).uniform_(0.5, 8.0)
-    D = torch.randn(heads)
-    return hs, dt, A, B, C, D
 
 # (batch, heads, groups, head_dim, N, real rows, padded rows), launch overrides
 cases = [((1, 2, 1, 8, 16, 1, 0), {}), ((2, 4, 2, 8, 16, 5, 3), {}), ((2, 6, 3, 12, 24, 7, 1), {}),

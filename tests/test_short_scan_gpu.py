@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pcg_backend.families import FAMILIES, mamba2_shape
 from pcg_backend.ops import short_scan as ss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -22,14 +23,8 @@ def _chunked_scan():
     return pytest.importorskip("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
 
 
-# family: (heads, head_dim, groups, N, chunk_size)
-SHAPES = {
-    "nemotron_h": (128, 64, 8, 128, 128),
-    "bamba": (128, 64, 1, 128, 256),
-    "falcon_h1": (40, 128, 1, 256, 256),
-    "zamba2": (112, 64, 2, 64, 256),
-    "granite": (48, 64, 1, 128, 256),
-}
+# family: (heads, head_dim, groups, N, chunk_size) of its benchmark shape
+SHAPES = {family: mamba2_shape(family) for family in FAMILIES}
 
 
 def _inputs(batch, rows, heads, head_dim, groups, state, seed=0):
@@ -52,25 +47,25 @@ def _max_error(got, ref):
     return (got.float() - ref).abs().max().item()
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("rows", [1, 2, 8, 16])
-@pytest.mark.parametrize("family", list(SHAPES))
-def test_the_kernel_is_as_near_the_fp32_recurrence_as_the_chunked_scan(family, rows, batch):
+def check_against_the_chunked_scan(scan, applies, launches, key, family, rows, batch, config=None):
+    """`scan` (short_scan or one_chunk_scan, with its `applies`, counting its launches in `launches[key]`)
+    at `family`'s shape takes the call, and its error against the fp32 recurrence is at most twice the chunked scan's plus 1e-3 of the
+    largest value, for y and the final state; it launches once; padded rows give 0, as the chunked
+    scan's do."""
     chunk_scan = _chunked_scan()
     heads, head_dim, groups, state, chunk_size = SHAPES[family]
     real, hs, dt, A, B, C, D = _inputs(batch, rows, heads, head_dim, groups, state, seed=rows * batch)
     y_ref, state_ref = ss.reference(hs, dt, A, B, C, D, groups, head_dim)
-
     y_chunk, state_chunk = chunk_scan(
         hs.reshape(batch, rows, heads, head_dim), dt, A, B.reshape(batch, rows, groups, state),
         C.reshape(batch, rows, groups, state), chunk_size=chunk_size, D=D, z=None, dt_bias=None,
         dt_softplus=False, return_final_states=True)
     ssm_state = torch.full((batch, heads, head_dim, state), float("nan"), device="cuda")
     out = torch.full_like(hs, float("nan"), memory_format=torch.contiguous_format)
-    assert ss.applies(hs, dt, B, C, ssm_state, out)
-    before = ss.LAUNCHES["short_scan"]
-    ss.short_scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim)
-    assert ss.LAUNCHES["short_scan"] == before + 1
+    assert applies(hs, dt, B, C, ssm_state, out)
+    before = launches[key]
+    scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, config=config)
+    assert launches[key] == before + 1
 
     y_eps = 1e-3 * y_ref.abs().max().item() + 1e-6
     state_eps = 1e-3 * state_ref.abs().max().item() + 1e-6
@@ -78,8 +73,14 @@ def test_the_kernel_is_as_near_the_fp32_recurrence_as_the_chunked_scan(family, r
     state_err, state_chunk_err = _max_error(ssm_state, state_ref), _max_error(state_chunk, state_ref)
     assert y_err <= 2 * y_chunk_err + y_eps, (y_err, y_chunk_err, y_eps)
     assert state_err <= 2 * state_chunk_err + state_eps, (state_err, state_chunk_err, state_eps)
-    # padded rows give 0, as the chunked scan's do
     assert torch.equal(out[:, real:], torch.zeros_like(out[:, real:]))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("rows", [1, 2, 8, 16])
+@pytest.mark.parametrize("family", list(SHAPES))
+def test_the_kernel_is_as_near_the_fp32_recurrence_as_the_chunked_scan(family, rows, batch):
+    check_against_the_chunked_scan(ss.short_scan, ss.applies, ss.LAUNCHES, "short_scan", family, rows, batch)
 
 
 @pytest.mark.parametrize("config", [{}, {"UNROLL": True}, {"UNROLL": False}, {"BLOCK_P": 16, "num_warps": 2},
@@ -98,17 +99,18 @@ def test_the_kernel_matches_the_fp32_recurrence(family, config):
     torch.testing.assert_close(ssm_state, state_ref, atol=1e-4, rtol=1e-4)
 
 
-def test_the_kernel_replays_in_a_cuda_graph():
-    # pcg launches it inside captured prefill graphs: a replay over new inputs gives what a launch gives.
+def check_graph_replay(scan, rows):
+    """`scan` (short_scan or one_chunk_scan) captured in a CUDA graph, as pcg launches it inside captured
+    prefill graphs: a replay over new inputs gives what a launch gives."""
     heads, head_dim, groups, state, _ = SHAPES["nemotron_h"]
-    _, hs, dt, A, B, C, D = _inputs(1, 16, heads, head_dim, groups, state, seed=2)
+    _, hs, dt, A, B, C, D = _inputs(1, rows, heads, head_dim, groups, state, seed=2)
     ssm_state = torch.empty(1, heads, head_dim, state, device="cuda")
     out = torch.empty(hs.shape, dtype=hs.dtype, device="cuda")
-    ss.short_scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim)   # compile before capture
+    scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim)   # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ss.short_scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim)
-    _, hs2, dt2, _, B2, C2, _ = _inputs(1, 16, heads, head_dim, groups, state, seed=3)
+        scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim)
+    _, hs2, dt2, _, B2, C2, _ = _inputs(1, rows, heads, head_dim, groups, state, seed=3)
     hs.copy_(hs2)
     dt.copy_(dt2)
     B.copy_(B2)
@@ -117,8 +119,12 @@ def test_the_kernel_replays_in_a_cuda_graph():
     torch.cuda.synchronize()
     expected_state = torch.empty_like(ssm_state)
     expected = torch.empty_like(out)
-    ss.short_scan(hs, dt, A, B, C, D, expected_state, expected, groups, head_dim)
+    scan(hs, dt, A, B, C, D, expected_state, expected, groups, head_dim)
     assert torch.equal(out, expected) and torch.equal(ssm_state, expected_state)
+
+
+def test_the_kernel_replays_in_a_cuda_graph():
+    check_graph_replay(ss.short_scan, 16)
 
 
 def test_a_bf16_model_takes_a_one_launch_scan_once_per_layer_per_fresh_prefill():

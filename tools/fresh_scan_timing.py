@@ -2,13 +2,13 @@
 
     python tools/fresh_scan_timing.py [--rows 16,24,32,64,128] [--batches 1,8]
 
-For each family's 9B shape, row count and batch: mamba-ssm's chunked scan
-with the two copies `_chunk_scan` adds (the final state into the cache, y
-into the op's output), `short_scan` (rows up to 64) and `one_chunk_scan`
-at its default launch and at the other launches given by `CONFIGS`. Each
-figure is the median over 7 replays of a graph of 20 launches, in µs. The
-row limits in `short_scan.py` and `one_chunk_scan.py` come from this table;
-it needs a GPU, mamba-ssm and Triton.
+For each family's 9B shape (`families.mamba2_shape`), row count and batch:
+mamba-ssm's chunked scan with the two copies `_chunk_scan` adds (the final
+state into the cache, y into the op's output), `short_scan` (rows up to 64)
+and `one_chunk_scan` at its default launch and at the other launches given
+by `CONFIGS`. Each figure is the median over 10 replays of a graph of 20
+launches, in µs. The row limits in `short_scan.py` and `one_chunk_scan.py`
+come from this table; it needs a GPU, mamba-ssm and Triton.
 """
 
 from __future__ import annotations
@@ -20,18 +20,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gemm_libraries import replay_us  # noqa: E402
+
+from pcg_backend.families import FAMILIES, mamba2_shape  # noqa: E402
 from pcg_backend.ops import one_chunk_scan, short_scan  # noqa: E402
 
-# family: (heads, head_dim, groups, N, chunk size), as pcg_backend/families.py builds them
-SHAPES = {
-    "nemotron_h": (128, 80, 8, 128, 128),
-    "bamba": (128, 64, 1, 128, 256),
-    "falcon_h1": (40, 128, 1, 256, 256),
-    "zamba2": (112, 64, 2, 64, 256),
-    "granitemoehybrid": (48, 64, 1, 128, 256),
-    "mamba2": (128, 64, 8, 128, 256),
-}
 CONFIGS = ({"BLOCK_P": 16, "num_warps": 4}, {"BLOCK_P": 32, "num_warps": 4}, {"BLOCK_P": 32, "num_warps": 8},
            {"num_warps": 4}, {"num_warps": 8})
 
@@ -48,30 +43,20 @@ def graph_us(fn, reps: int = 20) -> float:
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return sorted(times)[3]
+    return replay_us(graph, reps)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="16,24,32,48,64,96,128")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--families", default=",".join(SHAPES))
+    parser.add_argument("--families", default=",".join(FAMILIES))
     args = parser.parse_args(argv)
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     for family in args.families.split(","):
-        heads, head_dim, groups, state, chunk = SHAPES[family]
+        heads, head_dim, groups, state, chunk = mamba2_shape(family)
         for batch in (int(b) for b in args.batches.split(",")):
             for rows in (int(r) for r in args.rows.split(",")):
                 width = heads * head_dim

@@ -73,16 +73,22 @@ def time_linear(k: int, n: int, m: int, library: str, linear=torch.nn.functional
         for _ in range(rounds):
             for w in weights:
                 linear(x, w)
+    return replay_us(graph, rounds * len(weights))
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, calls: int, runs: int = 10) -> float:
+    """Median µs per call over `runs` replays of `graph`, which records `calls` calls (after one replay
+    unmeasured)."""
     graph.replay()
     torch.cuda.synchronize()
     times = []
-    for _ in range(10):
+    for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (rounds * len(weights)))
+        times.append(start.elapsed_time(end) * 1e3 / calls)
     return statistics.median(times)
 
 

@@ -41,8 +41,6 @@ and unit channel strides, with this module's row limit.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import short_scan
@@ -134,6 +132,8 @@ if triton is not None:
         state = tl.dot(tl.trans(x), b_scaled)                                         # (P, N)
         dst = state_ptr + bi * ss_b + h * ss_h + p[:, None] * ss_p + n[None, :] * ss_n
         tl.store(dst, state.to(state_ptr.dtype.element_ty), mask=p_in[:, None] & n_in[None, :])
+else:
+    _one_chunk_kernel = None   # `applies` is False without Triton
 
 
 def one_chunk_scan(hs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -146,20 +146,9 @@ def one_chunk_scan(hs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
     both compute, up to rounding). `config` overrides `launch_config`'s
     defaults (for tests and tuning).
     """
-    batch, rows, _ = hs.shape
-    heads = dt.shape[-1]
-    state_size = ssm_state.shape[-1]
-    short_scan.check_parameters(hs, A, B, D, heads, n_groups, state_size, "one_chunk_scan")
+    rows, state_size = hs.shape[1], ssm_state.shape[-1]
     cfg = {**launch_config(rows, state_size, head_dim), **(config or {})}
-    block_p = cfg["BLOCK_P"]
-    grid = (triton.cdiv(head_dim, block_p), heads, batch)
+    short_scan.launch_scan(_one_chunk_kernel, "one_chunk_scan", hs, dt, A, B, C, D, ssm_state, out, n_groups,
+                           head_dim, cfg["BLOCK_P"], T_PAD=max(MIN_TILE, short_scan.pow2(rows)),
+                           N_PAD=max(MIN_TILE, short_scan.pow2(state_size)), num_warps=cfg["num_warps"])
     LAUNCHES["one_chunk_scan"] += 1
-    with torch.cuda.device(hs.device) if hs.is_cuda else contextlib.nullcontext():
-        _one_chunk_kernel[grid](
-            hs, dt, A, B, C, D, out, ssm_state,
-            rows, head_dim, state_size, heads // n_groups,
-            hs.stride(0), hs.stride(1), *dt.stride(), A.stride(0), B.stride(0), B.stride(1),
-            C.stride(0), C.stride(1), D.stride(0), out.stride(0), out.stride(1), *ssm_state.stride(),
-            T_PAD=max(MIN_TILE, short_scan.pow2(rows)), N_PAD=max(MIN_TILE, short_scan.pow2(state_size)),
-            BLOCK_P=block_p, num_warps=cfg["num_warps"],
-        )

@@ -214,6 +214,7 @@ if triton is not None:
     INTERPRETED = type(_short_scan_kernel).__name__ == "InterpretedFunction"
 else:
     INTERPRETED = False
+    _short_scan_kernel = None   # `applies` is False without Triton
 
 
 def short_scan(hs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -227,22 +228,30 @@ def short_scan(hs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     `repeat_interleave` pairs them. `config` overrides `launch_config`'s
     defaults (for tests and tuning).
     """
+    cfg = {**launch_config(ssm_state.shape[-1], head_dim), **(config or {})}
+    launch_scan(_short_scan_kernel, "short_scan", hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim,
+                cfg["BLOCK_P"], ROWS=hs.shape[1] if cfg["UNROLL"] else 0, N_PAD=pow2(ssm_state.shape[-1]),
+                UNROLL=cfg["UNROLL"], num_warps=cfg["num_warps"])
+    LAUNCHES["short_scan"] += 1
+
+
+def launch_scan(kernel, name: str, hs, dt, A, B, C, D, ssm_state, out, n_groups: int, head_dim: int,
+                block_p: int, **meta) -> None:
+    """Launch one of the fresh-scan kernels, this module's or `one_chunk_scan`'s, which take the same
+    arguments: one program per (block of `block_p` head_dim rows, head, sequence); `meta` holds the
+    kernel's own compile-time constants and launch options."""
     batch, rows, _ = hs.shape
     heads = dt.shape[-1]
     state_size = ssm_state.shape[-1]
-    check_parameters(hs, A, B, D, heads, n_groups, state_size, "short_scan")
-    cfg = {**launch_config(state_size, head_dim), **(config or {})}
-    block_p = cfg["BLOCK_P"]
+    check_parameters(hs, A, B, D, heads, n_groups, state_size, name)
     grid = (triton.cdiv(head_dim, block_p), heads, batch)
-    LAUNCHES["short_scan"] += 1
     with torch.cuda.device(hs.device) if hs.is_cuda else contextlib.nullcontext():
-        _short_scan_kernel[grid](
+        kernel[grid](
             hs, dt, A, B, C, D, out, ssm_state,
             rows, head_dim, state_size, heads // n_groups,
             hs.stride(0), hs.stride(1), *dt.stride(), A.stride(0), B.stride(0), B.stride(1),
             C.stride(0), C.stride(1), D.stride(0), out.stride(0), out.stride(1), *ssm_state.stride(),
-            ROWS=rows if cfg["UNROLL"] else 0, N_PAD=pow2(state_size), BLOCK_P=block_p,
-            UNROLL=cfg["UNROLL"], num_warps=cfg["num_warps"],
+            BLOCK_P=block_p, **meta,
         )
 
 
