@@ -1,7 +1,7 @@
-"""Inputs of a fresh padded prefill's scan, for the kernel checks that run under Triton's interpreter.
+"""The fresh-scan kernels' checks under Triton's interpreter: their inputs and their common assertions.
 
 The checks run in a subprocess (`test_skinny_gemm_interpreter_cpu._run_interpreted`) that imports this
-module from `tests/`: one case generator for the short scan's and the one-chunk scan's checks.
+module from `tests/`, for the short scan and the one-chunk scan alike.
 """
 
 import torch
@@ -20,3 +20,33 @@ def interpreted_case(batch, heads, groups, head_dim, state, real, padded):
     A = -torch.empty(heads).uniform_(0.5, 8.0)
     D = torch.randn(heads)
     return hs, dt, A, B, C, D
+
+
+def check_cases(scan, applies, launches, key, cases, close_y, close_state):
+    """Run `scan` on each ((batch, heads, groups, head_dim, N, real, padded), launch overrides) case,
+    with states in fp32 and fp16 and every output element starting as NaN, against the fp32 reference:
+    `applies` takes the call, it launches once, `close_y(out, y_ref)` and `close_state(state, ref)`
+    hold, and padded rows give 0. Then once more into one layer's slice of a (layers, batch, ...) cache:
+    the state is written at its own strides and nowhere else."""
+    from pcg_backend.ops import short_scan as ss
+
+    for shape, config in cases:
+        batch, heads, groups, head_dim, state, real, padded = shape
+        hs, dt, A, B, C, D = interpreted_case(*shape)
+        y_ref, state_ref = ss.reference(hs, dt, A, B, C, D, groups, head_dim)
+        for state_dtype in (torch.float32, torch.float16):
+            ssm_state = torch.full((batch, heads, head_dim, state), float("nan"), dtype=state_dtype)
+            out = torch.full(hs.shape, float("nan"), dtype=torch.float16)
+            assert applies(hs, dt, B, C, ssm_state, out)
+            before = launches[key]
+            scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, config=config)
+            assert launches[key] == before + 1
+            close_y(out, y_ref)
+            close_state(ssm_state, state_ref)
+            assert torch.equal(out[:, real:], torch.zeros_like(out[:, real:]))
+    hs, dt, A, B, C, D = interpreted_case(2, 4, 2, 8, 16, 12, 2)
+    cache = torch.full((3, 2, 4, 8, 16), float("nan"))
+    out = torch.empty(hs.shape, dtype=torch.float16)
+    scan(hs, dt, A, B, C, D, cache[1], out, 2, 8)
+    close_state(cache[1], ss.reference(hs, dt, A, B, C, D, 2, 8)[1])
+    assert cache[0].isnan().all() and cache[2].isnan().all()

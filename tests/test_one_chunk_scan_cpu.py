@@ -24,7 +24,7 @@ import sys
 import torch
 from pcg_backend.ops import one_chunk_scan as oc, short_scan as ss
 sys.path.insert(0, "tests")
-from scan_cases import interpreted_case as case   # strided fp16 views of one buffer, padded rows as no-ops
+from scan_cases import check_cases   # strided fp16 views of one buffer, padded rows as no-ops
 assert ss.INTERPRETED
 torch.manual_seed(0)
 
@@ -41,28 +41,8 @@ cases = [((1, 2, 1, 8, 16, 1, 0), {}), ((2, 4, 2, 8, 16, 25, 7), {}), ((2, 6, 3,
          ((1, 4, 2, 80, 32, 100, 28), {}), ((1, 4, 2, 80, 32, 97, 31), {"BLOCK_P": 32, "num_warps": 4}),
          ((2, 4, 1, 20, 8, 33, 0), {"BLOCK_P": 16}), ((1, 2, 2, 16, 128, 64, 0), {"num_warps": 4}),
          ((3, 2, 1, 3, 5, 2, 2), {})]
-for shape, config in cases:
-    batch, heads, groups, head_dim, state, real, padded = shape
-    hs, dt, A, B, C, D = case(*shape)
-    y_ref, state_ref = ss.reference(hs, dt, A, B, C, D, groups, head_dim)
-    for state_dtype in (torch.float32, torch.float16):
-        ssm_state = torch.full((batch, heads, head_dim, state), float("nan"), dtype=state_dtype)
-        out = torch.full(hs.shape, float("nan"), dtype=torch.float16)
-        assert oc.applies(hs, dt, B, C, ssm_state, out)
-        before = oc.LAUNCHES["one_chunk_scan"]
-        oc.one_chunk_scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, config=config)
-        assert oc.LAUNCHES["one_chunk_scan"] == before + 1
-        close(out, y_ref, f"y {shape}")
-        close(ssm_state, state_ref, f"state {shape}")
-        assert torch.equal(out[:, real:], torch.zeros_like(out[:, real:]))
-# The state is written at its own strides: here one layer's slice of a (layers, batch, ...) cache.
-hs, dt, A, B, C, D = case(2, 4, 2, 8, 16, 30, 2)
-cache = torch.full((3, 2, 4, 8, 16), float("nan"))
-out = torch.empty(hs.shape, dtype=torch.float16)
-oc.one_chunk_scan(hs, dt, A, B, C, D, cache[1], out, 2, 8)
-y_ref, state_ref = ss.reference(hs, dt, A, B, C, D, 2, 8)
-close(cache[1], state_ref, "state in a cache slice")
-assert cache[0].isnan().all() and cache[2].isnan().all()
+check_cases(oc.one_chunk_scan, oc.applies, oc.LAUNCHES, "one_chunk_scan", cases,
+            lambda out, ref: close(out, ref, "y"), lambda state, ref: close(state, ref, "state"))
 print("ok")
 ''')
 

@@ -199,7 +199,7 @@ import sys
 import torch
 from pcg_backend.ops import short_scan as ss
 sys.path.insert(0, "tests")
-from scan_cases import interpreted_case as case   # strided fp16 views of one buffer, padded rows as no-ops
+from scan_cases import check_cases   # strided fp16 views of one buffer, padded rows as no-ops
 assert ss.INTERPRETED
 torch.manual_seed(0)
 
@@ -207,30 +207,14 @@ torch.manual_seed(0)
 cases = [((1, 2, 1, 8, 16, 1, 0), {}), ((2, 4, 2, 8, 16, 5, 3), {}), ((2, 6, 3, 12, 24, 7, 1), {}),
          ((2, 4, 2, 16, 16, 9, 0), {"BLOCK_P": 4}), ((2, 4, 1, 10, 8, 4, 4), {"BLOCK_P": 4, "UNROLL": False}),
          ((1, 2, 2, 8, 32, 3, 0), {"UNROLL": False, "num_warps": 4}), ((3, 2, 1, 3, 5, 2, 2), {})]
-for shape, config in cases:
-    batch, heads, groups, head_dim, state, real, padded = shape
-    hs, dt, A, B, C, D = case(*shape)
-    y_ref, state_ref = ss.reference(hs, dt, A, B, C, D, groups, head_dim)
-    for state_dtype in (torch.float32, torch.float16):
-        ssm_state = torch.full((batch, heads, head_dim, state), float("nan"), dtype=state_dtype)
-        out = torch.full(hs.shape, float("nan"), dtype=torch.float16)
-        assert ss.applies(hs, dt, B, C, ssm_state, out)
-        before = ss.LAUNCHES["short_scan"]
-        ss.short_scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, config=config)
-        assert ss.LAUNCHES["short_scan"] == before + 1
-        # fp32 sums in another order, then one rounding to fp16
-        torch.testing.assert_close(out, y_ref.half(), atol=2e-3, rtol=2e-3)
-        assert torch.equal(out[:, real:], torch.zeros_like(out[:, real:]))
-        tol = 1e-5 if state_dtype == torch.float32 else 2e-3
-        torch.testing.assert_close(ssm_state, state_ref.to(state_dtype), atol=tol, rtol=tol)
-# The state is written at its own strides: here one layer's slice of a (layers, batch, ...) cache.
-hs, dt, A, B, C, D = case(2, 4, 2, 8, 16, 6, 2)
-cache = torch.full((3, 2, 4, 8, 16), float("nan"))
-out = torch.empty(hs.shape, dtype=torch.float16)
-ss.short_scan(hs, dt, A, B, C, D, cache[1], out, 2, 8)
-y_ref, state_ref = ss.reference(hs, dt, A, B, C, D, 2, 8)
-torch.testing.assert_close(cache[1], state_ref, atol=1e-5, rtol=1e-5)
-assert cache[0].isnan().all() and cache[2].isnan().all()
+def close_y(out, y_ref):   # fp32 sums in another order, then one rounding to fp16
+    torch.testing.assert_close(out, y_ref.half(), atol=2e-3, rtol=2e-3)
+
+def close_state(state, ref):
+    tol = 1e-5 if state.dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(state, ref.to(state.dtype), atol=tol, rtol=tol)
+
+check_cases(ss.short_scan, ss.applies, ss.LAUNCHES, "short_scan", cases, close_y, close_state)
 print("ok")
 ''')
 
