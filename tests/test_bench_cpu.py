@@ -271,3 +271,40 @@ def test_prefill_profiles_are_written_before_any_decode(monkeypatch, tmp_path):
     order.clear()
     bench.run_variant(Model(), "eager", [16], [], 4, 1, profile_dir=str(tmp_path))
     assert order == [("profile", (16,), (), False)]
+
+
+def test_skip_guard_eval_times_calls_that_still_match_eager(monkeypatch):
+    """`--skip-guard-eval`: the calls `timed` measures run with Dynamo checking only the guards that tell
+    its graphs apart. After a warm-up that compiled them, pcg's padded graph still serves a new length,
+    with eager's result and nothing compiled again."""
+    import pcg_backend
+    from hf_models import tiny_model
+    from torch._dynamo import eval_frame
+
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bench, "_SKIP_GUARD_EVAL", [True])
+    torch._dynamo.reset()
+    pcg_backend.reset_stats()
+    model = tiny_model("nemotron_h")
+    compiled = torch.compile(model, backend="pcg", options={"max_capture_size": 32, "progress": False})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in (5, 9):   # the static graph, then the dynamic, padded one
+            compiled(torch.randint(3, 128, (1, n), generator=g))
+        graphs, padded = pcg_backend.stats()["graphs_compiled"], pcg_backend.stats()["padded_calls"]
+        ids = torch.randint(3, 128, (1, 7), generator=g)
+        got, stances = [], []
+
+        def call():
+            stances.append(eval_frame._stance.skip_guard_eval_unsafe)
+            got.append(compiled(ids).logits)
+
+        bench.timed(call, 2)
+        assert not eval_frame._stance.skip_guard_eval_unsafe   # only inside the timed calls
+        ref = model(ids).logits
+    torch._dynamo.reset()
+    assert stances == [True, True]
+    for logits in got:
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert pcg_backend.stats()["graphs_compiled"] == graphs
+    assert pcg_backend.stats()["padded_calls"] == padded + 2     # 7 tokens padded to the bucket of 8
