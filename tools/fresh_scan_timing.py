@@ -1,6 +1,6 @@
 """Time a fresh prefill's Mamba2 scan per layer, in a CUDA graph: the kernels pcg can route it to.
 
-    python tools/fresh_scan_timing.py [--rows 16,24,32,64,128] [--batches 1,8]
+    python tools/fresh_scan_timing.py [--rows 2,4,8,16,24,32,64,128] [--batches 1,8] [--families F,...]
 
 For each family's 9B shape (`families.mamba2_shape`), row count and batch:
 mamba-ssm's chunked scan with the two copies `_chunk_scan` adds (the final
@@ -48,7 +48,7 @@ def graph_us(fn, reps: int = 20) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="16,24,32,48,64,96,128")
+    parser.add_argument("--rows", default="2,4,8,16,24,32,64,128")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--families", default=",".join(FAMILIES))
     args = parser.parse_args(argv)
