@@ -231,7 +231,7 @@ def _padded_dt(dt, dt_bias, valid, dt_min, dt_max, process=False):
     The kernels compute dt = clamp(softplus(dt + dt_bias), dt_min, dt_max),
     and softplus(-inf) is exactly 0, in Triton and in torch. With a positive
     dt_min the clamp would lift that 0, so then dt is computed here instead,
-    as it is when `process` asks for it (the short scan takes dt computed).
+    as it is when `process` asks for it (the one-launch scans take dt computed).
     """
     if dt_min > 0 or process:
         dt = torch.where(valid, F.softplus(dt.float() + dt_bias).clamp_(dt_min, dt_max), 0.0)

@@ -5,7 +5,7 @@ mamba-ssm's chunked SSD scan: five kernels (chunk cumsum, chunk state, state
 passing, bmm, chunk scan), then copies of the final state into the cache and
 of y into the op's `out`. Up to the model's chunk size (128 or 256 in the
 families' published configs) the whole prefill is one chunk, and each of
-those launches does little: the chain costs about 21 µs per layer in a CUDA
+those launches does little: the chain costs 18-30 µs per layer in a CUDA
 graph on an H200, where the arithmetic takes a few. (A model whose chunk
 size is below the bucket gets the same SSM computed as one chunk here,
 where the chunked scan would pass states between chunks: the same values,
@@ -29,7 +29,8 @@ makes them): they add nothing to the state and their y is 0.
 
 The products hold a (T, T) score tile, so the row count is capped at
 `MAX_ROWS` = 128. Measured per layer in a CUDA graph on an H200
-(`tools/fresh_scan_timing.py`), at 24 to 128 rows it took 3.5-15 µs at
+(`tools/fresh_scan_timing.py`, before its launch defaults and the state's
+decay took their present form), at 24 to 128 rows it took 3.5-15 µs at
 batch 1 and 19-92 µs at batch 8 across the shapes measured, against
 18-30 and 106-169 µs for the chunked scan and its copies, and 2.6 to 3.9
 times less than `short_scan` at 24 rows. Buckets of at most

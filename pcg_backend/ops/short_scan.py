@@ -76,7 +76,7 @@ def launch_config(state_size: int, head_dim: int) -> dict:
     """BLOCK_P (head_dim rows per program), num_warps and UNROLL for a state of `state_size`.
 
     Defaults from one short sweep (H200, CUDA graph, 16 rows, batch 1 and 8,
-    the five families' shapes, BLOCK_P 2-32, 1-2 warps, unrolled or not):
+    the families' shapes, BLOCK_P 2-32, 1-2 warps, unrolled or not):
     within 7 % of its best at batch 1 and 9 % at batch 8, where twice the
     rows per program at N = 128 did best. A fuller sweep may replace them.
     One warp per program, holding a (N, BLOCK_P) fp32 tile of
