@@ -438,7 +438,8 @@ def main(argv=None):
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {VARIANTS} (default: all; with --quick {','.join(QUICK_VARIANTS)})")
     parser.add_argument("--prefill", default=None, help="comma-separated prefill token counts (overrides --quick)")
-    parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (overrides --quick); an empty string measures "
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated decode batch sizes (overrides --quick); an empty string measures "
                              "prefills only, which skips compiling the decode graph")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--skip-guard-eval", action="store_true",

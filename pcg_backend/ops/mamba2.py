@@ -174,8 +174,8 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
         h = _padded_conv(kernels, _channel_last(xBC), conv_state, conv_weight, conv_bias, count, activation,
                          use_state)
         # The one-launch scans take dt as the chunked scan's softplus and clamp leave it, as `prepare`
-        # gives it. (Where they then decline all the same, on a strided h, the chunked scan gets that dt: the
-        # same values up to the rounding of torch's softplus against mamba-ssm's.)
+        # gives it. (Where they then decline all the same, on a strided h, the chunked scan gets that
+        # dt: the same values up to the rounding of torch's softplus against mamba-ssm's.)
         process = fresh and ssm_state is not None and one_chunk_scan.may_apply(xBC, ssm_state, out)
         dt, dt_args = _padded_dt(dt, dt_bias, valid, dt_min, dt_max, process=process)
     h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
