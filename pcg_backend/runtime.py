@@ -325,7 +325,8 @@ class PiecewiseRunner:
         graphs = STATS.cuda_graphs_captured - captured
         pieces = sum(isinstance(m, CudaGraphPiece) for m in self.module.children())
         summary = (
-            f"{self.name}: captured {graphs} CUDA graphs ({pieces} pieces x {len(self.upfront_sizes)} buckets "
+            f"{self.name}: captured {graphs} CUDA graphs ({pieces} piece{'' if pieces == 1 else 's'} x "
+            f"{len(self.upfront_sizes)} buckets "
             f"{self.upfront_sizes[-1]}..{self.upfront_sizes[0]}, largest first"
             f"{', key ' + str(rest) if rest else ''}) in {time.perf_counter() - start:.1f} s, "
             f"{(STATS.graph_memory_bytes - memory) / 2**20:.0f} MiB of graph memory"

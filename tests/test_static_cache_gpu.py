@@ -20,7 +20,7 @@ from test_static_cache_cpu import _compiled, _generate
 pytestmark = requires_cuda
 
 
-ONE_GRAPH_PER_BUCKET = "captured 6 CUDA graphs (1 pieces x 6 buckets 2..32"   # Dynamo's dynamic graph starts at 2
+ONE_GRAPH_PER_BUCKET = "captured 6 CUDA graphs (1 piece x 6 buckets 2..32"   # Dynamo's dynamic graph starts at 2
 
 
 def _tokens_match_eager(name, cache, warm_up, lengths) -> int:
