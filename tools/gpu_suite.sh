@@ -3,16 +3,19 @@
 # test files (kernels, graphs, padding rule, HF forwards), `tools/gpu_suite.sh tests-scan` the fresh
 # prefill's scan kernels against mamba-ssm (whose autotuning makes them slow to start),
 # `tools/gpu_suite.sh tests-hf` the HF generate() ones (padding, static caches, traffic, the deferred
-# stop check, bf16 noise), and `tools/gpu_suite.sh bench [bench flags]` the quick benchmark against
-# eager. Logs go to $OUT
+# stop check, bf16 noise), `tools/gpu_suite.sh bench [bench flags]` the quick benchmark against
+# eager, and `tools/gpu_suite.sh profile FAMILY [bench flags]` FAMILY's prefills of 16 and 128 tokens,
+# timed and profiled, with lazy capture and no decode graph (the cheapest look at where its time
+# goes). Logs go to $OUT
 # (default ./gpu_out). Each stage is cut at 9 minutes so that it fits a 10-minute call.
 # mamba-ssm / causal-conv1d wheels placed in .whl/ are installed into /tmp/site first, if present.
 set -u
 cd "$(dirname "$0")/.."
 stage=${1:-tests}
 shift || true
-if [ "$stage" != tests ] && [ "$stage" != tests-scan ] && [ "$stage" != tests-hf ] && [ "$stage" != bench ]; then
-    echo "usage: tools/gpu_suite.sh tests | tests-scan | tests-hf | bench [bench flags]" >&2
+if [ "$stage" != tests ] && [ "$stage" != tests-scan ] && [ "$stage" != tests-hf ] && [ "$stage" != bench ] \
+        && [ "$stage" != profile ]; then
+    echo "usage: tools/gpu_suite.sh tests | tests-scan | tests-hf | bench [bench flags] | profile FAMILY [bench flags]" >&2
     exit 2
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -50,6 +53,17 @@ case "$stage" in
         rc=$?
         echo "bench rc $rc"
         grep -v "capturing graph" "$OUT/bench.log" | tail -30
+        ;;
+    profile)
+        family=${1:?usage: tools/gpu_suite.sh profile FAMILY [bench flags]}
+        shift
+        timeout 540 python3 -m pcg_backend.bench --family "$family" --variants pcg-inductor --prefill 16,128 \
+            --batches "" --profile --pcg-options '{"capture": "lazy"}' --out "$OUT/$family" "$@" \
+            > "$OUT/$family.log" 2>&1
+        rc=$?
+        echo "profile $family rc $rc"
+        grep -v "capturing graph" "$OUT/$family.log" | tail -12
+        grep "^==" "$OUT/$family/profile_pcg-inductor.txt" 2>/dev/null
         ;;
 esac
 exit $rc
