@@ -194,14 +194,11 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
 
 def _fresh_scan(hs, dt, B, C, ssm_state, out):
     """The one-launch kernel for a fresh scan of this many rows, or None for the chunked scan:
-    token by token up to `short_scan.MAX_ROWS` rows, as one SSD chunk up to `one_chunk_scan.MAX_ROWS`."""
-    if ssm_state is None:
+    token by token up to `short_scan.MAX_ROWS` rows, as one SSD chunk up to `one_chunk_scan.MAX_ROWS`.
+    Both take the same calls apart from the row limit, so one check serves both."""
+    if ssm_state is None or not one_chunk_scan.applies(hs, dt, B, C, ssm_state, out):
         return None
-    if short_scan.applies(hs, dt, B, C, ssm_state, out):
-        return short_scan.short_scan
-    if one_chunk_scan.applies(hs, dt, B, C, ssm_state, out):
-        return one_chunk_scan.one_chunk_scan
-    return None
+    return short_scan.short_scan if hs.shape[1] <= short_scan.MAX_ROWS else one_chunk_scan.one_chunk_scan
 
 
 def _padded_conv(kernels, x, conv_state, conv_weight, conv_bias, count, activation, use_state):
