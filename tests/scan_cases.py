@@ -26,7 +26,7 @@ def check_cases(scan, applies, launches, key, cases, close_y, close_state):
     """Run `scan` on each ((batch, heads, groups, head_dim, N, real, padded), launch overrides) case,
     with states in fp32 and fp16 and every output element starting as NaN, against the fp32 reference:
     `applies` takes the call, it launches once, `close_y(out, y_ref)` and `close_state(state, ref)`
-    hold, and padded rows give 0. Then once more into one layer's slice of a (layers, batch, ...) cache:
+    hold, and padded rows give 0; where a case has padded rows, also `check_counted`. Then once more into one layer's slice of a (layers, batch, ...) cache:
     the state is written at its own strides and nowhere else."""
     from pcg_backend.ops import short_scan as ss
 
@@ -44,9 +44,33 @@ def check_cases(scan, applies, launches, key, cases, close_y, close_state):
             close_y(out, y_ref)
             close_state(ssm_state, state_ref)
             assert torch.equal(out[:, real:], torch.zeros_like(out[:, real:]))
+        if padded:
+            check_counted(scan, launches, key, (hs, dt, A, B, C, D), groups, head_dim, real, config,
+                          (y_ref, state_ref), close_y, close_state)
     hs, dt, A, B, C, D = interpreted_case(2, 4, 2, 8, 16, 12, 2)
     cache = torch.full((3, 2, 4, 8, 16), float("nan"))
     out = torch.empty(hs.shape, dtype=torch.float16)
     scan(hs, dt, A, B, C, D, cache[1], out, 2, 8)
     close_state(cache[1], ss.reference(hs, dt, A, B, C, D, 2, 8)[1])
     assert cache[0].isnan().all() and cache[2].isnan().all()
+
+
+def check_counted(scan, launches, key, inputs, groups, head_dim, real, config, refs, close_y, close_state):
+    """With pcg's device count (`count=`), padded rows may hold anything: here NaN in x, B, C and dt.
+    The kernel must read them as identity steps (the reference computed with them zeroed) and write
+    their y as 0, for an int64 and an int32 count."""
+    hs, dt, A, B, C, D = inputs
+    y_ref, state_ref = refs
+    hs, dt, B, C = (t.clone() for t in (hs, dt, B, C))
+    for t in (hs, dt, B, C):
+        t[:, real:] = float("nan")
+    for dtype in (torch.int64, torch.int32):
+        ssm_state = torch.full((hs.shape[0], dt.shape[-1], head_dim, B.shape[-1] // groups), float("nan"))
+        out = torch.full(hs.shape, float("nan"), dtype=hs.dtype)
+        before = launches[key]
+        scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, count=torch.tensor([real], dtype=dtype),
+             config=config)
+        assert launches[key] == before + 1
+        close_y(out, y_ref)
+        close_state(ssm_state, state_ref)
+        assert torch.equal(out[:, real:], torch.zeros_like(out[:, real:]))

@@ -153,9 +153,11 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
 
     Every op here is a kernel in each layer's graph (27 per model), and at
     16 tokens each costs about as much as its launch, so the masking is kept
-    to what the state needs: `h` zeroed on padded rows and their dt set to 0.
-    `xBC` is not masked (the conv is causal, so a padded row reaches only
-    padded outputs, and those are zeroed in `h`), nor is the scan's output
+    to what the state needs: `h` zeroed on padded rows and their dt set to 0
+    (the one-launch scans take the count and read those rows as zeros
+    themselves, which saves the mask's kernel). `xBC` is not masked (the
+    conv is causal, so a padded row reaches only padded outputs, and those
+    are zeroed in `h` or skipped by the scan), nor is the scan's output
     (a padded row's output is C·state + D·x with C = x = 0, which is 0).
     On CUDA, a fresh prefill does everything before the conv in one Triton
     kernel (`mamba2_prep`); the torch ops below compute the same values. A
@@ -179,20 +181,26 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
         process = fresh and ssm_state is not None and one_chunk_scan.may_apply(xBC, ssm_state, out)
         dt, dt_args = _padded_dt(dt, dt_bias, valid, dt_min, dt_max, process=process)
     h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
-    h = torch.where(valid, h, 0)
-    groups_state = n_groups * state_size
-    hs, B, C = torch.split(h, [conv_dim - 2 * groups_state, groups_state, groups_state], dim=-1)
-    scan = _fresh_scan(hs, dt, B, C, ssm_state, out) if fresh and not dt_args["dt_softplus"] else None
+    widths = [conv_dim - 2 * n_groups * state_size, n_groups * state_size, n_groups * state_size]
+    one_launch = fresh and not dt_args["dt_softplus"]
+    # The one-launch scans read rows from `count` on as zeros themselves; h is masked only for the
+    # chunked scan, or for a layout they do not take as it is (the torch conv's, on CPU).
+    scan = _fresh_scan(*torch.split(h, widths, dim=-1), dt, ssm_state, out) if one_launch else None
+    if scan is None:
+        h = torch.where(valid, h, 0)
+    hs, B, C = torch.split(h, widths, dim=-1)
+    if scan is None and one_launch:
+        scan = _fresh_scan(hs, B, C, dt, ssm_state, out)
     if scan is not None:
         # One launch writing y and the final state in place, where the chunked scan takes five
         # launches and two copies.
-        scan(hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim)
+        scan(hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim, count=count)
         return
     y = _chunk_scan(kernels, hs, dt, A, B, C, D, ssm_state, use_state, n_groups, head_dim, chunk_size, **dt_args)
     out.copy_(y)
 
 
-def _fresh_scan(hs, dt, B, C, ssm_state, out):
+def _fresh_scan(hs, B, C, dt, ssm_state, out):
     """The one-launch kernel for a fresh scan of this many rows, or None for the chunked scan:
     token by token up to `short_scan.MAX_ROWS` rows, as one SSD chunk up to `one_chunk_scan.MAX_ROWS`.
     Both take the same calls apart from the row limit, so one check serves both."""

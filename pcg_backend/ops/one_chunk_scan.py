@@ -24,8 +24,9 @@ cache's `ssm_state`. This is the chunked scan's arithmetic for a chunk with a
 zero initial state, with the same roundings: C B^T summed in fp32, the decayed
 scores rounded to the model dtype before their product with x, and B scaled
 by its decay and dt, rounded likewise, before the state's product. Padded
-rows must be identity steps (dt = 0, x = B = C = 0, as `_padded_prefill`
-makes them): they add nothing to the state and their y is 0.
+rows are identity steps (dt = 0, x = B = C = 0): the kernel reads rows from
+pcg's device count on as zeros, or, without a count, the caller zeroes
+them. They add nothing to the state and their y is 0.
 
 The products hold a (T, T) score tile, so the row count is capped at
 `MAX_ROWS` = 128. Measured per layer in a CUDA graph on an H200
@@ -84,14 +85,15 @@ def applies(hs: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor
 
 
 if triton is not None:
+    real_rows = short_scan.real_rows   # a JIT function: the kernel calls it by a global name
 
     @triton.jit
     def _one_chunk_kernel(
-        x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, y_ptr, state_ptr,
+        x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, y_ptr, state_ptr, count_ptr,
         rows, head_dim, state_size, heads_per_group,
         sx_b, sx_t, sdt_b, sdt_t, sdt_h, sa, sb_b, sb_t, sc_b, sc_t, sd, sy_b, sy_t,
         ss_b, ss_h, ss_p, ss_n,
-        T_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+        T_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_P: tl.constexpr, COUNTED: tl.constexpr,
     ):
         # Program (head_dim block, head, sequence). 64-bit offsets: a large batch's stride times its index
         # can pass 2**31 elements.
@@ -100,7 +102,8 @@ if triton is not None:
         bi = tl.program_id(2).to(tl.int64)
         g = h // heads_per_group
         t = tl.arange(0, T_PAD)
-        t_in = t < rows
+        t_out = t < rows                                  # the rows of y to write
+        t_in = t < real_rows(count_ptr, rows, COUNTED)   # the rows to read: zeros past them
         n = tl.arange(0, N_PAD)
         n_in = n < state_size
         p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -123,7 +126,7 @@ if triton is not None:
         scores = scores * decay * dt[None, :]
         y = tl.dot(scores.to(x.dtype), x) + d * x.to(tl.float32)                      # (T, P)
         tl.store(y_ptr + bi * sy_b + h * head_dim + t[:, None] * sy_t + p[None, :],
-                 y.to(y_ptr.dtype.element_ty), mask=tp)
+                 y.to(y_ptr.dtype.element_ty), mask=t_out[:, None] & p_in[None, :])
 
         # The state after the last row: x^T times B, each row scaled by its decay to the end and its dt.
         # cs at the last row (padded rows add dt = 0), as the chunked scan reads its chunk's end
@@ -139,17 +142,17 @@ else:
 
 def one_chunk_scan(hs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor, ssm_state: torch.Tensor, out: torch.Tensor, n_groups: int, head_dim: int,
-                   config: dict | None = None) -> None:
+                   count: torch.Tensor | None = None, config: dict | None = None) -> None:
     """The fresh scan of every row of `hs` into `out` (y) and `ssm_state` (the state after the last row).
 
     `applies(hs, dt, B, C, ssm_state, out)` must hold; arguments as
     `short_scan.short_scan` takes them (and `short_scan.reference` is what
-    both compute, up to rounding). `config` overrides `launch_config`'s
+    both compute, up to rounding), `count` included. `config` overrides `launch_config`'s
     defaults (for tests and tuning).
     """
     rows, state_size = hs.shape[1], ssm_state.shape[-1]
     cfg = {**launch_config(rows, state_size, head_dim), **(config or {})}
     short_scan.launch_scan(_one_chunk_kernel, "one_chunk_scan", hs, dt, A, B, C, D, ssm_state, out, n_groups,
-                           head_dim, cfg["BLOCK_P"], T_PAD=max(MIN_TILE, short_scan.pow2(rows)),
+                           head_dim, count, cfg["BLOCK_P"], T_PAD=max(MIN_TILE, short_scan.pow2(rows)),
                            N_PAD=max(MIN_TILE, short_scan.pow2(state_size)), num_warps=cfg["num_warps"])
     LAUNCHES["one_chunk_scan"] += 1

@@ -17,10 +17,11 @@ fp32 registers and steps through the rows,
 
 reading each row's x, dt, B and C once, writing y straight into the op's
 `out` and the state after the last row straight into the cache's
-`ssm_state`. Padded rows must be identity steps (dt = 0, x = B = C = 0, as
-`mamba2_prep.prepare` and `_padded_prefill` make them), so the state after
-the last padded row is the state after the last real token, and a padded
-row's y is 0.
+`ssm_state`. Padded rows are identity steps (dt = 0, x = B = C = 0): given
+pcg's device count of real tokens, the kernel reads the rows from it on as
+zeros, whatever they hold; without one, the caller must have zeroed them.
+So the state after the last padded row is the state after the last real
+token, and a padded row's y is 0.
 
 It is for short prefills only (`MAX_ROWS`). The loop is sequential in the
 rows, where the chunked scan does the same work as matrix products over
@@ -154,12 +155,23 @@ def shapes_fit(hs: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Ten
 if triton is not None:
 
     @triton.jit
-    def _step(state, x_row, dt_row, b_row, c_row, y_row, a, d, p, p_in, n, n_in):
+    def real_rows(count_ptr, rows, COUNTED: tl.constexpr):
+        # The rows to scan: the real token count pcg publishes on the device where the caller passed it
+        # (rows past it are padding, whatever they hold), else all of them.
+        if COUNTED:
+            real = tl.minimum(tl.load(count_ptr).to(tl.int32), rows)
+        else:
+            real = rows
+        return real
+
+    @triton.jit
+    def _step(state, x_row, dt_row, b_row, c_row, y_row, a, d, p, p_in, n, n_in, live):
         # One row of the recurrence; returns the new state. Every load here is independent of the state.
-        x = tl.load(x_row + p, mask=p_in, other=0.0).to(tl.float32)
-        dt = tl.load(dt_row).to(tl.float32)
-        b = tl.load(b_row + n, mask=n_in, other=0.0).to(tl.float32)
-        c = tl.load(c_row + n, mask=n_in, other=0.0).to(tl.float32)
+        # A row past the real count (`live` false) loads zeros: an identity step whose y is 0.
+        x = tl.load(x_row + p, mask=p_in & live, other=0.0).to(tl.float32)
+        dt = tl.load(dt_row, mask=live, other=0.0).to(tl.float32)
+        b = tl.load(b_row + n, mask=n_in & live, other=0.0).to(tl.float32)
+        c = tl.load(c_row + n, mask=n_in & live, other=0.0).to(tl.float32)
         state = state * tl.exp(dt * a) + b[:, None] * (dt * x)[None, :]
         y = tl.sum(state * c[:, None], 0) + d * x
         tl.store(y_row + p, y.to(y_row.dtype.element_ty), mask=p_in)
@@ -167,11 +179,12 @@ if triton is not None:
 
     @triton.jit
     def _short_scan_kernel(
-        x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, y_ptr, state_ptr,
+        x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, y_ptr, state_ptr, count_ptr,
         rows, head_dim, state_size, heads_per_group,
         sx_b, sx_t, sdt_b, sdt_t, sdt_h, sa, sb_b, sb_t, sc_b, sc_t, sd, sy_b, sy_t,
         ss_b, ss_h, ss_p, ss_n,
         ROWS: tl.constexpr, N_PAD: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr,
+        COUNTED: tl.constexpr,
     ):
         # Program (head_dim block, head, sequence): its block of the state, over every row. The tile is
         # (N, BLOCK_P), head_dim innermost: Triton spreads a warp's lanes over the innermost dimension first,
@@ -188,6 +201,7 @@ if triton is not None:
         n_in = n < state_size
         a = tl.load(a_ptr + h * sa).to(tl.float32)
         d = tl.load(d_ptr + h * sd).to(tl.float32)
+        real = real_rows(count_ptr, rows, COUNTED)
         # Row 0's pointers; each step moves them on by one row stride (pointer arithmetic is 64-bit).
         x_row = x_ptr + bi * sx_b + h * head_dim
         dt_row = dt_ptr + bi * sdt_b + h * sdt_h
@@ -198,10 +212,10 @@ if triton is not None:
         if UNROLL:
             for t in tl.static_range(ROWS):
                 state = _step(state, x_row + t * sx_t, dt_row + t * sdt_t, b_row + t * sb_t, c_row + t * sc_t,
-                              y_row + t * sy_t, a, d, p, p_in, n, n_in)
+                              y_row + t * sy_t, a, d, p, p_in, n, n_in, t < real)
         else:
             for t in range(rows):
-                state = _step(state, x_row, dt_row, b_row, c_row, y_row, a, d, p, p_in, n, n_in)
+                state = _step(state, x_row, dt_row, b_row, c_row, y_row, a, d, p, p_in, n, n_in, t < real)
                 x_row += sx_t
                 dt_row += sdt_t
                 b_row += sb_t
@@ -219,24 +233,28 @@ else:
 
 def short_scan(hs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: torch.Tensor, ssm_state: torch.Tensor, out: torch.Tensor, n_groups: int, head_dim: int,
-               config: dict | None = None) -> None:
+               count: torch.Tensor | None = None, config: dict | None = None) -> None:
     """The fresh scan of every row of `hs` into `out` (y) and `ssm_state` (the state after the last row).
 
     `applies(hs, dt, B, C, ssm_state, out)` must hold. Shapes as in
     `shapes_fit`; A and D are (heads,), any float dtype and stride. Head h
     reads group h // (heads // n_groups) of B and C, as HF's
-    `repeat_interleave` pairs them. `config` overrides `launch_config`'s
-    defaults (for tests and tuning).
+    `repeat_interleave` pairs them. With `count` (a 1-element integer
+    tensor on the device: pcg's real token count), rows from `count` on are
+    padding whatever they hold: the kernel reads them as identity steps
+    (zeros) and writes their y as 0. Without it, padded rows must already be
+    identity steps. `config` overrides `launch_config`'s defaults (for tests
+    and tuning).
     """
     cfg = {**launch_config(ssm_state.shape[-1], head_dim), **(config or {})}
-    launch_scan(_short_scan_kernel, "short_scan", hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim,
+    launch_scan(_short_scan_kernel, "short_scan", hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim, count,
                 cfg["BLOCK_P"], ROWS=hs.shape[1] if cfg["UNROLL"] else 0, N_PAD=pow2(ssm_state.shape[-1]),
                 UNROLL=cfg["UNROLL"], num_warps=cfg["num_warps"])
     LAUNCHES["short_scan"] += 1
 
 
 def launch_scan(kernel, name: str, hs, dt, A, B, C, D, ssm_state, out, n_groups: int, head_dim: int,
-                block_p: int, **meta) -> None:
+                count: torch.Tensor | None, block_p: int, **meta) -> None:
     """Launch one of the fresh-scan kernels, this module's or `one_chunk_scan`'s, which take the same
     arguments: one program per (block of `block_p` head_dim rows, head, sequence); `meta` holds the
     kernel's own compile-time constants and launch options."""
@@ -244,14 +262,17 @@ def launch_scan(kernel, name: str, hs, dt, A, B, C, D, ssm_state, out, n_groups:
     heads = dt.shape[-1]
     state_size = ssm_state.shape[-1]
     check_parameters(hs, A, B, D, heads, n_groups, state_size, name)
+    if count is not None and (count.numel() != 1 or count.device != hs.device or count.dtype.is_floating_point):
+        raise ValueError(f"{name}: the real token count must be one integer on {hs.device}, got "
+                         f"{tuple(count.shape)} {count.dtype} on {count.device}")
     grid = (triton.cdiv(head_dim, block_p), heads, batch)
     with torch.cuda.device(hs.device) if hs.is_cuda else contextlib.nullcontext():
         kernel[grid](
-            hs, dt, A, B, C, D, out, ssm_state,
+            hs, dt, A, B, C, D, out, ssm_state, dt if count is None else count,
             rows, head_dim, state_size, heads // n_groups,
             hs.stride(0), hs.stride(1), *dt.stride(), A.stride(0), B.stride(0), B.stride(1),
             C.stride(0), C.stride(1), D.stride(0), out.stride(0), out.stride(1), *ssm_state.stride(),
-            BLOCK_P=block_p, **meta,
+            BLOCK_P=block_p, COUNTED=count is not None, **meta,
         )
 
 
