@@ -219,6 +219,7 @@ def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None, 
         for title, run in runs.items():
             with torch.no_grad():
                 run()   # unprofiled first: a new cache's first decode step may capture graphs (new addresses)
+                f.write(f"== {title}, unprofiled: {_host_split(run)}\n")
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                           record_shapes=trace_dir is not None) as prof:
                 start = time.perf_counter()
@@ -229,6 +230,7 @@ def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None, 
             busy_ms = _kernel_ms(prof)
             f.write(f"== {title}: {wall_ms:.2f} ms wall (profiled), device busy {busy_ms:.2f} ms "
                     f"({100 * busy_ms / wall_ms:.0f}%)\n")
+            f.write(f"== {title}, timeline (profiled): {_timeline(prof)}\n")
             if trace_dir:
                 _write_trace(prof, os.path.join(trace_dir, f"trace_{len(os.listdir(trace_dir))}.json.gz"), title)
                 f.write(prof.key_averages(group_by_input_shape=True).table(
@@ -238,6 +240,54 @@ def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None, 
             f.write("\n")
             f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
             f.write("\n")
+
+
+def _host_split(run, repeats: int = 5) -> str:
+    """Median wall time of `run()` to a synchronized device, and the time it took to return to the
+    caller (the host's share where the device still had work queued), by default and with Dynamo
+    skipping its guards (`skip_guard_eval_unsafe`): what the host costs a call, unprofiled."""
+    def medians():
+        wall, host = [], []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            returned = time.perf_counter()
+            torch.cuda.synchronize()
+            wall.append(time.perf_counter() - start)
+            host.append(returned - start)
+        return 1e3 * statistics.median(wall), 1e3 * statistics.median(host)
+
+    wall, host = medians()
+    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+        skip_wall, skip_host = medians()
+    return (f"{wall:.2f} ms wall, returned after {host:.2f} ms; skipping guards: {skip_wall:.2f} ms wall, "
+            f"returned after {skip_host:.2f} ms (medians of {repeats})")
+
+
+def _timeline(prof) -> str:
+    """Where a profiled call's wall time went: the host's time before the first device work, then the
+    device's span from its first to its last work, split into busy (the union of kernel and copy
+    intervals) and idle (gaps: launch latency inside graphs, or the device waiting on the host), and
+    the host's time inside `cudaGraphLaunch`."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    device = sorted((e.time_range.start, e.time_range.end) for e in events
+                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    if not device or not host:
+        return "no device or host events"
+    busy, reach = 0.0, device[0][0]
+    for start, end in device:
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    span = reach - device[0][0]
+    lead = device[0][0] - min(e.time_range.start for e in host)
+    launch = sum(e.time_range.elapsed_us() for e in host if e.name == "cudaGraphLaunch")
+    return (f"host before the first device work {lead / 1e3:.2f} ms; device span {span / 1e3:.2f} ms, busy "
+            f"{busy / 1e3:.2f}, idle {(span - busy) / 1e3:.2f}; in cudaGraphLaunch {launch / 1e3:.2f} ms")
 
 
 def _kernel_ms(prof) -> float:

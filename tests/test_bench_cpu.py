@@ -308,3 +308,37 @@ def test_skip_guard_eval_times_calls_that_still_match_eager(monkeypatch):
         torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
     assert pcg_backend.stats()["graphs_compiled"] == graphs
     assert pcg_backend.stats()["padded_calls"] == padded + 2     # 7 tokens padded to the bucket of 8
+
+
+def test_timeline_splits_a_profile_into_host_lead_device_busy_and_idle():
+    """The profile's timeline line: the host's time before the first device work, the device's span,
+    its busy time as the union of overlapping intervals, the idle rest, and cudaGraphLaunch's host time."""
+    import types
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    def event(name, device, start, end):
+        return types.SimpleNamespace(name=name, device_type=device, is_user_annotation=False,
+                                     time_range=Interval(start, end))
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [event("forward", cpu, 100, 2000), event("cudaGraphLaunch", cpu, 700, 1000),
+              event("k1", cuda, 1100, 1300), event("k2", cuda, 1250, 1400),   # overlapping: 300 µs busy
+              event("k3", cuda, 1600, 1700)]
+    line = bench._timeline(types.SimpleNamespace(events=lambda: events))
+    assert line == ("host before the first device work 1.00 ms; device span 0.60 ms, busy 0.40, idle 0.20; "
+                    "in cudaGraphLaunch 0.30 ms")
+    assert bench._timeline(types.SimpleNamespace(events=lambda: events[:2])) == "no device or host events"
+
+
+def test_host_split_times_default_calls_then_calls_skipping_guards(monkeypatch):
+    """`_host_split` runs the call `repeats` times by default, then as often with Dynamo skipping guard
+    evaluation, and reports both medians."""
+    from torch._dynamo import eval_frame
+
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: None)
+    stances = []
+    line = bench._host_split(lambda: stances.append(eval_frame._stance.skip_guard_eval_unsafe), repeats=3)
+    assert stances == [False] * 3 + [True] * 3
+    assert "skipping guards" in line and line.endswith("(medians of 3)")

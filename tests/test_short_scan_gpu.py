@@ -75,6 +75,16 @@ def check_against_the_chunked_scan(scan, applies, launches, key, family, rows, b
     assert state_err <= 2 * state_chunk_err + state_eps, (state_err, state_chunk_err, state_eps)
     assert torch.equal(out[:, real:], torch.zeros_like(out[:, real:]))
 
+    # As pcg calls it in a padded prefill: with the device count, padded rows may hold NaN (read as zeros):
+    # the very values of the call above.
+    hs_nan, dt_nan, B_nan, C_nan = (t.clone() for t in (hs, dt, B, C))
+    for t in (hs_nan, dt_nan, B_nan, C_nan):
+        t[:, real:] = float("nan")
+    counted_state, counted = torch.full_like(ssm_state, float("nan")), torch.full_like(out, float("nan"))
+    scan(hs_nan, dt_nan, A, B_nan, C_nan, D, counted_state, counted, groups, head_dim,
+         count=torch.tensor([real], device="cuda"), config=config)
+    assert torch.equal(counted, out) and torch.equal(counted_state, ssm_state)
+
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("rows", [1, 2, 8, 16])
@@ -101,26 +111,30 @@ def test_the_kernel_matches_the_fp32_recurrence(family, config):
 
 def check_graph_replay(scan, rows):
     """`scan` (short_scan or one_chunk_scan) captured in a CUDA graph, as pcg launches it inside captured
-    prefill graphs: a replay over new inputs gives what a launch gives."""
+    prefill graphs: a replay over new inputs and a new device count gives what a launch gives."""
     heads, head_dim, groups, state, _ = SHAPES["nemotron_h"]
     _, hs, dt, A, B, C, D = _inputs(1, rows, heads, head_dim, groups, state, seed=2)
     ssm_state = torch.empty(1, heads, head_dim, state, device="cuda")
     out = torch.empty(hs.shape, dtype=hs.dtype, device="cuda")
-    scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim)   # compile before capture
+    count = torch.tensor([rows], device="cuda")
+    scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, count=count)   # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim)
+        scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, count=count)
     _, hs2, dt2, _, B2, C2, _ = _inputs(1, rows, heads, head_dim, groups, state, seed=3)
     hs.copy_(hs2)
     dt.copy_(dt2)
     B.copy_(B2)
     C.copy_(C2)
+    count.fill_(rows // 2 + 1)
     graph.replay()
     torch.cuda.synchronize()
     expected_state = torch.empty_like(ssm_state)
     expected = torch.empty_like(out)
-    scan(hs, dt, A, B, C, D, expected_state, expected, groups, head_dim)
+    scan(hs, dt, A, B, C, D, expected_state, expected, groups, head_dim, count=torch.tensor([rows // 2 + 1],
+                                                                                         device="cuda"))
     assert torch.equal(out, expected) and torch.equal(ssm_state, expected_state)
+    assert torch.equal(out[:, rows // 2 + 1:], torch.zeros_like(out[:, rows // 2 + 1:]))
 
 
 def test_the_kernel_replays_in_a_cuda_graph():

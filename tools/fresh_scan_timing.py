@@ -1,12 +1,14 @@
 """Time a fresh prefill's Mamba2 scan per layer, in a CUDA graph: the kernels pcg can route it to.
 
     python tools/fresh_scan_timing.py [--rows 2,4,8,16,24,32,64,128] [--batches 1,8] [--families F,...]
+                                      [--default-launch]
 
 For each family's 9B shape (`families.mamba2_shape`), row count and batch:
 mamba-ssm's chunked scan with the two copies `_chunk_scan` adds (the final
 state into the cache, y into the op's output), `short_scan` (rows up to 64)
 and `one_chunk_scan` at its default launch and at the other launches given
-by `CONFIGS`. Each figure is the median over 10 replays of a graph of 20
+by `CONFIGS`, the one-launch kernels reading the real row count from the
+device as they do in a model. Each figure is the median over 10 replays of a graph of 20
 launches, in µs. The short scan's row limit and the one-chunk scan's launch
 defaults come from this table (rows up to 16 are yet to be compared); it
 needs a GPU, mamba-ssm and Triton.
@@ -52,6 +54,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", default="2,4,8,16,24,32,64,128")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--default-launch", action="store_true",
+                        help="time the one-chunk scan at its default launch only, not also at CONFIGS")
     args = parser.parse_args(argv)
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
@@ -68,6 +72,7 @@ def main(argv=None) -> None:
                 D = torch.randn(heads, device="cuda")
                 ssm_state = torch.empty(batch, heads, head_dim, state, device="cuda")
                 out = torch.empty(batch, rows, width, device="cuda", dtype=torch.bfloat16)
+                count = torch.tensor([rows], device="cuda")   # as in a model: pcg's device count
 
                 def chunked():
                     y, final = mamba_chunk_scan_combined(
@@ -79,13 +84,15 @@ def main(argv=None) -> None:
 
                 line = [f"{family:16} b{batch} T={rows:3}: chunked+copies {graph_us(chunked):6.1f}"]
                 if short_scan.shapes_fit(hs, dt, B, C, ssm_state, out, T_max=64):
-                    us = graph_us(lambda: short_scan.short_scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim))
+                    us = graph_us(lambda: short_scan.short_scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim,
+                                                                    count=count))
                     line.append(f"short {us:6.1f}")
                 if one_chunk_scan.applies(hs, dt, B, C, ssm_state, out):
-                    for config in ({}, *CONFIGS):
+                    for config in ({},) if args.default_launch else ({}, *CONFIGS):
                         try:
                             us = graph_us(lambda: one_chunk_scan.one_chunk_scan(
-                                hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, config=config))
+                                hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, count=count,
+                                config=config))
                             line.append(f"one-chunk{config or ''} {us:6.1f}")
                         except Exception as e:  # noqa: BLE001 - a launch that does not fit is reported
                             line.append(f"one-chunk{config} failed ({type(e).__name__})")
