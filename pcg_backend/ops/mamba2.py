@@ -162,7 +162,7 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
     On CUDA, a fresh prefill does everything before the conv in one Triton
     kernel (`mamba2_prep`); the torch ops below compute the same values. A
     fresh prefill of up to 128 rows then scans in one more (`short_scan` up
-    to 4 rows, `one_chunk_scan` above).
+    to 2 rows, `one_chunk_scan` above).
     """
     batch, padded, conv_dim = xBC.shape
     fresh = conv_state is not None and not use_state

@@ -36,7 +36,7 @@ batch 1 and 19-92 µs at batch 8 across the shapes measured, against
 18-30 and 106-169 µs for the chunked scan and its copies, and 2.6 to 3.9
 times less than `short_scan` at 24 rows. It is as fast at 8 and 16 rows
 (3.8-6.5 µs at batch 1, 13-21 at batch 8), where the short scan's time
-grows with the rows, so only buckets of at most `short_scan.MAX_ROWS` (4)
+grows with the rows, so only buckets of at most `short_scan.MAX_ROWS` (2)
 keep the token-by-token kernel.
 Which calls it takes follows `short_scan.applies`: the same dtypes, devices
 and unit channel strides, with this module's row limit.

@@ -31,11 +31,13 @@ setting: 6.5 µs at 8 rows, 10.4 at 16, 18.2 at 32 (batch 8: 26, 46, 93
 µs), against 21 and 91 µs for the chunked scan and its copies.
 `one_chunk_scan`, the chunked scan's arithmetic for one chunk in one
 launch, costs about the same at every row count up to 32 (4-6 µs at batch
-1), so it is faster from 8 rows on for every family's shape (at 16 rows,
+1), so it is faster from 8 rows on for every shape timed (at 16 rows,
 batch 1: 3.9-4.6 µs against this kernel's 11-12; `tools/fresh_scan_timing.py`,
-H200), and this kernel keeps buckets of up to 4 rows, where it was as fast
-or faster at batch 1 and at batch 8 (2 rows: 3.8-4.5 µs against 3.9-6.3).
-Buckets of 1 token never reach either: the core takes them as one step.
+H200), and at 4 rows for all but one (FalconH1's state of 256 at batch 1).
+This kernel keeps buckets of up to 2 rows, where it was faster for every
+shape timed (3.8-4.5 µs against 3.9-6.3 at batch 1, 11.7-14.8 against
+12.4-18.2 at batch 8). Buckets of 1 token never reach either: the core
+takes them as one step.
 
 It computes only a fresh scan (no initial state, no softplus or clamp of
 dt, no z gate): exactly what `_chunk_scan` is asked for after `prepare`.
@@ -67,7 +69,7 @@ except ImportError:  # a CPU-only torch build ships without Triton
 LAUNCHES = {"short_scan": 0}
 
 # Rows (the padded bucket) up to which a fresh prefill's scan takes this kernel; above, `one_chunk_scan`.
-MAX_ROWS = 4
+MAX_ROWS = 2
 # Sequences per launch: the batch is the grid's third dimension, which CUDA caps at 65535.
 MAX_BATCH = 65535
 # The state size up to which a program's state tile stays in registers (the families' largest is 256).
