@@ -11,7 +11,7 @@ backend without an import.
 
 Reading order: backend -> split -> analyse/ (fx_facts, token_dim,
 padding_rule, node_kinds) -> rewrite/ (row_rewrites, schedule,
-skinny_routing) -> pieces: cudagraph (captured pieces) and eager_pieces
+skinny_routing, aligned_linear) -> pieces: cudagraph (captured pieces) and eager_pieces
 (split ops and pieces that cannot be captured) -> runtime, with options,
 buckets, context and stats beside them; split ops live in `ops/`, HF routing
 in `hf/`, the benchmark in `bench.py`.

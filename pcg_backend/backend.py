@@ -26,7 +26,7 @@ from .cudagraph import CudaGraphPiece, pool_for, release_pools
 from .eager_pieces import EagerPiece, SplitOpPiece
 from .ops import skinny_gemm
 from .options import parse_backend_options
-from .rewrite import weight_prologue
+from .rewrite import aligned_linear, weight_prologue
 from .rewrite.skinny_routing import route_skinny_linears, routed_twin
 from .split import split_graph
 from .stats import STATS, GraphRecord
@@ -121,6 +121,7 @@ class _Wrapped:
     capturable: int = 0
     skinny: int = 0          # linears routed in the compiled pieces
     skinny_small: int = 0    # more, in the routed twins that only small buckets capture
+    aligned: int = 0         # linears with misaligned output rows computed transposed
     notes: list = dataclasses.field(default_factory=list)   # one per piece that runs eagerly
 
 
@@ -165,6 +166,8 @@ def _capturable_piece(sub: torch.fx.GraphModule, name: str, split, opts, pool, w
             # Made before `sub` is compiled: Inductor's passes may rewrite `sub` in place.
             twin, routed = routed_twin(sub)
             wrapped.skinny_small += routed
+    # After the twin is made: it routes those linears to pcg::skinny_linear instead, for its small buckets.
+    wrapped.aligned += aligned_linear.align_linear_outputs(sub)
     written = written_inputs(sub)
     runnable = _compile_piece(sub, opts.compiler)
     if not pool:
@@ -202,6 +205,10 @@ def _graph_notes(split, opts, wrapped: _Wrapped) -> list[str]:
         notes.append(f"{wrapped.skinny_small} more linear layer(s) call pcg::skinny_linear in routed twins of the "
                      f"pieces, compiled a second time; buckets of at most {skinny_gemm.MAX_ROWS} tokens capture the "
                      f"twins, larger buckets and uncaptured calls run the pieces (option skinny_gemm='all')")
+    if wrapped.aligned:
+        notes.append(f"{wrapped.aligned} linear layer(s) whose output rows are not a multiple of "
+                     f"{aligned_linear.ALIGNMENT} elements (an LM head over an odd vocabulary) are computed as "
+                     f"weight times input transposed, so that cuBLAS's aligned kernels take them")
     if split.split_op_nodes == 0:
         notes.append("no split op in this graph: it is one bucketed piece")
     return notes
@@ -216,6 +223,7 @@ def _count_graph(name: str, split, wrapped: _Wrapped, padding: str, notes: list[
     STATS.split_ops_in_graphs += split.fused_split_ops
     STATS.skinny_linears += wrapped.skinny
     STATS.skinny_linears_small_buckets += wrapped.skinny_small
+    STATS.aligned_linears += wrapped.aligned
     STATS.graphs.append(GraphRecord(
         name, len(split.pieces), wrapped.capturable, split.split_op_nodes,
         None if split.token_symbol is None else str(split.token_symbol), padding, notes,

@@ -57,6 +57,7 @@ class Stats:
         self.split_ops_in_graphs = 0
         self.skinny_linears = 0
         self.skinny_linears_small_buckets = 0
+        self.aligned_linears = 0
         self.twin_captures = 0
         self.cuda_graphs_captured = 0
         self.cuda_graph_replays = 0
@@ -107,6 +108,7 @@ class Stats:
             "split_ops_in_graphs": self.split_ops_in_graphs,
             "skinny_linears": self.skinny_linears,
             "skinny_linears_small_buckets": self.skinny_linears_small_buckets,
+            "aligned_linears": self.aligned_linears,
             "twin_captures": self.twin_captures,
             "cuda_graphs_captured": self.cuda_graphs_captured,
             "cuda_graph_replays": self.cuda_graph_replays,
