@@ -24,6 +24,13 @@ static cache is captured whole, attention included:
   their padded rows are masked on the device as well (`keys_are_new_rows`):
   a 4-D mask that came in as a graph input was padded along its key columns
   too, and a float mask padded with zeros would let real rows attend them.
+  The positions this compares with the count, and the zero written to the
+  padded output rows, are tensors made once outside any capture
+  (`_positions`, `_zero`); with the keys' padded columns reused as the
+  padded query rows and the zeroing done in the one kernel that writes
+  `out`, a captured attention layer records four kernels fewer than with an
+  arange per use and a separate copy where the keys are the call's own rows
+  (Falcon-H1 has 44 such layers), two fewer over a static cache.
 
 A new DynamicCache's first write is no split op at all (the HF adapter
 copies the new rows; the runtime cuts the cache's keys to the real rows when
@@ -64,6 +71,42 @@ def _without_cudnn_sdpa(call):
         return call()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+# Constant tensors the captured attention path reads, made outside any capture and never freed: made
+# inside one, each would be one more kernel per layer in every graph, in memory the graph's pool owns;
+# freed, a graph captured with one would read reused memory.
+_POSITIONS: dict[torch.device, torch.Tensor] = {}
+_ZEROS: dict[tuple, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []   # shorter aranges a longer one replaced
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _positions(length: int, device: torch.device) -> torch.Tensor:
+    """0, 1, ..., length - 1 on `device` (int64): a view of one arange per device, at least twice as long
+    as the one it replaced, so that calls at ever new lengths keep a few tensors, not one each."""
+    kept = _POSITIONS.get(device)
+    if kept is not None and kept.shape[0] >= length:
+        return kept[:length]
+    fresh = torch.arange(length if kept is None else max(length, 2 * kept.shape[0]), device=device)
+    if not _capturing(fresh):
+        if kept is not None:
+            _RETIRED.append(kept)
+        _POSITIONS[device] = fresh
+    return fresh[:length]
+
+
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim zero of `dtype` on `device`."""
+    zero = _ZEROS.get((dtype, device))
+    if zero is None:
+        zero = torch.zeros((), dtype=dtype, device=device)
+        if not _capturing(zero):
+            _ZEROS[(dtype, device)] = zero
+    return zero
 
 
 @register_split_op(cudagraph_safe=True)
@@ -137,13 +180,16 @@ def attention(
         # The keys are this call's rows, padded: cut them with the queries (a mask's padded
         # columns may say "attend", as a float mask padded with zeros does).
         key, value = key[:, :, :n], value[:, :, :n]
+    padded_rows = None   # captured: which query rows are padding, where already known
     if mask is not None and mask.dim() == 4:
         mask = mask[:, :, :n, : key.shape[-2]]
         if keys_are_new_rows and count is not None:
             # Captured: the padded key columns are masked on the device, whatever the mask holds there.
-            padded_keys = torch.arange(key.shape[-2], device=mask.device) >= count
+            padded_keys = _positions(key.shape[-2], mask.device) >= count
             mask = mask & ~padded_keys if mask.dtype == torch.bool else \
                 mask.masked_fill(padded_keys, torch.finfo(mask.dtype).min)
+            if key.shape[-2] == padded:
+                padded_rows = padded_keys   # the keys are the query's own rows
     if padded == 1 and impl == "sdpa" and decode_attention.applies(query, key, value, mask):
         # A decode step: one kernel reads the cache as it lies (no repeat_kv copies, no mask conversion).
         decode_attention.decode_attention(query, key, value, mask, out, scaling)
@@ -153,9 +199,15 @@ def attention(
     result, _ = _without_cudnn_sdpa(lambda: ORIGINAL_ATTENTION[impl](
         module, query[:, :, :n], key, value, mask, dropout=0.0, scaling=scaling))
     if count is not None:
-        # Padded query rows may be fully masked (NaN from softmax): zero them, as the host path does.
-        real = torch.arange(padded, device=out.device) < count
-        out.copy_(torch.where(real[None, :, None, None], result, 0))
+        # Padded query rows may be fully masked (NaN from softmax): zero them, as the host path does, in
+        # the one kernel that writes `out`.
+        if padded_rows is None:
+            padded_rows = _positions(padded, out.device) >= count
+        padded_rows = padded_rows[None, :, None, None]
+        if result.dtype == out.dtype:
+            torch.where(padded_rows, _zero(out.dtype, out.device), result, out=out)
+        else:
+            out.copy_(result.masked_fill(padded_rows, 0))
         return
     out[:, :n] = result
     if n < padded:
