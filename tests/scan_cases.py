@@ -58,7 +58,7 @@ def check_cases(scan, applies, launches, key, cases, close_y, close_state):
 def check_counted(scan, launches, key, inputs, groups, head_dim, real, config, refs, close_y, close_state):
     """With pcg's device count (`count=`), padded rows may hold anything: here NaN in x, B, C and dt.
     The kernel must read them as identity steps (the reference computed with them zeroed) and write
-    their y as 0, for an int64 and an int32 count."""
+    their y as 0, for an int64 and an int32 count; a count past the rows reads them all."""
     hs, dt, A, B, C, D = inputs
     y_ref, state_ref = refs
     hs, dt, B, C = (t.clone() for t in (hs, dt, B, C))
@@ -74,3 +74,10 @@ def check_counted(scan, launches, key, inputs, groups, head_dim, real, config, r
         close_y(out, y_ref)
         close_state(ssm_state, state_ref)
         assert torch.equal(out[:, real:], torch.zeros_like(out[:, real:]))
+    # A count past the rows reads every row (and nothing beyond): the clean inputs' own results.
+    hs, dt, B, C = inputs[0], inputs[1], inputs[3], inputs[4]
+    ssm_state = torch.full((hs.shape[0], dt.shape[-1], head_dim, B.shape[-1] // groups), float("nan"))
+    out = torch.full(hs.shape, float("nan"), dtype=hs.dtype)
+    scan(hs, dt, A, B, C, D, ssm_state, out, groups, head_dim, count=torch.tensor([hs.shape[1] + 7]), config=config)
+    close_y(out, y_ref)
+    close_state(ssm_state, state_ref)

@@ -78,6 +78,9 @@ def test_bad_parameters_are_errors():
         oc.one_chunk_scan(hs, dt, torch.zeros(8), B, C, torch.zeros(8), state, out, 4, 16)
     with pytest.raises(ValueError, match=r"A \(7,\)"):
         oc.one_chunk_scan(hs, dt, torch.zeros(7), B, C, torch.zeros(8), state, out, 2, 16)
+    for count in (torch.tensor([3, 4]), torch.tensor([3.0])):   # the count must be one integer
+        with pytest.raises(ValueError, match="the real token count must be one integer"):
+            oc.one_chunk_scan(hs, dt, torch.zeros(8), B, C, torch.zeros(8), state, out, 2, 16, count=count)
 
 
 @pytest.mark.parametrize("rows, state, head_dim, expected", [

@@ -23,7 +23,7 @@ def _check(family, rows, batch, config=None):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("rows", [25, 64, 128])
+@pytest.mark.parametrize("rows", [3, 4, 8, 16, 25, 64, 128])   # every bucket kind it takes, 3 rows up
 @pytest.mark.parametrize("family", list(SHAPES))
 def test_the_kernel_is_as_near_the_fp32_recurrence_as_the_chunked_scan(family, rows, batch):
     _check(family, rows, batch)

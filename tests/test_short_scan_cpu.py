@@ -271,7 +271,10 @@ def _stub_fresh_scans(monkeypatch, calls: list) -> None:
         def run(hs, dt, A, B, C, D, ssm_state, out, n_groups, head_dim, count=None):
             # A padded prefill passes pcg's device count; the kernels read rows from it on as zeros (their
             # NaN padding included), as this reference does.
-            assert count is not None and count.numel() == 1 and 1 <= int(count) <= hs.shape[1]
+            from pcg_backend import context
+
+            # pcg's count of real tokens, no other
+            assert count is not None and count.numel() == 1 and int(count) == context.real_tokens(hs.shape[1])
             real = torch.arange(hs.shape[1])[None, :, None] < count
             hs, B, C = (torch.where(real, t, 0) for t in (hs, B, C))
             dt = torch.where(real, dt, 0)
@@ -389,3 +392,52 @@ def test_a_prefill_that_continues_a_cache_keeps_the_chunked_scan(family, monkeyp
     assert states
     for r, s in states:
         _scaled_close(s, r, f"{family}: a state after the continuation")
+
+
+def _core(mixer, xBC, dt, conv_state, ssm_state, out, use_state):
+    dt_min, dt_max = mixer.time_step_limit
+    torch.ops.pcg.mamba2_core(
+        xBC, dt, None, conv_state, ssm_state, out, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+        -torch.exp(mixer.A_log.float()), mixer.D, mixer.dt_bias, type(mixer).__module__, mixer.n_groups,
+        mixer.head_dim, mixer.ssm_state_size, mixer.chunk_size, mixer.activation, float(dt_min), float(dt_max),
+        use_state)
+
+
+@pytest.mark.parametrize("path", ["one-launch scans (stubbed)", "chunked scan", "continuing a cache"])
+def test_the_padded_core_keeps_nan_padding_out_of_every_output_and_state(path, monkeypatch):
+    # The Mamba2 core as a captured piece runs it: at the bucket, with the real count n on the device, and
+    # here with NaN in every padded row of its inputs (the models' tests pad token ids, which embed to finite
+    # rows). y's real rows and the states must equal the core run eagerly on the n real rows, and padded y
+    # must be 0, at every n of a bucket of 16. With the scans stubbed, the stub requires the real count.
+    from hf_models import tiny_model
+
+    from pcg_backend import context
+
+    calls = []
+    if path == "one-launch scans (stubbed)":
+        _stub_fresh_scans(monkeypatch, calls)
+    mixer = next(m for m in tiny_model("nemotron_h").modules() if hasattr(m, "A_log"))
+    padded, use_state = 16, path == "continuing a cache"
+    g = torch.Generator().manual_seed(3)
+    conv_shape = (1, mixer.conv_dim, mixer.conv_kernel_size)
+    ssm_shape = (1, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size)
+    with torch.no_grad():
+        for n in range(2, padded + 1):
+            xBC = torch.randn(1, padded, mixer.conv_dim, generator=g)
+            dt = torch.randn(1, padded, mixer.num_heads, generator=g)
+            xBC[:, n:], dt[:, n:] = float("nan"), float("nan")
+            previous = (torch.randn(conv_shape, generator=g), torch.randn(ssm_shape, generator=g) * 0.1)
+            ref_states = [t.clone() if use_state else torch.zeros_like(t) for t in previous]
+            ref = torch.empty(1, n, mixer.intermediate_size)
+            _core(mixer, xBC[:, :n], dt[:, :n], *ref_states, ref, use_state)
+            states = [t.clone() if use_state else torch.full_like(t, float("nan")) for t in previous]
+            out = torch.full((1, padded, mixer.intermediate_size), float("nan"))
+            ctx = context.ForwardContext(num_tokens=n, padded_tokens=padded, device_count=torch.tensor([n]))
+            with context.forward_context(ctx), context.piece_running():
+                _core(mixer, xBC, dt, *states, out, use_state)
+            torch.testing.assert_close(out[:, :n], ref, atol=1e-5, rtol=1e-5, msg=f"{path}, {n} tokens")
+            assert torch.equal(out[:, n:], torch.zeros_like(out[:, n:])), (path, n)
+            for got, want in zip(states, ref_states):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{path}, {n} tokens: a state")
+    assert calls == ([("short" if padded <= ss.MAX_ROWS else "one_chunk", padded)] * 15 if calls else [])
+    assert bool(calls) == (path == "one-launch scans (stubbed)")

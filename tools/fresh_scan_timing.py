@@ -8,10 +8,10 @@ mamba-ssm's chunked scan with the two copies `_chunk_scan` adds (the final
 state into the cache, y into the op's output), `short_scan` (rows up to 64)
 and `one_chunk_scan` at its default launch and at the other launches given
 by `CONFIGS`, the one-launch kernels reading the real row count from the
-device as they do in a model. Each figure is the median over 10 replays of a graph of 20
-launches, in µs. The short scan's row limit and the one-chunk scan's launch
-defaults come from this table (rows up to 16 are yet to be compared); it
-needs a GPU, mamba-ssm and Triton.
+device as they do in a model. Each figure is the median over 10 replays of
+a graph of 20 launches, in µs. The short scan's row limit and the one-chunk
+scan's launch defaults come from this table; it needs a GPU, mamba-ssm and
+Triton.
 """
 
 from __future__ import annotations

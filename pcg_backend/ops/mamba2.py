@@ -183,14 +183,12 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
     h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
     widths = [conv_dim - 2 * n_groups * state_size, n_groups * state_size, n_groups * state_size]
     one_launch = fresh and not dt_args["dt_softplus"]
-    # The one-launch scans read rows from `count` on as zeros themselves; h is masked only for the
-    # chunked scan, or for a layout they do not take as it is (the torch conv's, on CPU).
+    # The one-launch scans read rows from `count` on as zeros themselves; h is masked wherever the
+    # chunked scan runs.
     scan = _fresh_scan(*torch.split(h, widths, dim=-1), dt, ssm_state, out) if one_launch else None
     if scan is None:
         h = torch.where(valid, h, 0)
     hs, B, C = torch.split(h, widths, dim=-1)
-    if scan is None and one_launch:
-        scan = _fresh_scan(hs, B, C, dt, ssm_state, out)
     if scan is not None:
         # One launch writing y and the final state in place, where the chunked scan takes five
         # launches and two copies.

@@ -1,7 +1,7 @@
 """The SSM scan of a fresh Mamba2 prefill of up to 128 rows as one SSD chunk, in one Triton kernel.
 
-Above `short_scan.MAX_ROWS` rows a fresh padded prefill's scan went to
-mamba-ssm's chunked SSD scan: five kernels (chunk cumsum, chunk state, state
+Before this kernel, a fresh padded prefill's scan of more than 16 rows went
+to mamba-ssm's chunked SSD scan: five kernels (chunk cumsum, chunk state, state
 passing, bmm, chunk scan), then copies of the final state into the cache and
 of y into the op's `out`. Up to the model's chunk size (128 or 256 in the
 families' published configs) the whole prefill is one chunk, and each of

@@ -82,9 +82,10 @@ def launch_config(state_size: int, head_dim: int) -> dict:
     """BLOCK_P (head_dim rows per program), num_warps and UNROLL for a state of `state_size`.
 
     Defaults from one short sweep (H200, CUDA graph, 16 rows, batch 1 and 8,
-    the families' shapes, BLOCK_P 2-32, 1-2 warps, unrolled or not):
-    within 7 % of its best at batch 1 and 9 % at batch 8, where twice the
-    rows per program at N = 128 did best. A fuller sweep may replace them.
+    the families' shapes, BLOCK_P 2-32, 1-2 warps, unrolled or not), made
+    when the kernel took buckets of up to 16 rows (it now takes 2, where
+    they were not tuned again): within 7 % of its best at batch 1 and 9 % at
+    batch 8, where twice the rows per program at N = 128 did best.
     One warp per program, holding a (N, BLOCK_P) fp32 tile of
     `STATE_PER_THREAD` values per thread (BLOCK_P = 1024 / N, at most
     head_dim rounded up to a power of two): 8 rows at the families' N = 128,
