@@ -139,6 +139,9 @@ def _captures_note() -> str:
     return f"  ({n} graphs captured inside timed calls so far)" if n else ""
 
 
+# Every call's seconds in the last `timed`, in order: the spread behind its median.
+_LAST_TIMES: list[float] = []
+
 # --skip-guard-eval: timed calls run with Dynamo evaluating only the guards that tell its graphs apart.
 _SKIP_GUARD_EVAL = [False]
 
@@ -160,7 +163,16 @@ def timed(fn, repeats: int) -> float:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     _CAPTURES_IN_TIMED_CALLS[0] += STATS.cuda_graphs_captured - captured
+    _LAST_TIMES[:] = times
     return statistics.median(times)
+
+
+def _spread() -> str:
+    """The last `timed` call's fastest, slowest and first three calls, in ms."""
+    ms = [1e3 * t for t in _LAST_TIMES]
+    if not ms:
+        return "none"
+    return f"{min(ms):.2f}-{max(ms):.2f} ms, first {', '.join(f'{t:.2f}' for t in ms[:3])}"
 
 
 def chosen_variants(variants: str | None, quick: bool, baseline: bool = False) -> list[str]:
@@ -364,8 +376,10 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
             ids = torch.randint(2, vocab, (1, n), device="cuda")
             _warm_up(result, f"prefill {n}", lambda: model(ids))  # compiles or captures this size
             result["prefill_ms"][n] = 1e3 * timed(lambda: model(ids), repeats)
+            result.setdefault("prefill_ms_calls", {})[n] = [round(1e3 * t, 3) for t in _LAST_TIMES]
             save()
-            print(f"  {variant:>16} prefill {n:>5}: {result['prefill_ms'][n]:8.2f} ms{_captures_note()}", flush=True)
+            print(f"  {variant:>16} prefill {n:>5}: {result['prefill_ms'][n]:8.2f} ms (calls {_spread()})"
+                  f"{_captures_note()}", flush=True)
         profile_path = os.path.join(profile_dir, f"profile_{variant}.txt") if profile_dir else None
         trace_dir = os.path.join(profile_dir, f"traces_{variant}") if profile_dir and trace else None
         if trace_dir:

@@ -342,3 +342,19 @@ def test_host_split_times_default_calls_then_calls_skipping_guards(monkeypatch):
     line = bench._host_split(lambda: stances.append(eval_frame._stance.skip_guard_eval_unsafe), repeats=3)
     assert stances == [False] * 3 + [True] * 3
     assert "skipping guards" in line and line.endswith("(medians of 3)")
+
+
+def test_timed_keeps_every_calls_seconds_for_the_spread(monkeypatch):
+    """`timed` returns the median and keeps each call's seconds; `_spread` prints their range and the
+    first calls (a slow start, or one slow call in a few, shows there)."""
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: None)
+    durations = iter([0.005, 0.001, 0.002, 0.004, 0.003])
+    ticks = [0.0]   # the clock moves only inside `fn`, by each call's duration
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: ticks[0])
+
+    def fn():
+        ticks[0] += next(durations)
+
+    assert bench.timed(fn, 5) == pytest.approx(0.003)
+    assert bench._LAST_TIMES == pytest.approx([0.005, 0.001, 0.002, 0.004, 0.003])
+    assert bench._spread() == "1.00-5.00 ms, first 5.00, 1.00, 2.00"
