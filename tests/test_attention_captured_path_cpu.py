@@ -78,3 +78,18 @@ def test_positions_grow_by_doubling_and_keep_what_they_replaced():
     assert att._positions(40, device).shape[0] == 40 and att._POSITIONS[device].shape[0] == 40
     zero = att._zero(torch.float16, device)
     assert zero.dim() == 0 and zero.item() == 0 and att._zero(torch.float16, device) is zero
+
+
+def test_inputs_that_require_grad_take_the_copy_that_autograd_allows(sdpa):
+    # `torch.where(..., out=)` records no autograd and refuses inputs that require grad (a model run
+    # outside `torch.no_grad()`): there the op zeroes the padded rows with a copy instead.
+    g = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 4, 8, 16, generator=g, requires_grad=True)
+    key, value = torch.randn(1, 2, 8, 16, generator=g), torch.randn(1, 2, 8, 16, generator=g)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril().expand(1, 1, 8, 8)
+    out = torch.full((1, 8, 4, 16), float("nan"))
+    _run_captured(query, key, value, mask, out, 5)
+    ref, _ = _sdpa(type("M", (), {"num_key_value_groups": 2})(), query[:, :, :5], key[:, :, :5], value[:, :, :5],
+                   mask[..., :5, :5], scaling=0.25)
+    torch.testing.assert_close(out[:, :5], ref.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, 5:], torch.zeros_like(out[:, 5:]))

@@ -33,7 +33,7 @@ def test_cpu_report_summarises_first_and_says_once_that_cuda_graphs_are_off():
     assert "  graph0: 5 pieces, 3 capturable, 2 split ops, token symbol s" in text
     counters = [line.split()[0] for line in lines[lines.index("Counters (pcg_backend.stats())") + 1:-1]]
     assert counters == ["graphs_compiled", "pieces", "capturable_pieces", "split_op_nodes", "split_ops_in_graphs",
-                        "compile_seconds",
+                        "aligned_linears", "compile_seconds",
                         "padded_calls", "state_slots", "state_slot_bytes", "weight_nodes_hoisted",
                         "weight_prologue_runs", "deferred_stop_checks",
                         "eager_runs"]   # no GPU-only counter

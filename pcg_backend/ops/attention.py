@@ -204,7 +204,7 @@ def attention(
         if padded_rows is None:
             padded_rows = _positions(padded, out.device) >= count
         padded_rows = padded_rows[None, :, None, None]
-        if result.dtype == out.dtype:
+        if result.dtype == out.dtype and not result.requires_grad:   # out= records no autograd
             torch.where(padded_rows, _zero(out.dtype, out.device), result, out=out)
         else:
             out.copy_(result.masked_fill(padded_rows, 0))
