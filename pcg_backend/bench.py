@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from . import host_phases
 from .buckets import Ladder
 from .families import FAMILIES
 from .traffic import cache_kwargs
@@ -232,6 +233,7 @@ def profile_runs(model, path: str, prefill_sizes, trace_dir: str | None = None, 
             with torch.no_grad():
                 run()   # unprofiled first: a new cache's first decode step may capture graphs (new addresses)
                 f.write(f"== {title}, unprofiled: {_host_split(run)}\n")
+                f.write(f"== {title}, host phases (unprofiled): {host_phases.measure(run)}\n")
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                           record_shapes=trace_dir is not None) as prof:
                 start = time.perf_counter()

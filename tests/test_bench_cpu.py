@@ -358,3 +358,31 @@ def test_timed_keeps_every_calls_seconds_for_the_spread(monkeypatch):
     assert bench.timed(fn, 5) == pytest.approx(0.003)
     assert bench._LAST_TIMES == pytest.approx([0.005, 0.001, 0.002, 0.004, 0.003])
     assert bench._spread() == "1.00-5.00 ms, first 5.00, 1.00, 2.00"
+
+
+def test_host_phases_split_one_call_at_pcgs_boundaries():
+    """The phases of one call come from its stamps: the first runner entry and replay, the last replay's end
+    and runner exit; launches sum every replay's host time; a call without a replay has no split."""
+    from pcg_backend import host_phases
+
+    stamps = [("enter", 1.0), ("replay", 1.5), ("replayed", 1.75), ("exit", 2.0),
+              ("enter", 2.5), ("replay", 3.0), ("replayed", 3.5), ("exit", 4.0)]
+    split = host_phases.split_call(stamps, start=0.5, returned=4.25, synced=6.0)
+    assert split == {"to pcg": 0.5, "pcg to launch": 0.5, "launches": 0.75, "pcg after": 0.5, "to return": 0.25,
+                     "device tail": 1.75, "runner calls": 2, "replays": 2}
+    assert host_phases.split_call([("enter", 1.0), ("exit", 2.0)], 0.0, 3.0, 4.0) is None
+
+
+def test_host_phases_patches_runner_and_replay_only_while_measuring():
+    from pcg_backend import host_phases
+    from pcg_backend.runtime import PiecewiseRunner
+
+    before = (PiecewiseRunner.__call__, torch.cuda.CUDAGraph.replay)
+    stamps = []
+    with host_phases._stamped(stamps):
+        assert PiecewiseRunner.__call__ is not before[0] and torch.cuda.CUDAGraph.replay is not before[1]
+        runner = PiecewiseRunner.__new__(PiecewiseRunner)
+        with pytest.raises(AttributeError):
+            runner()   # an unset runner fails inside the real __call__; the stamps still close
+    assert [w for w, _ in stamps] == ["enter", "exit"]
+    assert (PiecewiseRunner.__call__, torch.cuda.CUDAGraph.replay) == before
