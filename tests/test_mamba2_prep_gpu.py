@@ -51,3 +51,31 @@ def test_prepare_is_only_offered_where_its_layout_holds():
     assert not mamba2_prep.available(xBC.cpu(), state.cpu())
     assert not mamba2_prep.available(xBC[..., :380], state[:, :380])          # channels not a multiple of 8
     assert not mamba2_prep.available(xBC, state.float())                      # the state in another dtype
+
+
+@pytest.mark.parametrize("rows,n,channels", [(16, 16, 12288), (16, 5, 384), (128, 100, 10496), (2, 1, 384),
+                                             (40, 40, 264)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_prepare_with_the_conv_matches_causal_conv1d(rows, n, channels, bias):
+    """The fused conv against causal-conv1d's kernel where it is installed (else torch's conv1d), on the
+    unfused call's x, in bf16: within one bf16 rounding of it. The other outputs are the unfused call's."""
+    batch, heads = 2, 24
+    xBC, dt, dt_bias = _inputs(batch, rows, channels, heads, torch.bfloat16)
+    weight = torch.randn(channels, WIDTH, device="cuda", dtype=torch.bfloat16) / 2
+    conv_bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16) if bias else None
+    count = torch.tensor([n], device="cuda")
+    plain_state = torch.full((batch, channels, WIDTH), 7.0, device="cuda", dtype=torch.bfloat16)
+    fused_state = plain_state.clone()
+    x, dt_plain, keep_plain = mamba2_prep.prepare(xBC, dt, dt_bias, count, plain_state, 0.0, float("inf"))
+    h, dt_fused, keep_fused = mamba2_prep.prepare(xBC, dt, dt_bias, count, fused_state, 0.0, float("inf"),
+                                                  conv=(weight, conv_bias, "silu"))
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        ref = causal_conv1d_fn(x.transpose(1, 2), weight, conv_bias, activation="silu").transpose(1, 2)
+    except ImportError:
+        ref = F.silu(F.conv1d(x.transpose(1, 2).float(), weight[:, None, :].float(),
+                              None if conv_bias is None else conv_bias.float(), padding=WIDTH - 1,
+                              groups=channels)[..., :rows]).transpose(1, 2).to(torch.bfloat16)
+    assert h.shape == ref.shape and h.is_contiguous()
+    torch.testing.assert_close(h, ref, atol=1e-2, rtol=8e-3)
+    assert torch.equal(fused_state, plain_state) and torch.equal(dt_fused, dt_plain) and torch.equal(keep_fused, keep_plain)

@@ -7,8 +7,9 @@ before 2.0, so the check is in fp16, in a subprocess that sets the variable
 before Triton is imported. Split-K must give the unsplit kernel's result
 within fp16 rounding, for K on and off the tile and for more splits than K
 has tiles. The gated-norm kernel (`ops/gated_norm.py`), the relu2
-epilogue and the decode-attention kernels (`ops/decode_attention.py`) are
-checked the same way.
+epilogue, the decode-attention kernels (`ops/decode_attention.py`) and the
+fresh prefill's prep kernel with its conv (`ops/mamba2_prep.py`) are checked
+the same way.
 """
 
 from __future__ import annotations
@@ -109,6 +110,55 @@ for programs in (1, 132):
 print("ok")
 ''')
 
+# The fresh prefill's prep kernel with the conv fused in, against torch's grouped conv1d (fp32, then the
+# activation) from a zero state: rows across several row tiles (the conv reads 3 rows back over a tile's
+# edge), fewer real rows than the conv is wide, no bias, no activation. Its other outputs must not
+# change with the conv: the conv state, dt and the row mask are the unfused call's, bit for bit.
+PREP_CONV_CHECK = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+    from pcg_backend.ops import mamba2_prep
+    torch.manual_seed(0)
+    width, heads = 4, 6
+    for batch, rows, n, channels, bias, activation in [(2, 40, 37, 264, True, "silu"), (1, 16, 2, 256, False, "silu"),
+                                                       (1, 8, 8, 520, True, None), (2, 3, 3, 128, True, "swish")]:
+        projected = torch.randn(batch, rows, channels + heads + 8, dtype=torch.float16)
+        xBC, dt = projected[..., :channels], projected[..., channels:channels + heads]
+        dt_bias = torch.randn(heads, dtype=torch.float16)
+        weight = torch.randn(channels, width, dtype=torch.float16) / 2
+        conv_bias = torch.randn(channels, dtype=torch.float16) if bias else None
+        count = torch.tensor([n])
+        plain_state = torch.full((batch, channels, width), 7.0, dtype=torch.float16)
+        fused_state = plain_state.clone()
+        x, dt_plain, keep_plain = mamba2_prep.prepare(xBC, dt, dt_bias, count, plain_state, 0.0, float("inf"))
+        assert torch.equal(x, xBC)
+        assert mamba2_prep.conv_fusable(weight, conv_bias, activation, fused_state)
+        h, dt_fused, keep_fused = mamba2_prep.prepare(xBC, dt, dt_bias, count, fused_state, 0.0, float("inf"),
+                                                      conv=(weight, conv_bias, activation))
+        assert h.shape == (batch, rows, channels) and h.is_contiguous()
+        ref = F.conv1d(xBC.transpose(1, 2).float(), weight[:, None, :].float(),
+                       None if conv_bias is None else conv_bias.float(), padding=width - 1, groups=channels)
+        ref = ref[..., :rows].transpose(1, 2)
+        if activation is not None:
+            ref = F.silu(ref)
+        torch.testing.assert_close(h.float(), ref.half().float(), atol=2e-3, rtol=2e-3)
+        assert torch.equal(fused_state, plain_state) and torch.equal(dt_fused, dt_plain)
+        assert torch.equal(keep_fused, keep_plain)
+    state = torch.zeros(1, 256, width, dtype=torch.float16)
+    assert not mamba2_prep.conv_fusable(torch.zeros(256, 3, dtype=torch.float16), None, "silu", state)   # width
+    assert not mamba2_prep.conv_fusable(torch.zeros(256, width, dtype=torch.float16), None, "gelu", state)
+    assert not mamba2_prep.conv_fusable(torch.zeros(256, width, dtype=torch.float16),
+                                        torch.zeros(128, dtype=torch.float16), "silu", state)           # bias size
+    try:
+        mamba2_prep.prepare(xBC, dt, dt_bias, count, fused_state, 0.0, 1.0,
+                            conv=(torch.zeros(channels, 3, dtype=torch.float16), None, "silu"))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("an unfusable conv was accepted")
+    print("ok")
+''')
+
 
 def _interpreter_usable() -> str | None:
     try:
@@ -145,3 +195,7 @@ def test_gated_norm_kernel_and_the_relu2_epilogue():
 def test_decode_attention_kernels():
     # One query row per sequence against the fp32 reference, split and unsplit, with every mask kind.
     _run_interpreted(DECODE_ATTENTION_CHECK)
+
+
+def test_prep_kernel_with_the_conv_fused():
+    _run_interpreted(PREP_CONV_CHECK)

@@ -159,28 +159,34 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
     conv is causal, so a padded row reaches only padded outputs, and those
     are zeroed in `h` or skipped by the scan), nor is the scan's output
     (a padded row's output is C·state + D·x with C = x = 0, which is 0).
-    On CUDA, a fresh prefill does everything before the conv in one Triton
-    kernel (`mamba2_prep`); the torch ops below compute the same values. A
-    fresh prefill of up to 128 rows then scans in one more (`short_scan` up
-    to 2 rows, `one_chunk_scan` above).
+    On CUDA, a fresh prefill does everything up to and including the conv in
+    one Triton kernel (`mamba2_prep`); the torch ops below compute the same
+    values. A fresh prefill of up to 128 rows then scans in one more
+    (`short_scan` up to 2 rows, `one_chunk_scan` above).
     """
     batch, padded, conv_dim = xBC.shape
     fresh = conv_state is not None and not use_state
     if fresh and mamba2_prep.available(xBC, conv_state):
-        x, dt, keep = mamba2_prep.prepare(xBC, dt, dt_bias, count, conv_state, dt_min, dt_max)
-        h = kernels.causal_conv1d_fn(x.transpose(1, 2), conv_weight, conv_bias, activation=activation)
+        if mamba2_prep.conv_fusable(conv_weight, conv_bias, activation, conv_state):
+            # The conv in the same launch as the rest: one kernel fewer per layer.
+            h, dt, keep = mamba2_prep.prepare(xBC, dt, dt_bias, count, conv_state, dt_min, dt_max,
+                                              conv=(conv_weight, conv_bias, activation))
+        else:
+            x, dt, keep = mamba2_prep.prepare(xBC, dt, dt_bias, count, conv_state, dt_min, dt_max)
+            h = kernels.causal_conv1d_fn(x.transpose(1, 2), conv_weight, conv_bias, activation=activation)
+            h = h.transpose(1, 2)
         valid = keep[None, :, None]
         dt_args = {"dt_bias": None, "dt_softplus": False}
     else:
         valid = (torch.arange(padded, device=xBC.device) < count)[None, :, None]   # (1, padded, 1)
         h = _padded_conv(kernels, _channel_last(xBC), conv_state, conv_weight, conv_bias, count, activation,
-                         use_state)
+                         use_state).transpose(1, 2)
         # The one-launch scans take dt as the chunked scan's softplus and clamp leave it, as `prepare`
         # gives it. (Where they then decline all the same, on a strided h, the chunked scan gets that
         # dt: the same values up to the rounding of torch's softplus against mamba-ssm's.)
         process = fresh and ssm_state is not None and one_chunk_scan.may_apply(xBC, ssm_state, out)
         dt, dt_args = _padded_dt(dt, dt_bias, valid, dt_min, dt_max, process=process)
-    h = kernels.apply_mask_to_padding_states(h.transpose(1, 2), mask)
+    h = kernels.apply_mask_to_padding_states(h, mask)   # h: (batch, rows, channels)
     widths = [conv_dim - 2 * n_groups * state_size, n_groups * state_size, n_groups * state_size]
     one_launch = fresh and not dt_args["dt_softplus"]
     # The one-launch scans read rows from `count` on as zeros themselves; h is masked wherever the
