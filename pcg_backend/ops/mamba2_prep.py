@@ -76,11 +76,11 @@ if triton is not None:
             acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
             if HAS_CONV_BIAS:
                 acc += tl.load(conv_bias_ptr + c, mask=c_in, other=0.0).to(tl.float32)[None, :]
-            for k in tl.static_range(WIDTH):
-                src = r - (WIDTH - 1 - k)
+            for j in tl.static_range(WIDTH):
+                src = r - (WIDTH - 1 - j)
                 tap = tl.load(x_ptr + b * x_sb + src[:, None] * x_sr + c[None, :],
                               mask=tile & (src >= 0)[:, None], other=0.0)
-                weight = tl.load(w_ptr + c * w_sc + k * w_sk, mask=c_in, other=0.0).to(tl.float32)
+                weight = tl.load(w_ptr + c * w_sc + j * w_sk, mask=c_in, other=0.0).to(tl.float32)
                 acc += tap.to(tl.float32) * weight[None, :]
             if SILU:
                 acc = acc / (1.0 + tl.exp(-acc))
