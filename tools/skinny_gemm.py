@@ -53,9 +53,11 @@ def search(k: int, n: int, m: int, tiles: list[dict] = SEARCH) -> tuple[float, d
     return best
 
 
-# Split-K tiles, and the same tile unsplit (SPLIT_K 1) to compare against.
-SPLIT = [{"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": st, "SPLIT_K": sk}
-         for st, sk in itertools.product((4, 5), (1, 2, 3, 4, 6, 8))]
+# Split-K tiles, and the same tiles unsplit (SPLIT_K 1) to compare against: 64- and 32-wide column
+# blocks, 256-wide K steps over 4-5 stages or 128-wide ones over 3-4.
+SPLIT = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": st, "SPLIT_K": sk}
+         for bn, (bk, st), sk in itertools.product((64, 32), ((256, 4), (256, 5), (128, 3), (128, 4)),
+                                                   (1, 2, 3, 4, 6, 8, 12))]
 
 
 def relative_error(k: int, n: int, m: int) -> float:
@@ -106,13 +108,14 @@ def main() -> None:
                     print(f"      best tile {best_tile}: {best_us:7.1f} us ({rate(best_us):5.0f} GB/s)", flush=True)
                     totals["best tiles"] = totals.get("best tiles", 0.0) + count * best_us
                 if m in split and -(-n // 64) < facts[1]:   # too few column blocks to fill the SMs
-                    timed = {(t["num_stages"], t["SPLIT_K"]): search(k, n, m, [t])[0] for t in SPLIT}
-                    print("      split-K (stages, splits): " + "  ".join(f"{key} {us:.1f}" for key, us in timed.items()),
+                    keys = ("BLOCK_N", "BLOCK_K", "num_stages", "SPLIT_K")
+                    timed = {tuple(t[key] for key in keys): search(k, n, m, [t])[0] for t in SPLIT}
+                    print("      split-K (BLOCK_N, BLOCK_K, stages, splits): "
+                          + "  ".join(f"{key} {us:.1f}" for key, us in sorted(timed.items(), key=lambda i: i[1])[:8]),
                           flush=True)
-                    (stages, splits), split_us = min(timed.items(), key=lambda item: item[1])
-                    print(f"      best split-K tile: {stages} stages, SPLIT_K {splits}: {split_us:7.1f} us "
-                          f"({rate(split_us):5.0f} GB/s)",
-                          flush=True)
+                    (block_n, block_k, stages, splits), split_us = min(timed.items(), key=lambda item: item[1])
+                    print(f"      best split-K tile: BLOCK_N {block_n}, BLOCK_K {block_k}, {stages} stages, "
+                          f"SPLIT_K {splits}: {split_us:7.1f} us ({rate(split_us):5.0f} GB/s)", flush=True)
                     totals["best split-K"] = totals.get("best split-K", 0.0) + count * min(split_us, tr or lt)
                 totals["cublaslt"] += count * lt
                 if tr is not None:
