@@ -10,6 +10,9 @@ times a call with `time.perf_counter` stamps at the boundaries pcg owns:
 * **pcg to launch**: from the runner to the first graph replay (bucket
   choice, padding, the device count, the address check);
 * **launches**: the host time inside `CUDAGraph.replay`, summed;
+* **between replays**: from the first replay to the last one's end, less
+  the launches: where a call replays several graphs, the eager split ops
+  and pcg's work between them (0 for a call of one graph);
 * **pcg after**: from the last replay to the runner's return (slicing back,
   lending state slots, copying outputs out of graph memory);
 * **to return**: from the runner's return to the call's (Dynamo's code after
@@ -31,7 +34,7 @@ import torch
 
 from .runtime import PiecewiseRunner
 
-PHASES = ("to pcg", "pcg to launch", "launches", "pcg after", "to return", "device tail")
+PHASES = ("to pcg", "pcg to launch", "launches", "between replays", "pcg after", "to return", "device tail")
 
 
 @contextlib.contextmanager
@@ -64,7 +67,9 @@ def _stamped(stamps: list):
 
 
 def split_call(stamps: list, start: float, returned: float, synced: float) -> dict | None:
-    """Milliseconds per phase of one call from its stamps; None if no graph replayed."""
+    """Seconds per phase of one call from its stamps (`time.perf_counter` values), and the runner calls and
+    replays it made; None if no graph replayed. The phases add up to the call's time to a synchronized
+    device."""
     def first(what):
         return next((t for w, t in stamps if w == what), None)
 
@@ -76,10 +81,12 @@ def split_call(stamps: list, start: float, returned: float, synced: float) -> di
         return None
     starts = [t for w, t in stamps if w == "replay"]
     ends = [t for w, t in stamps if w == "replayed"]
+    launches = sum(e - s for s, e in zip(starts, ends))
     return {
         "to pcg": enter - start,
         "pcg to launch": replay - enter,
-        "launches": sum(e - s for s, e in zip(starts, ends)),
+        "launches": launches,
+        "between replays": replayed - replay - launches,
         "pcg after": leave - replayed,
         "to return": returned - leave,
         "device tail": synced - returned,

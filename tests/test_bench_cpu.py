@@ -368,9 +368,29 @@ def test_host_phases_split_one_call_at_pcgs_boundaries():
     stamps = [("enter", 1.0), ("replay", 1.5), ("replayed", 1.75), ("exit", 2.0),
               ("enter", 2.5), ("replay", 3.0), ("replayed", 3.5), ("exit", 4.0)]
     split = host_phases.split_call(stamps, start=0.5, returned=4.25, synced=6.0)
-    assert split == {"to pcg": 0.5, "pcg to launch": 0.5, "launches": 0.75, "pcg after": 0.5, "to return": 0.25,
-                     "device tail": 1.75, "runner calls": 2, "replays": 2}
+    assert split == {"to pcg": 0.5, "pcg to launch": 0.5, "launches": 0.75, "between replays": 1.25,
+                     "pcg after": 0.5, "to return": 0.25, "device tail": 1.75, "runner calls": 2, "replays": 2}
+    # The phases cover the whole call, however many graphs it replays.
+    assert sum(split[name] for name in host_phases.PHASES) == 6.0 - 0.5
     assert host_phases.split_call([("enter", 1.0), ("exit", 2.0)], 0.0, 3.0, 4.0) is None
+
+
+def test_host_phases_measure_reads_the_patched_runner_and_replay(monkeypatch):
+    """`measure` times calls through the patched runner and replay (stand-ins on CPU: a runner that
+    replays twice), gives medians per phase in ms with the counts, and says so when nothing replays."""
+    from pcg_backend import host_phases
+    from pcg_backend.runtime import PiecewiseRunner
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: None)   # the "real" replay `_stamped` wraps
+    # The "real" runner: two graph replays (looked up on the class at call time, as `_stamped` patches it).
+    monkeypatch.setattr(PiecewiseRunner, "__call__",
+                        lambda self: (torch.cuda.CUDAGraph.replay(None), torch.cuda.CUDAGraph.replay(None)))
+    runner = PiecewiseRunner.__new__(PiecewiseRunner)
+    line = host_phases.measure(lambda: runner(), repeats=3)
+    assert line.startswith("ms, medians: to pcg ") and "between replays" in line
+    assert line.endswith("(1 runner call(s), 2 replay(s) per call)"), line
+    assert host_phases.measure(lambda: None, repeats=2) == "no graph replayed"
 
 
 def test_host_phases_patches_runner_and_replay_only_while_measuring():

@@ -146,7 +146,7 @@ def test_the_kernel_replays_in_a_cuda_graph():
 
 
 def test_a_bf16_model_takes_a_one_launch_scan_once_per_layer_per_fresh_prefill():
-    # The real `applies` on the real layout: causal-conv1d's channel-last output and mamba-ssm's dtype.
+    # The real `applies` on the real layout: the prep kernel's conv output and mamba-ssm's dtype.
     # Without CUDA graphs every call runs the Mamba2 core on the host, so each padded fresh prefill of
     # a bucket of at most MAX_ROWS launches the kernel exactly once per Mamba2 layer (above it, up to
     # one_chunk_scan.MAX_ROWS, the one-chunk kernel), and the logits stay within bf16 noise of eager's.
@@ -159,10 +159,12 @@ def test_a_bf16_model_takes_a_one_launch_scan_once_per_layer_per_fresh_prefill()
     mixers = sum(1 for m in model.modules() if hasattr(m, "A_log"))
     compiled = torch.compile(model, backend="pcg", options={"max_capture_size": 64, "cuda_graphs": False,
                                                            "progress": False})
+    from pcg_backend.ops import mamba2_prep
     from pcg_backend.ops import one_chunk_scan as oc
 
     g = torch.Generator().manual_seed(0)
     launched = []
+    prep_before = dict(mamba2_prep.LAUNCHES)
     with torch.no_grad():
         # 1 token: Dynamo's static graph, one step; then buckets 2 (short), 4, 8, 16, 24, 32 and 64 (one
         # chunk), and above the largest bucket, unpadded: without CUDA graphs the count is still published,
@@ -176,3 +178,6 @@ def test_a_bf16_model_takes_a_one_launch_scan_once_per_layer_per_fresh_prefill()
     torch._dynamo.reset()
     assert launched == [(0, 0), (mixers, 0), (0, mixers), (0, mixers), (0, mixers), (0, mixers), (0, mixers),
                         (0, mixers), (0, mixers), (0, 0)]
+    # Every padded fresh prefill (all but the 1-token one) ran its conv inside the prep kernel, once per layer.
+    assert mamba2_prep.LAUNCHES["with_conv"] - prep_before["with_conv"] == 9 * mixers
+    assert mamba2_prep.LAUNCHES["without_conv"] == prep_before["without_conv"]

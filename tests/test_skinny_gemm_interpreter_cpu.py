@@ -113,7 +113,8 @@ print("ok")
 # The fresh prefill's prep kernel with the conv fused in, against torch's grouped conv1d (fp32, then the
 # activation) from a zero state: rows across several row tiles (the conv reads 3 rows back over a tile's
 # edge), fewer real rows than the conv is wide, no bias, no activation. Its other outputs must not
-# change with the conv: the conv state, dt and the row mask are the unfused call's, bit for bit.
+# change with the conv: the conv state (the last real rows of xBC), dt and the row mask are the unfused
+# call's, bit for bit.
 PREP_CONV_CHECK = textwrap.dedent('''
     import torch
     import torch.nn.functional as F
@@ -144,6 +145,10 @@ PREP_CONV_CHECK = textwrap.dedent('''
         torch.testing.assert_close(h.float(), ref.half().float(), atol=2e-3, rtol=2e-3)
         assert torch.equal(fused_state, plain_state) and torch.equal(dt_fused, dt_plain)
         assert torch.equal(keep_fused, keep_plain)
+        # the conv state itself: the last `width` real rows of xBC, zeros before row 0
+        window = F.pad(xBC[:, :n].transpose(1, 2), (width, 0))[..., -width:]
+        assert torch.equal(plain_state, window)
+        assert torch.equal(dt_plain[:, n:], torch.zeros_like(dt_plain[:, n:]))
     state = torch.zeros(1, 256, width, dtype=torch.float16)
     assert not mamba2_prep.conv_fusable(torch.zeros(256, 3, dtype=torch.float16), None, "silu", state)   # width
     assert not mamba2_prep.conv_fusable(torch.zeros(256, width, dtype=torch.float16), None, "gelu", state)

@@ -9,13 +9,15 @@ before it and the gated norm and `out_proj` after it stay in captured pieces.
 
 Kernels are the HF modeling module's own functions, which transformers binds
 to mamba-ssm / causal-conv1d when they import and to the torch reference
-otherwise, so pcg computes exactly what eager computes. There are two
+otherwise, so pcg computes exactly what eager computes. There are three
 exceptions on CUDA. A decode step goes to `state_update.py`, which launches
 mamba-ssm's own step kernel with the op's `out` as its output: bit for bit
 the same values. A fresh prefill of at most `short_scan.MAX_ROWS` rows goes
 to `short_scan.py`'s kernel: the same recurrence, summed in another order
 (bf16 rounding apart); one of at most `one_chunk_scan.MAX_ROWS` rows to
-`one_chunk_scan.py`'s, the chunked scan's arithmetic for a single chunk.
+`one_chunk_scan.py`'s, the chunked scan's arithmetic for a single chunk. And
+a fresh prefill's causal conv runs inside `mamba2_prep.py`'s kernel, with
+causal-conv1d's order of operations (within a bf16 rounding of it).
 Run eagerly, the op slices its inputs to the real token count, so padding
 never reaches the conv window or the SSM state, and the padded rows of
 `out` are zeroed.
@@ -171,7 +173,7 @@ def _padded_prefill(kernels, xBC, dt, mask, conv_state, ssm_state, out, conv_wei
             # The conv in the same launch as the rest: one kernel fewer per layer.
             h, dt, keep = mamba2_prep.prepare(xBC, dt, dt_bias, count, conv_state, dt_min, dt_max,
                                               conv=(conv_weight, conv_bias, activation))
-        else:
+        else:   # defensive: HF's mixers pass a weight and activation the fused conv takes
             x, dt, keep = mamba2_prep.prepare(xBC, dt, dt_bias, count, conv_state, dt_min, dt_max)
             h = kernels.causal_conv1d_fn(x.transpose(1, 2), conv_weight, conv_bias, activation=activation)
             h = h.transpose(1, 2)

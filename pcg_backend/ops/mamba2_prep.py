@@ -1,4 +1,4 @@
-"""One Triton kernel that readies a fresh, padded Mamba2 prefill for the conv and the scan.
+"""One Triton kernel that readies a fresh, padded Mamba2 prefill for the scan, causal conv included.
 
 Inside a captured prefill graph the Mamba2 core runs at the bucket size and
 reads the real token count n from a device tensor. Written with torch ops, the
@@ -17,7 +17,8 @@ channels of one sequence:
   causal conv's output itself in that layout, computed as causal-conv1d
   computes it from a zero state, which saves the conv's own launch (about
   3 µs per layer at 16 tokens on an H200);
-- the conv state: columns n-width..n-1 of x, zeros before column 0;
+- the conv state: rows n-width..n-1 of `xBC` as its columns, zeros before
+  row 0;
 - `dt`: clamp(softplus(dt + dt_bias), dt_min, dt_max) in fp32, exactly as the
   scan kernels compute it themselves (the same softplus with its threshold at
   20), and 0 on padded rows, which makes each of them an identity step of the
@@ -26,6 +27,8 @@ channels of one sequence:
 
 Only CUDA tensors go through it; on CPU the Mamba2 core uses torch ops for
 the same values (`mamba2._padded_prefill`), which the CPU tests check.
+`LAUNCHES` counts its launches on the host, with the conv and without: tests
+read them to see which path a model took.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ try:
     import triton.language as tl
 except ImportError:  # a CPU-only torch build ships without Triton
     triton = None
+
+# Launches, counted on the host (at capture, not at replay), by whether the conv ran inside.
+LAUNCHES = {"with_conv": 0, "without_conv": 0}
 
 
 def available(xBC: torch.Tensor, conv_state: torch.Tensor) -> bool:
@@ -115,6 +121,10 @@ if triton is not None:
                 tl.store(keep_ptr + r, r < n, mask=r_in)
 
 
+# What causal-conv1d applies after its conv, by the name HF's mixers pass it: whether it is SiLU.
+CONV_ACTIVATIONS = {None: False, "silu": True, "swish": True}
+
+
 def conv_fusable(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, activation: str | None,
                  conv_state: torch.Tensor) -> bool:
     """True if `prepare` can run the causal conv itself: a (channels, width) weight of the conv state's
@@ -127,12 +137,10 @@ def conv_fusable(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, acti
             and activation in CONV_ACTIVATIONS)
 
 
-# What causal-conv1d applies after its conv, by the name HF's mixers pass it.
-CONV_ACTIVATIONS = {None: False, "silu": True, "swish": True}
-
 
 def prepare(xBC: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor, count: torch.Tensor,
-            conv_state: torch.Tensor, dt_min: float, dt_max: float, conv=None):
+            conv_state: torch.Tensor, dt_min: float, dt_max: float,
+            conv: tuple[torch.Tensor, torch.Tensor | None, str | None] | None = None):
     """(x, dt, keep) for a fresh padded prefill, writing the conv state (see the module docstring).
 
     x: (batch, rows, channels) dense, in xBC's dtype; dt: (batch, rows, heads) fp32; keep: (rows,) bool.
@@ -167,4 +175,5 @@ def prepare(xBC: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor, count: t
         BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_H=triton.next_power_of_2(heads),
         CONV=conv is not None, HAS_CONV_BIAS=conv_bias is not None, SILU=CONV_ACTIVATIONS[activation],
     )
+    LAUNCHES["with_conv" if conv is not None else "without_conv"] += 1
     return x, dt_out, keep
