@@ -121,8 +121,17 @@ PREP_CONV_CHECK = textwrap.dedent('''
     from pcg_backend.ops import mamba2_prep
     torch.manual_seed(0)
     width, heads = 4, 6
-    for batch, rows, n, channels, bias, activation in [(2, 40, 37, 264, True, "silu"), (1, 16, 2, 256, False, "silu"),
-                                                       (1, 8, 8, 520, True, None), (2, 3, 3, 128, True, "swish")]:
+    cases = [(2, 40, 37, 264, True, "silu"), (1, 16, 2, 256, False, "silu"), (1, 8, 8, 520, True, None),
+             (2, 3, 3, 128, True, "swish")]
+    # and generated ones: any batch, rows, real count and channel count (a multiple of 8), with and
+    # without a bias, with and without SiLU
+    g = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        rows = int(torch.randint(1, 70, (), generator=g))
+        cases.append((int(torch.randint(1, 4, (), generator=g)), rows, int(torch.randint(1, rows + 1, (), generator=g)),
+                      8 * int(torch.randint(1, 80, (), generator=g)), bool(torch.randint(0, 2, (), generator=g)),
+                      ["silu", None][int(torch.randint(0, 2, (), generator=g))]))
+    for batch, rows, n, channels, bias, activation in cases:
         projected = torch.randn(batch, rows, channels + heads + 8, dtype=torch.float16)
         xBC, dt = projected[..., :channels], projected[..., channels:channels + heads]
         dt_bias = torch.randn(heads, dtype=torch.float16)
