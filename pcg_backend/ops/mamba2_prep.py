@@ -137,7 +137,6 @@ def conv_fusable(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, acti
             and activation in CONV_ACTIVATIONS)
 
 
-
 def prepare(xBC: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor, count: torch.Tensor,
             conv_state: torch.Tensor, dt_min: float, dt_max: float,
             conv: tuple[torch.Tensor, torch.Tensor | None, str | None] | None = None):
