@@ -58,7 +58,8 @@ def test_prepare_is_only_offered_where_its_layout_holds():
 @pytest.mark.parametrize("bias", [True, False])
 def test_prepare_with_the_conv_matches_causal_conv1d(rows, n, channels, bias):
     """The fused conv against causal-conv1d's kernel where it is installed (else torch's conv1d), on the
-    unfused call's x, in bf16: within one bf16 rounding of it. The other outputs are the unfused call's."""
+    unfused call's x, in bf16: within two bf16 roundings of it (rtol 8e-3). The other outputs are the
+    unfused call's."""
     batch, heads = 2, 24
     xBC, dt, dt_bias = _inputs(batch, rows, channels, heads, torch.bfloat16)
     weight = torch.randn(channels, WIDTH, device="cuda", dtype=torch.bfloat16) / 2

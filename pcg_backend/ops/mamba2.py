@@ -17,7 +17,7 @@ to `short_scan.py`'s kernel: the same recurrence, summed in another order
 (bf16 rounding apart); one of at most `one_chunk_scan.MAX_ROWS` rows to
 `one_chunk_scan.py`'s, the chunked scan's arithmetic for a single chunk. And
 a fresh prefill's causal conv runs inside `mamba2_prep.py`'s kernel, with
-causal-conv1d's order of operations (within a bf16 rounding of it).
+causal-conv1d's order of operations (bf16 rounding apart, the same values).
 Run eagerly, the op slices its inputs to the real token count, so padding
 never reaches the conv window or the SSM state, and the padded rows of
 `out` are zeroed.
