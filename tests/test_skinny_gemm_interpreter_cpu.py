@@ -7,9 +7,9 @@ before 2.0, so the check is in fp16, in a subprocess that sets the variable
 before Triton is imported. Split-K must give the unsplit kernel's result
 within fp16 rounding, for K on and off the tile and for more splits than K
 has tiles. The gated-norm kernel (`ops/gated_norm.py`), the relu2
-epilogue, the decode-attention kernels (`ops/decode_attention.py`) and the
-fresh prefill's prep kernel with its conv (`ops/mamba2_prep.py`) are checked
-the same way.
+epilogue, the decode-attention kernels (`ops/decode_attention.py`), the
+fresh prefill's prep kernel with its conv (`ops/mamba2_prep.py`) and the MoE
+experts kernels (`ops/moe_experts.py`) are checked the same way.
 """
 
 from __future__ import annotations
@@ -174,6 +174,50 @@ PREP_CONV_CHECK = textwrap.dedent('''
 ''')
 
 
+MOE_CHECK = textwrap.dedent('''
+import random
+import torch
+from pcg_backend.ops import moe_experts
+torch.manual_seed(0)
+rng = random.Random(0)
+
+def reference(x, ids, wts, gate_up, down):
+    # HF's roundings, pair by pair: each GEMM's output, the SiLU, its product with up, the weighted row;
+    # the k rows of a token summed in fp32.
+    tokens, top_k = ids.shape
+    out = torch.zeros(tokens, top_k, x.shape[1])
+    for t in range(tokens):
+        for j in range(top_k):
+            e = ids[t, j]
+            gate, up = (x[t].float() @ gate_up[e].float().T).to(x.dtype).chunk(2)
+            h = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
+            y = (h.float() @ down[e].float().T).to(x.dtype)
+            out[t, j] = (y.float() * wts[t, j].float()).to(x.dtype).float()
+    return out.sum(1).to(x.dtype)
+
+# Hand-picked: one token; tokens past a tile of 16; an expert with more pairs than a tile; more
+# tokens than the route kernel's block (ROUTE_BLOCK is lowered so the running count crosses blocks).
+cases = [(1, 8, 3, 64, 32), (17, 6, 4, 64, 32), (40, 4, 2, 32, 64), (70, 16, 6, 64, 32)]
+# Generated: random shapes and routings.
+cases += [(rng.randint(1, 90), rng.choice([2, 5, 8, 16]), 0, rng.choice([32, 48, 96]), rng.choice([16, 40, 64]))
+          for _ in range(8)]
+moe_experts.ROUTE_BLOCK = 64
+for tokens, experts, top_k, hidden, inter in cases:
+    top_k = top_k or rng.randint(1, experts)
+    x = torch.randn(tokens, hidden, dtype=torch.float16)
+    gate_up = (torch.randn(experts, 2 * inter, hidden) / hidden ** 0.5).half()
+    down = (torch.randn(experts, hidden, inter) / inter ** 0.5).half()
+    ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    wts = torch.softmax(torch.randn(tokens, top_k), -1).half()
+    got = moe_experts.triton_experts(x, ids, wts, gate_up, down)
+    ref = reference(x, ids, wts, gate_up, down)
+    assert got.shape == ref.shape and got.dtype == torch.float16
+    # The same roundings; only the order of fp32 sums differs (a rounding step at most, fp16).
+    torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
+print("ok")
+''')
+
+
 def _interpreter_usable() -> str | None:
     try:
         import numpy
@@ -213,3 +257,8 @@ def test_decode_attention_kernels():
 
 def test_prep_kernel_with_the_conv_fused():
     _run_interpreted(PREP_CONV_CHECK)
+
+
+def test_moe_experts_kernels():
+    # The route, up and down kernels against HF's roundings pair by pair, at hand-picked and generated shapes.
+    _run_interpreted(MOE_CHECK)

@@ -1,0 +1,138 @@
+"""`pcg::moe_experts` and the experts adapter on CPU: routing, layout checks, padding, and HF's path beneath.
+
+On CPU the op runs HF's own experts implementation (the kernels need CUDA,
+or Triton's interpreter: `test_skinny_gemm_interpreter_cpu.py`), so a
+compiled GraniteMoeHybrid must equal eager exactly, and a graph around the
+op must still be padded: the op is declared row-wise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pcg_backend
+from pcg_backend.ops import moe_experts
+from hf_models import tiny_config
+
+pytest.importorskip("transformers")
+
+
+def _granite(experts=8, top_k=3, seed=0):
+    import transformers as tf
+
+    config = tiny_config("granitemoehybrid")
+    config.num_local_experts, config.num_experts_per_tok = experts, top_k
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@torch._dynamo.config.patch(recompile_limit=64)
+@pytest.mark.parametrize("tokens", [1, 5, 16, 23])
+def test_a_compiled_granite_routes_its_experts_through_the_op_and_equals_eager(fresh_pcg, tokens):
+    model = _granite()
+    compiled = torch.compile(model, backend="pcg")
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+    before = dict(moe_experts.LAUNCHES)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+    # Three MoE layers, each one call of the op, on HF's path beneath (CPU).
+    assert moe_experts.LAUNCHES["original"] - before["original"] == 3
+    assert moe_experts.LAUNCHES["triton"] == before["triton"]
+    report = pcg_backend.report()
+    for layer in range(3):
+        assert (f"model.layers.{layer}.block_sparse_moe.experts (GraniteMoeHybridExperts): "
+                f"experts via pcg::moe_experts (grouped_mm)") in report
+    assert pcg_backend.stats()["graphs_compiled"] == 1
+
+
+def test_outside_a_pcg_trace_the_registry_entry_is_hfs_own(fresh_pcg):
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    model = _granite()
+    pcg_backend.hf.enable()
+    experts = model.model.layers[0].block_sparse_moe.experts
+    assert ALL_EXPERTS_FUNCTIONS._global_mapping["grouped_mm"] is not moe_experts.ORIGINAL_EXPERTS["grouped_mm"]
+    x = torch.randn(7, model.config.hidden_size)
+    ids = torch.stack([torch.randperm(8)[:3] for _ in range(7)])
+    weights = torch.softmax(torch.randn(7, 3), dim=-1)
+    before = dict(moe_experts.LAUNCHES)
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, ids, weights),
+                                   moe_experts.ORIGINAL_EXPERTS["grouped_mm"](experts, x, ids, weights),
+                                   atol=0, rtol=0)
+    assert moe_experts.LAUNCHES == before
+
+
+def test_layouts_the_op_does_not_take_are_named():
+    from transformers.integrations.moe import _default_apply_gate
+
+    from pcg_backend.hf.adapters.experts import unsupported_layout
+
+    pcg_backend.hf.enable()
+    hf_gated = type("HFGated", (moe_experts.GatedExperts,), {"_apply_gate": _default_apply_gate})
+    weights = torch.zeros(4, 16, 8), torch.zeros(4, 8, 8)
+    assert unsupported_layout(_granite().model.layers[0].block_sparse_moe.experts) is None
+    assert unsupported_layout(hf_gated(*weights)) is None
+    # GatedExperts defines its own _apply_gate: as a class, it is not HF's default gate.
+    assert unsupported_layout(moe_experts.GatedExperts(*weights)) == "its own gating"
+    cases = {"has_bias": (True, "biased"), "is_transposed": (True, "transposed weights"),
+             "has_gate": (False, "not gated"), "is_concatenated": (False, "gate and up interleaved"),
+             "_is_expert_parallel": (True, "expert parallel"),
+             "has_post_expert_norm": (True, "a norm after the experts"),
+             "act_fn": (torch.nn.ReLU(), "not SiLU")}
+    for attribute, (value, reason) in cases.items():
+        experts = hf_gated(*weights)
+        setattr(experts, attribute, value)
+        assert unsupported_layout(experts) == reason, attribute
+    experts = hf_gated(*weights)
+    experts.down_proj = torch.zeros(32, 8)
+    assert unsupported_layout(experts) == "weights not 3-D"
+
+
+def test_the_op_is_row_wise_so_a_graph_around_it_is_padded(fresh_pcg):
+    """A router, top-k and the op over a linear's rows, compiled with a token dim: every call below a bucket is
+    padded, and equals eager (padded rows route like any token and touch only their own rows)."""
+    pcg_backend.hf.enable()
+    torch.manual_seed(0)
+    hidden, experts, top_k = 16, 6, 2
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.router = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, experts, bias=False)
+            self.gate_up = torch.nn.Parameter(torch.randn(experts, 2 * 12, hidden) / 4)
+            self.down = torch.nn.Parameter(torch.randn(experts, hidden, 12) / 4)
+
+        def forward(self, x):
+            h = self.lin(x)
+            top, ids = self.router(h).topk(top_k, dim=-1)
+            return torch.ops.pcg.moe_experts(h, ids, torch.softmax(top, dim=-1), self.gate_up, self.down,
+                                             "grouped_mm")
+
+    block = Block()
+    compiled = torch.compile(block, backend="pcg", options={"capture_sizes": [4, 8, 16]})
+    with torch.no_grad():
+        for n in (3, 5, 9, 16):
+            x = torch.randn(n, hidden)
+            torch._dynamo.mark_dynamic(x, 0)
+            torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=0)
+    assert pcg_backend.stats()["padded_calls"] == 3, pcg_backend.report()
+
+
+def test_without_a_wrapped_implementation_the_op_says_so():
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="no HF experts implementation 'nope' was wrapped"):
+        torch.ops.pcg.moe_experts(x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                                  torch.zeros(2, 16, 8), torch.zeros(2, 8, 8), "nope")
+
+
+def test_the_pipeline_is_cut_to_the_shared_memory_at_each_tile_height():
+    tile = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
+    # An H200's 227 KiB per block: the up kernel's 64-row tile (64 + 2 x 32 rows of 128, bf16) fits 4 stages.
+    assert moe_experts._fit(tile, 64, 2, 232448)["num_stages"] == 4
+    # 100 KiB: 3 stages of 32 KiB; a 16-row tile (24 KiB a stage) keeps 4.
+    assert moe_experts._fit(tile, 64, 2, 100 * 1024)["num_stages"] == 3
+    assert moe_experts._fit(tile, 16, 2, 100 * 1024)["num_stages"] == 4
+    assert moe_experts._fit(tile, 64, 2, None) is tile
+    assert tile["num_stages"] == 4

@@ -1,0 +1,111 @@
+"""`pcg::moe_experts` on CUDA: its Triton kernels against HF's grouped_mm experts path and an fp32 reference,
+inside a CUDA graph, and in a compiled GraniteMoeHybrid with more experts than the family's tiny config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pcg_backend
+from pcg_backend.buckets import Ladder
+from pcg_backend.ops import moe_experts
+from conftest import requires_cuda
+from hf_checks import OPTIONS, sizes_around_buckets, within_half_precision_noise
+
+pytestmark = requires_cuda
+
+
+def _layer(experts=64, top_k=6, hidden=1536, inter=512, seed=0):
+    torch.manual_seed(seed)
+    gate_up = (torch.randn(experts, 2 * inter, hidden, device="cuda") / hidden ** 0.5).to(torch.bfloat16)
+    down = (torch.randn(experts, hidden, inter, device="cuda") / inter ** 0.5).to(torch.bfloat16)
+    return gate_up, down, top_k
+
+
+def _routing(tokens, experts, top_k):
+    ids = torch.rand(tokens, experts, device="cuda").argsort(dim=-1)[:, :top_k]
+    weights = torch.softmax(torch.randn(tokens, top_k, device="cuda"), dim=-1).to(torch.bfloat16)
+    return ids, weights
+
+
+def _fp32(x, ids, weights, gate_up, down):
+    gate, up = torch.einsum("th,tkoh->tko", x.float(), gate_up[ids].float()).chunk(2, dim=-1)
+    y = torch.einsum("tki,tkoi->tko", torch.nn.functional.silu(gate) * up, down[ids].float())
+    return (y * weights.float()[..., None]).sum(dim=1)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17, 100, 512])
+def test_kernels_match_hf_grouped_mm_within_bf16_rounding(tokens):
+    """Granite-4.0-H-Tiny's MoE shape. The kernels round where HF's path rounds, so against the fp32 result
+    both are off by the same bf16 noise (ours within 1.5x of HF's), and the two differ by a few bf16 steps."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    gate_up, down, top_k = _layer()
+    x = torch.randn(tokens, gate_up.shape[-1], device="cuda", dtype=torch.bfloat16)
+    ids, weights = _routing(tokens, gate_up.shape[0], top_k)
+    ours = moe_experts.triton_experts(x, ids, weights, gate_up, down)
+    theirs = grouped_mm_experts_forward(moe_experts.GatedExperts(gate_up, down), x, ids, weights)
+    exact = _fp32(x, ids, weights, gate_up, down)
+    assert ours.shape == theirs.shape == x.shape and ours.dtype == torch.bfloat16
+    scale = exact.abs().max()
+    err_ours = ((ours.float() - exact).abs().max() / scale).item()
+    err_hf = ((theirs.float() - exact).abs().max() / scale).item()
+    assert err_ours <= 1.5 * err_hf + 1e-3, (err_ours, err_hf)
+    assert ((ours.float() - theirs.float()).abs().max() / scale).item() < 2e-2
+
+
+def test_the_op_takes_the_kernels_up_to_max_tokens_and_hf_above():
+    gate_up, down, top_k = _layer(experts=8, top_k=2, hidden=256, inter=128)
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    moe_experts.ORIGINAL_EXPERTS.setdefault("grouped_mm", grouped_mm_experts_forward)
+    for tokens, path in ((moe_experts.MAX_TOKENS, "triton"), (moe_experts.MAX_TOKENS + 1, "original")):
+        before = dict(moe_experts.LAUNCHES)
+        x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+        ids, weights = _routing(tokens, 8, top_k)
+        out = torch.ops.pcg.moe_experts(x, ids, weights, gate_up, down, "grouped_mm")
+        assert {k: moe_experts.LAUNCHES[k] - before[k] for k in before} == \
+            {"triton": int(path == "triton"), "original": int(path == "original")}
+        exact = _fp32(x, ids, weights, gate_up, down)
+        assert ((out.float() - exact).abs().max() / exact.abs().max()).item() < 2e-2
+
+
+def test_a_captured_call_replays_new_routing():
+    """The counts and pair lists live in the graph's memory and are rebuilt on every replay from the ids."""
+    gate_up, down, top_k = _layer(experts=16, top_k=4, hidden=512, inter=256)
+    x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
+    ids, weights = _routing(16, 16, top_k)
+    moe_experts.triton_experts(x, ids, weights, gate_up, down)   # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_experts.triton_experts(x, ids, weights, gate_up, down)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        new_ids, new_weights = _routing(16, 16, top_k)
+        ids.copy_(new_ids), weights.copy_(new_weights), x.normal_()
+        graph.replay()
+        torch.testing.assert_close(out, moe_experts.triton_experts(x, ids, weights, gate_up, down), atol=0, rtol=0)
+
+
+@torch._dynamo.config.patch(recompile_limit=64)
+def test_a_granite_with_eight_experts_stays_within_eager_noise():
+    """A compiled bf16 GraniteMoeHybrid (8 experts, 3 per token) through pcg::moe_experts in captured,
+    padded graphs: logits within eager's own bf16 noise at sizes around every bucket."""
+    pytest.importorskip("mamba_ssm")
+    import transformers as tf
+    from hf_models import tiny_config
+
+    ladder = Ladder(pcg_backend.options.parse_options(OPTIONS).capture_sizes)
+    config = tiny_config("granitemoehybrid")
+    config.num_local_experts, config.num_experts_per_tok = 8, 3
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    pcg_backend.reset_stats()
+    before = moe_experts.LAUNCHES["triton"]
+    sizes = sizes_around_buckets(ladder)
+    rows = within_half_precision_noise(model, sizes, ladder)
+    assert [r["tokens"] for r in rows] == sizes
+    assert moe_experts.LAUNCHES["triton"] > before
+    assert "experts via pcg::moe_experts (grouped_mm)" in pcg_backend.report()
+    assert pcg_backend.stats()["cuda_graph_replays"] > 0
