@@ -184,7 +184,7 @@ class Stats:
         if self.routing_decisions:
             routed = [(dec, n) for (dec, ok), n in self.routing_decisions.items() if ok]
             not_routed = sum(n for (_, ok), n in self.routing_decisions.items() if not ok)
-            lines.append(f"  HF layers: {sum(n for _, n in routed)} routed through split ops"
+            lines.append(f"  HF layers: {sum(n for _, n in routed)} routed through pcg's ops"
                          + (f" ({', '.join(f'{n} {dec}' for dec, n in routed)})" if routed else "")
                          + f", {not_routed} not routed" + (" (see HF layer routing)" if not_routed else ""))
         if d["deferred_stop_checks"]:

@@ -73,7 +73,7 @@ def test_routing_is_listed_once_per_layer_and_counted_in_the_summary():
         "model.layers.2.mixer (OddMixer): NOT routed, missing norm",
     ]
     text = stats.report()
-    assert ("  HF layers: 2 routed through split ops (1 Mamba2 core via pcg::mamba2_core, 1 attention via "
+    assert ("  HF layers: 2 routed through pcg's ops (1 Mamba2 core via pcg::mamba2_core, 1 attention via "
             "pcg::attention (sdpa)), 1 not routed (see HF layer routing)") in text
     assert text.count("model.layers.0.mixer") == 1
 

@@ -1,4 +1,4 @@
-"""Trace-time notes of which HF layers were routed through split ops, under each layer's module path.
+"""Trace-time notes of which HF layers were routed through pcg's ops, under each layer's module path.
 
 `note_routing` runs while Dynamo traces (its result is a graph constant), so
 a routing decision is recorded when a graph is traced, never per call.
