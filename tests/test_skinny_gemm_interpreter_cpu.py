@@ -192,7 +192,8 @@ def reference(x, ids, wts, gate_up, down):
             gate, up = (x[t].float() @ gate_up[e].float().T).to(x.dtype).chunk(2)
             h = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
             y = (h.float() @ down[e].float().T).to(x.dtype)
-            out[t, j] = (y.float() * wts[t, j].float()).to(x.dtype).float()
+            # The weighted row in the wider of the two dtypes, as HF's product promotes.
+            out[t, j] = (y.float() * wts[t, j].float()).to(torch.promote_types(x.dtype, wts.dtype)).float()
     return out.sum(1).to(x.dtype)
 
 # Hand-picked: one token; tokens past a tile of 16; an expert with more pairs than a tile; more
@@ -202,13 +203,15 @@ cases = [(1, 8, 3, 64, 32), (17, 6, 4, 64, 32), (40, 4, 2, 32, 64), (70, 16, 6, 
 cases += [(rng.randint(1, 90), rng.choice([2, 5, 8, 16]), 0, rng.choice([32, 48, 96]), rng.choice([16, 40, 64]))
           for _ in range(8)]
 moe_experts.ROUTE_BLOCK = 64
-for tokens, experts, top_k, hidden, inter in cases:
+for case, (tokens, experts, top_k, hidden, inter) in enumerate(cases):
     top_k = top_k or rng.randint(1, experts)
     x = torch.randn(tokens, hidden, dtype=torch.float16)
     gate_up = (torch.randn(experts, 2 * inter, hidden) / hidden ** 0.5).half()
     down = (torch.randn(experts, hidden, inter) / inter ** 0.5).half()
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
-    wts = torch.softmax(torch.randn(tokens, top_k), -1).half()
+    # Routing weights in the model's dtype (GraniteMoeHybrid's router casts them) or left in fp32.
+    wts = torch.softmax(torch.randn(tokens, top_k), -1)
+    wts = wts.half() if case % 2 else wts
     got = moe_experts.triton_experts(x, ids, wts, gate_up, down)
     ref = reference(x, ids, wts, gate_up, down)
     assert got.shape == ref.shape and got.dtype == torch.float16

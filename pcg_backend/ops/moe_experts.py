@@ -135,9 +135,10 @@ if triton is not None:
                 h = tl.load(h_ptr + pair[:, None] * I + kk[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
                 w = tl.load(w_e + rn[None, :] * swn + kk[:, None], mask=n_in[None, :] & k_in[:, None], other=0.0)
                 acc = tl.dot(h, w, acc)
-            out_ty = y_ptr.dtype.element_ty
+            # HF rounds the GEMM's output to the weights' dtype, then multiplies by the routing weight in
+            # the wider of the two dtypes (y's, fp32 when the routing weights come in fp32).
             scale = tl.load(weights_ptr + pair, mask=row_in, other=0.0).to(tl.float32)
-            y = (acc.to(out_ty).to(tl.float32) * scale[:, None]).to(out_ty)
+            y = (acc.to(h_ptr.dtype.element_ty).to(tl.float32) * scale[:, None]).to(y_ptr.dtype.element_ty)
             tl.store(y_ptr + pair[:, None] * H + rn[None, :], y, mask=row_in[:, None] & n_in[None, :])
 
 
@@ -178,11 +179,12 @@ def triton_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weight
     pairs_total = tokens * top_k
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     ids = top_k_index.reshape(-1)
-    routing = top_k_weights.reshape(-1).to(hidden.dtype)
+    routing = top_k_weights.reshape(-1)
     pairs = torch.empty(experts, pairs_total, dtype=torch.int32, device=hidden.device)
     counts = torch.empty(experts, dtype=torch.int32, device=hidden.device)
     h = torch.empty(pairs_total, inter, dtype=hidden.dtype, device=hidden.device)
-    y = torch.empty(pairs_total, hidden_dim, dtype=hidden.dtype, device=hidden.device)
+    y = torch.empty(pairs_total, hidden_dim, dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype),
+                    device=hidden.device)
     block_m = _block_m(tokens)
     shared = _shared_memory(hidden.device)
     up_tile = _fit(UP_TILE, block_m, 2, shared)
@@ -198,7 +200,7 @@ def triton_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weight
         _down_kernel[(experts, triton.cdiv(hidden_dim, down_tile["BLOCK_N"]))](
             h, down, y, routing, pairs, counts, pairs_total, hidden_dim, inter, down.stride(0), down.stride(1),
             BLOCK_M=block_m, **down_tile)
-    return y.view(tokens, top_k, hidden_dim).sum(dim=1)
+    return y.view(tokens, top_k, hidden_dim).sum(dim=1).to(hidden.dtype)
 
 
 class GatedExperts(torch.nn.Module):
