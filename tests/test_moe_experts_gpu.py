@@ -10,7 +10,7 @@ import pcg_backend
 from pcg_backend.buckets import Ladder
 from pcg_backend.ops import moe_experts
 from conftest import requires_cuda
-from hf_checks import OPTIONS, sizes_around_buckets, within_half_precision_noise
+from hf_checks import OPTIONS, half_precision_ulp, sizes_around_buckets, within_half_precision_noise
 
 pytestmark = requires_cuda
 
@@ -37,7 +37,8 @@ def _fp32(x, ids, weights, gate_up, down):
 @pytest.mark.parametrize("tokens", [1, 3, 16, 17, 100, 512])
 def test_kernels_match_hf_grouped_mm_within_bf16_rounding(tokens):
     """Granite-4.0-H-Tiny's MoE shape. The kernels round where HF's path rounds, so against the fp32 result
-    both are off by the same bf16 noise (ours within 1.5x of HF's), and the two differ by a few bf16 steps."""
+    both are off by the same bf16 noise (ours within 1.5x of HF's), and the two differ by at most two bf16
+    steps at the output's magnitude (the order of fp32 sums; on an H200 they gave the same bits)."""
     from transformers.integrations.moe import grouped_mm_experts_forward
 
     gate_up, down, top_k = _layer()
@@ -51,7 +52,7 @@ def test_kernels_match_hf_grouped_mm_within_bf16_rounding(tokens):
     err_ours = ((ours.float() - exact).abs().max() / scale).item()
     err_hf = ((theirs.float() - exact).abs().max() / scale).item()
     assert err_ours <= 1.5 * err_hf + 1e-3, (err_ours, err_hf)
-    assert ((ours.float() - theirs.float()).abs().max() / scale).item() < 2e-2
+    assert (ours.float() - theirs.float()).abs().max().item() <= 2 * half_precision_ulp(scale.item(), torch.bfloat16)
 
 
 def test_the_op_takes_the_kernels_up_to_max_tokens_and_hf_above():

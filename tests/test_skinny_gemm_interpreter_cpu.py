@@ -189,6 +189,8 @@ def reference(x, ids, wts, gate_up, down):
     for t in range(tokens):
         for j in range(top_k):
             e = ids[t, j]
+            if not 0 <= e < gate_up.shape[0]:
+                continue   # an expert-parallel sentinel adds nothing
             gate, up = (x[t].float() @ gate_up[e].float().T).to(x.dtype).chunk(2)
             h = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
             y = (h.float() @ down[e].float().T).to(x.dtype)
@@ -212,6 +214,13 @@ for case, (tokens, experts, top_k, hidden, inter) in enumerate(cases):
     # Routing weights in the model's dtype (GraniteMoeHybrid's router casts them) or left in fp32.
     wts = torch.softmax(torch.randn(tokens, top_k), -1)
     wts = wts.half() if case % 2 else wts
+    if case % 3 == 0:
+        # Strided inputs: hidden rows inside a wider buffer, ids and weights sliced from a wider top-k.
+        x = torch.cat([x, torch.randn(tokens, 5, dtype=x.dtype)], dim=1)[:, :hidden]
+        ids = torch.cat([ids, ids], dim=1)[:, :top_k]
+        wts = torch.cat([wts, wts], dim=1)[:, :top_k]
+    if case % 4 == 1:
+        ids[0, 0] = experts   # a sentinel id beyond the experts
     got = moe_experts.triton_experts(x, ids, wts, gate_up, down)
     ref = reference(x, ids, wts, gate_up, down)
     assert got.shape == ref.shape and got.dtype == torch.float16

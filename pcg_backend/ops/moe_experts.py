@@ -22,15 +22,22 @@ Here one program per expert lists the pairs routed to it (a running
 
 An expert no token chose costs one program that reads a counter and
 returns, so a step reads only the chosen experts' weights. Each product is
-rounded to the weights' dtype where HF's path rounds it (the GEMM outputs,
-the SiLU, its product with `up`, the routing-weighted rows), so the two
-differ only in the order of fp32 sums.
+rounded where HF's path rounds it (the GEMM outputs and the SiLU to the
+weights' dtype, its product with `up` too, the routing-weighted rows to the
+wider of the weights' and the routing weights' dtypes), so the two differ
+only in the order of fp32 sums (on an H200 they gave the same bits). A pair
+whose expert id is outside the experts (an expert-parallel sentinel) adds
+zero, as HF's grouped path makes it.
 
-The kernels serve CUDA, bf16 or fp16, at most MAX_TOKENS tokens; anything
-else (a long prefill, a CPU run) goes to the HF implementation the adapter
-wrapped (`ORIGINAL_EXPERTS`), over the same weights. Padded rows route like
-any token and touch only their own output rows, so the op is row-wise
-(`analyse/padding_rule.py`).
+The kernels serve CUDA, bf16 or fp16 weights and hidden states of one dtype
+with rows of unit stride, matching shapes, at most MAX_TOKENS tokens;
+anything else (a long prefill, fp32, a CPU run) goes to the HF
+implementation the adapter wrapped (`ORIGINAL_EXPERTS`), over the same
+weights. That fallback is HF's eager code, which for fp32 on CUDA reads the
+experts' token counts on the host: a capture of it fails pcg's sync probe
+and the piece runs eagerly, with the reason in the report
+(`cudagraph.py`). Padded rows route like any token and touch only their own
+output rows, so the op is row-wise (`analyse/padding_rule.py`).
 """
 
 from __future__ import annotations
@@ -56,12 +63,18 @@ ORIGINAL_EXPERTS: dict = {}
 LAUNCHES = {"triton": 0, "original": 0}
 
 
-def supported(hidden: torch.Tensor, top_k_index: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+def supported(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+              gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """True if the Triton kernels take this call (see the module docstring)."""
-    return (triton is not None and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+    if not (triton is not None and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
             and gate_up.dtype == hidden.dtype and down.dtype == hidden.dtype and hidden.dim() == 2
-            and hidden.shape[0] <= MAX_TOKENS and top_k_index.dim() == 2
-            and gate_up.stride(-1) == 1 and down.stride(-1) == 1)
+            and top_k_index.dim() == 2 and gate_up.dim() == 3 and down.dim() == 3
+            and hidden.shape[0] <= MAX_TOKENS and gate_up.stride(-1) == 1 and down.stride(-1) == 1):
+        return False
+    experts, inter2, width = gate_up.shape
+    return (top_k_index.shape == top_k_weights.shape and top_k_index.shape[0] == hidden.shape[0]
+            and width == hidden.shape[1] and tuple(down.shape) == (experts, width, inter2 // 2) and inter2 % 2 == 0
+            and len({t.device for t in (hidden, top_k_index, top_k_weights, gate_up, down)}) == 1)
 
 
 if triton is not None:
@@ -143,7 +156,8 @@ if triton is not None:
 
 
 def _block_m(tokens: int) -> int:
-    # An expert holds at most `tokens` pairs; a tile of 16 rows is tl.dot's least.
+    # An expert holds at most `tokens` pairs (top-k ids are distinct per token; repeated ids only make
+    # the kernels loop over more tiles); a tile of 16 rows is tl.dot's least.
     return 16 if tokens <= 16 else 32 if tokens <= 64 else 64
 
 
@@ -178,12 +192,14 @@ def triton_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weight
     top_k = top_k_index.shape[-1]
     pairs_total = tokens * top_k
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    ids = top_k_index.reshape(-1)
-    routing = top_k_weights.reshape(-1)
+    # The kernels read ids and weights at unit stride: a column sliced from a wider top-k is not.
+    ids = top_k_index.reshape(-1).contiguous()
+    routing = top_k_weights.reshape(-1).contiguous()
     pairs = torch.empty(experts, pairs_total, dtype=torch.int32, device=hidden.device)
     counts = torch.empty(experts, dtype=torch.int32, device=hidden.device)
     h = torch.empty(pairs_total, inter, dtype=hidden.dtype, device=hidden.device)
-    y = torch.empty(pairs_total, hidden_dim, dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype),
+    # Zeroed: a pair with an id outside the experts is listed by no program and must add nothing.
+    y = torch.zeros(pairs_total, hidden_dim, dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype),
                     device=hidden.device)
     block_m = _block_m(tokens)
     shared = _shared_memory(hidden.device)
@@ -227,7 +243,7 @@ class GatedExperts(torch.nn.Module):
 @lean_op("pcg::moe_experts", mutates_args=())
 def moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 gate_up: torch.Tensor, down: torch.Tensor, impl: str) -> torch.Tensor:
-    if supported(hidden, top_k_index, gate_up, down):
+    if supported(hidden, top_k_index, top_k_weights, gate_up, down):
         LAUNCHES["triton"] += 1
         return triton_experts(hidden, top_k_index, top_k_weights, gate_up, down)
     if impl not in ORIGINAL_EXPERTS:
