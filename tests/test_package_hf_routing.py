@@ -58,6 +58,7 @@ def test_enable_then_disable_restores_every_attribute_and_eager_outputs():
         from transformers import cache_utils, modeling_utils
         from transformers.generation import utils as generation_utils
         from transformers.generation.utils import GenerationMixin
+        from transformers.integrations import moe
         from hf_models import FAMILIES, tiny_model
 
         MARK = "_pcg_computes_reference_norm"   # hf/adapters/mamba2.py's REFERENCE_NORM
@@ -72,7 +73,8 @@ def test_enable_then_disable_restores_every_attribute_and_eager_outputs():
             # every attribute pcg may patch: each class's own forward and each module's
             # eager_attention_forward in every loaded modeling module, the cache layers'
             # update, HF's attention registry, PreTrainedModel.post_init, generate()'s
-            # auto-compile decision, its decoding loop and its deferred stop check
+            # auto-compile decision, its decoding loop and its deferred stop check, and the
+            # experts registry's grouped_mm and batched_mm entries
             seen = {
                 "_valid_auto_compile_criteria": vars(GenerationMixin)["_valid_auto_compile_criteria"],
                 "_sample": vars(GenerationMixin)["_sample"],
@@ -81,6 +83,8 @@ def test_enable_then_disable_restores_every_attribute_and_eager_outputs():
                 "StaticLayer.update": vars(cache_utils.StaticLayer)["update"],
                 "sdpa": modeling_utils.ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"],
                 "post_init": vars(modeling_utils.PreTrainedModel)["post_init"],
+                "experts.grouped_mm": moe.ALL_EXPERTS_FUNCTIONS._global_mapping["grouped_mm"],
+                "experts.batched_mm": moe.ALL_EXPERTS_FUNCTIONS._global_mapping["batched_mm"],
             }
             for name, module in list(sys.modules.items()):
                 if name.startswith("transformers.models.") and ".modeling_" in name and module:
@@ -130,7 +134,7 @@ def test_enable_then_disable_restores_every_attribute_and_eager_outputs():
     modeling = "transformers.models.{0}.modeling_{0}.{1}"
     assert changed == sorted(
         ["DeferredStopCheck.is_supported", "DynamicLayer.update", "StaticLayer.update", "_sample",
-         "_valid_auto_compile_criteria", "post_init", "sdpa"]
+         "_valid_auto_compile_criteria", "experts.batched_mm", "experts.grouped_mm", "post_init", "sdpa"]
         + [modeling.format(f, cls + ".forward") for f, cls in [
             ("bamba", "BambaMixer"), ("falcon_h1", "FalconH1Mixer"), ("granitemoehybrid", "GraniteMoeHybridMambaLayer"),
             ("mamba2", "Mamba2Mixer"), ("nemotron_h", "NemotronHMamba2Mixer"), ("zamba2", "Zamba2MambaMixer")]]
@@ -204,7 +208,7 @@ def test_zamba2_shared_attention_is_listed_by_its_module_path():
 
 
 def test_one_adapter_per_layer_kind():
-    assert sorted(a.kind for a in hf.adapters()) == ["Mamba2 mixer", "attention"]
+    assert sorted(a.kind for a in hf.adapters()) == ["Mamba2 mixer", "attention", "experts"]
     with pytest.raises(ValueError, match="an HF adapter for 'attention' is already registered"):
         hf.register_adapter(hf.Adapter("attention", lambda module, patches: None))
     assert hf.register_adapter(hf.adapters()[0]) is hf.adapters()[0]   # the same adapter again: a no-op
