@@ -59,13 +59,13 @@ def wrap_experts_function(original, impl: str):
 
     @functools.wraps(original)
     def experts(module, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-        if not tracing_for_pcg() or args or kwargs:
+        if not tracing_for_pcg():
             return original(module, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        reason = unsupported_layout(module)
+        reason = "arguments beyond the routing" if args or kwargs else unsupported_layout(module)
         layer = str(getattr(module, "layer_idx", "?"))
         if reason is not None:
             note_routing(type(module).__name__, layer, f"experts left to HF's {impl} ({reason})", False)
-            return original(module, hidden_states, top_k_index, top_k_weights)
+            return original(module, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         note_routing(type(module).__name__, layer, f"experts via pcg::moe_experts ({impl})", True)
         return torch.ops.pcg.moe_experts(hidden_states, top_k_index, top_k_weights,
                                          module.gate_up_proj, module.down_proj, impl)
