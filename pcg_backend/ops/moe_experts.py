@@ -27,7 +27,8 @@ weights' dtype, its product with `up` too, the routing-weighted rows to the
 wider of the weights' and the routing weights' dtypes), so the two differ
 only in the order of fp32 sums (on an H200 they gave the same bits). A pair
 whose expert id is outside the experts (an expert-parallel sentinel) adds
-zero, as HF's grouped path makes it.
+zero, as HF's grouped path makes it: the output rows are zero-filled first
+(one small kernel per layer).
 
 The kernels serve CUDA, bf16 or fp16 weights and hidden states of one dtype
 with rows of unit stride, matching shapes, at most MAX_TOKENS tokens;
