@@ -12,9 +12,10 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pcg_backend
-from pcg_backend.ops import moe_experts
+from pcg_backend.ops import moe_experts, moe_router
 from hf_models import tiny_config
 
 pytest.importorskip("transformers")
@@ -35,16 +36,20 @@ def test_a_compiled_granite_routes_its_experts_through_the_op_and_equals_eager(f
     model = _granite()
     compiled = torch.compile(model, backend="pcg")
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(tokens))
-    before = dict(moe_experts.LAUNCHES)
+    before, routers = dict(moe_experts.LAUNCHES), dict(moe_router.LAUNCHES)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
-    # Three MoE layers, each one call of the op, on HF's path beneath (CPU).
+    # Three MoE layers, each one call of each op, on HF's path beneath (CPU): the router's torch
+    # arithmetic is HF's line for line.
     assert moe_experts.LAUNCHES["original"] - before["original"] == 3
     assert moe_experts.LAUNCHES["triton"] == before["triton"]
+    assert moe_router.LAUNCHES["torch"] - routers["torch"] == 3 and moe_router.LAUNCHES["triton"] == routers["triton"]
     report = pcg_backend.report()
     for layer in range(3):
         assert (f"model.layers.{layer}.block_sparse_moe.experts (GraniteMoeHybridExperts): "
                 f"experts via pcg::moe_experts (grouped_mm)") in report
+        assert (f"model.layers.{layer}.block_sparse_moe.router (GraniteMoeHybridTopKRouter): "
+                f"router via pcg::moe_router") in report
     assert pcg_backend.stats()["graphs_compiled"] == 1
 
 
@@ -149,3 +154,53 @@ def test_the_pipeline_is_cut_to_the_shared_memory_at_each_tile_height():
     assert moe_experts._fit(tile, 16, 2, 100 * 1024)["num_stages"] == 4
     assert moe_experts._fit(tile, 64, 2, None) is tile
     assert tile["num_stages"] == 4
+
+
+def test_the_router_adapter_finds_routers_by_source_and_keeps_their_return_order():
+    import inspect
+
+    import transformers.models.granitemoehybrid.modeling_granitemoehybrid as granite
+
+    from pcg_backend.hf.adapters.router import OUTPUT_NAMES, output_order
+
+    source = inspect.getsource(granite.GraniteMoeHybridTopKRouter.forward)
+    returned = source[source.index("return "):].split("\n")[0][len("return "):].split(",")
+    order = output_order(granite.GraniteMoeHybridTopKRouter)
+    # transformers 5.17 returns (ids, weights, logits), later versions (logits, weights, ids).
+    assert order == tuple(OUTPUT_NAMES.index(name.strip()) for name in returned)
+    assert sorted(order) == [0, 1, 2]
+    assert output_order(granite.GraniteMoeHybridExperts) is None
+    assert output_order(granite.GraniteMoeHybridMoE) is None
+
+    class NoSoftmax(torch.nn.Module):   # a softmax over every logit: another router
+        def forward(self, hidden_states):
+            router_logits = F.linear(hidden_states, self.weight).float()
+            top_k_weights, top_k_index = torch.softmax(router_logits, -1).topk(self.top_k, dim=-1)
+            return router_logits, top_k_weights, top_k_index
+
+    assert output_order(NoSoftmax) is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_router_op_equals_hfs_router(fresh_pcg, seed):
+    """Generated shapes: the op's torch path is HF's router, and a NaN row routes only itself."""
+    import transformers.models.granitemoehybrid.modeling_granitemoehybrid as granite
+
+    from pcg_backend.hf.adapters.router import output_order
+
+    rng = random.Random(seed)
+    config = tiny_config("granitemoehybrid")
+    config.num_local_experts = rng.choice([2, 8, 64])
+    config.num_experts_per_tok = rng.randint(1, config.num_local_experts)
+    router = granite.GraniteMoeHybridTopKRouter(config)
+    torch.nn.init.normal_(router.weight, generator=torch.Generator().manual_seed(seed))
+    order = output_order(type(router))
+    hidden = torch.randn(rng.randint(1, 40), config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    ours = torch.ops.pcg.moe_router(hidden, router.weight, router.top_k)
+    with torch.no_grad():
+        theirs = router(hidden)
+    for ours_i, theirs_i in zip((ours[i] for i in order), theirs):
+        assert ours_i.dtype == theirs_i.dtype and torch.equal(ours_i, theirs_i)
+    padded = torch.cat([hidden, torch.full((3, hidden.shape[1]), float("nan"))])
+    logits, weights, ids = torch.ops.pcg.moe_router(padded, router.weight, router.top_k)
+    assert torch.equal(logits[:len(hidden)], ours[0]) and torch.equal(ids[:len(hidden)], ours[2])

@@ -1,4 +1,4 @@
-"""`pcg::moe_experts` on CUDA: its Triton kernels against HF's grouped_mm experts path and an fp32 reference,
+"""`pcg::moe_experts` and `pcg::moe_router` on CUDA: the Triton kernels against HF's paths and an fp32 reference,
 inside a CUDA graph, and in a compiled GraniteMoeHybrid with more experts than the family's tiny config."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 import pcg_backend
 from pcg_backend.buckets import Ladder
-from pcg_backend.ops import moe_experts
+from pcg_backend.ops import moe_experts, moe_router
 from conftest import requires_cuda
 from hf_checks import OPTIONS, half_precision_ulp, sizes_around_buckets, within_half_precision_noise
 
@@ -110,3 +110,27 @@ def test_a_granite_with_eight_experts_stays_within_eager_noise():
     assert moe_experts.LAUNCHES["triton"] > before
     assert "experts via pcg::moe_experts (grouped_mm)" in pcg_backend.report()
     assert pcg_backend.stats()["cuda_graph_replays"] > 0
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 17, 128, 512])
+def test_router_kernel_matches_hfs_router(tokens):
+    """Granite-4.0-H-Tiny's router (64 experts, top 6): the logits within a bf16 step of cuBLAS's, the same
+    experts wherever the k-th and the next logit are more than two bf16 steps apart (elsewhere the two
+    sums may order a near-tie either way), and the softmax within a bf16 step."""
+    torch.manual_seed(tokens)
+    x = torch.randn(tokens, 1536, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(64, 1536, device="cuda") / 1536 ** 0.5).to(torch.bfloat16)
+    before = dict(moe_router.LAUNCHES)
+    logits, weights, ids = torch.ops.pcg.moe_router(x, w, 6)
+    assert moe_router.LAUNCHES["triton"] == before["triton"] + 1
+    ref_logits, ref_weights, ref_ids = moe_router.reference(x, w, 6)
+    step = half_precision_ulp(ref_logits.abs().max().item(), torch.bfloat16)
+    assert (logits - ref_logits).abs().max().item() <= step
+    ranked = ref_logits.sort(dim=-1, descending=True).values
+    clear = (ranked[:, 5] - ranked[:, 6]) > 2 * step
+    assert clear.sum() >= tokens // 2
+    assert torch.equal(ids[clear].sort(-1).values, ref_ids[clear].sort(-1).values)
+    same = clear[:, None] & (ids == ref_ids).all(-1, keepdim=True)
+    assert same.any()
+    diff = (weights.float() - ref_weights.float()).abs()
+    assert diff[same.expand_as(diff)].max().item() <= half_precision_ulp(1.0, torch.bfloat16)

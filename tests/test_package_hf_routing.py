@@ -137,6 +137,7 @@ def test_enable_then_disable_restores_every_attribute_and_eager_outputs():
          "_valid_auto_compile_criteria", "experts.batched_mm", "experts.grouped_mm", "post_init", "sdpa"]
         + [modeling.format(f, cls + ".forward") for f, cls in [
             ("bamba", "BambaMixer"), ("falcon_h1", "FalconH1Mixer"), ("granitemoehybrid", "GraniteMoeHybridMambaLayer"),
+            ("granitemoehybrid", "GraniteMoeHybridTopKRouter"),   # the MoE router, found by its source
             ("mamba2", "Mamba2Mixer"), ("nemotron_h", "NemotronHMamba2Mixer"), ("zamba2", "Zamba2MambaMixer")]]
         + marks.split()
         + [modeling.format(f, "eager_attention_forward")      # every family with attention
@@ -208,7 +209,7 @@ def test_zamba2_shared_attention_is_listed_by_its_module_path():
 
 
 def test_one_adapter_per_layer_kind():
-    assert sorted(a.kind for a in hf.adapters()) == ["Mamba2 mixer", "attention", "experts"]
+    assert sorted(a.kind for a in hf.adapters()) == ["Mamba2 mixer", "MoE router", "attention", "experts"]
     with pytest.raises(ValueError, match="an HF adapter for 'attention' is already registered"):
         hf.register_adapter(hf.Adapter("attention", lambda module, patches: None))
     assert hf.register_adapter(hf.adapters()[0]) is hf.adapters()[0]   # the same adapter again: a no-op

@@ -229,6 +229,47 @@ for case, (tokens, experts, top_k, hidden, inter) in enumerate(cases):
 print("ok")
 ''')
 
+ROUTER_CHECK = textwrap.dedent('''
+import random
+import torch
+from pcg_backend.ops import moe_router
+torch.manual_seed(0)
+rng = random.Random(0)
+# Hand-picked: one token, a block of 16 and one more, Granite's 64 experts; then generated shapes.
+cases = [(1, 64, 6, 96), (16, 64, 6, 96), (17, 8, 3, 40), (33, 2, 1, 256)]
+cases += [(rng.randint(1, 50), rng.choice([2, 5, 16, 40, 64]), 0, rng.choice([32, 100, 160])) for _ in range(6)]
+for tokens, experts, top_k, width in cases:
+    top_k = top_k or rng.randint(1, experts)
+    x = torch.randn(tokens, width + 3, dtype=torch.float16)[:, :width]     # rows at a wider stride
+    w = (torch.randn(experts, width) / width ** 0.5).half()
+    logits, weights, ids = moe_router.triton_router(x, w, top_k)
+    ref_logits = (x.float() @ w.float().T).half().float()
+    # The logits: one fp16 rounding of an fp32 sum in another order.
+    torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=2e-3)
+    # The k picks by the rule (largest first, the lower id among equal values), on the kernel's own logits.
+    for t in range(tokens):
+        want = sorted(range(experts), key=lambda e: (-logits[t, e].item(), e))[:top_k]
+        assert ids[t].tolist() == want, (t, ids[t], want)
+        probs = torch.softmax(logits[t, want], -1).half()
+        torch.testing.assert_close(weights[t], probs, atol=1e-3, rtol=1e-3)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float16 and logits.dtype == torch.float32
+# Equal logits: the lower expert ids first.
+x = torch.ones(3, 32, dtype=torch.float16)
+w = torch.zeros(8, 32, dtype=torch.float16)
+w[5] = 1
+assert moe_router.triton_router(x, w, 3)[2].tolist() == [[5, 0, 1]] * 3
+# A NaN row (a padded row's garbage) picks no expert, and its neighbours are untouched.
+x = torch.randn(20, 64, dtype=torch.float16)
+w = torch.randn(16, 64, dtype=torch.float16) / 8
+x2 = x.clone()
+x2[7] = float("nan")
+a, b = moe_router.triton_router(x, w, 4), moe_router.triton_router(x2, w, 4)
+assert b[2][7].tolist() == [16] * 4
+rows = [r for r in range(20) if r != 7]
+assert all(torch.equal(p[rows], q[rows]) for p, q in zip(a, b))
+print("ok")
+''')
+
 
 def _interpreter_usable() -> str | None:
     try:
@@ -274,3 +315,8 @@ def test_prep_kernel_with_the_conv_fused():
 def test_moe_experts_kernels():
     # The route, up and down kernels against HF's roundings pair by pair, at hand-picked and generated shapes.
     _run_interpreted(MOE_CHECK)
+
+
+def test_moe_router_kernel():
+    # Logits against an fp32 GEMM rounded once, the top-k rule, the softmax, ties and a NaN row.
+    _run_interpreted(ROUTER_CHECK)

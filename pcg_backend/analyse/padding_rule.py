@@ -88,8 +88,8 @@ class PaddingPlan:
 # Classes (by name) whose forward maps each token row to its own output row: MoE blocks with
 # per-token top-k routing and no capacity limit.
 ROW_WISE_MODULES: set[str] = {"GraniteMoeHybridMoE", "NemotronHMoE"}
-# Custom ops (by "ns::name") declared row-wise by their authors; pcg's experts op routes each token alone.
-ROW_WISE_OPS: set[str] = {"pcg::moe_experts"}
+# Custom ops (by "ns::name") declared row-wise by their authors; pcg's router and experts ops route each token alone.
+ROW_WISE_OPS: set[str] = {"pcg::moe_experts", "pcg::moe_router"}
 
 
 def register_row_wise(target) -> None:

@@ -18,7 +18,8 @@ Here one program per expert lists the pairs routed to it (a running
 * the down kernel: program (expert, block of hidden columns) multiplies
   those rows by the expert's down weight, scales each by its routing weight
   and stores it at the pair's row;
-* the k rows of each token are summed in fp32 (as HF does, one torch op).
+* the combine kernel: program (token, block of hidden columns) sums the
+  token's k rows in fp32, in k order as HF's sum does, and rounds once.
 
 An expert no token chose costs one program that reads a counter and
 returns, so a step reads only the chosen experts' weights. Each product is
@@ -27,8 +28,7 @@ weights' dtype, its product with `up` too, the routing-weighted rows to the
 wider of the weights' and the routing weights' dtypes), so the two differ
 only in the order of fp32 sums (on an H200 they gave the same bits). A pair
 whose expert id is outside the experts (an expert-parallel sentinel) adds
-zero, as HF's grouped path makes it: the output rows are zero-filled first
-(one small kernel per layer).
+zero, as HF's grouped path makes it: the combine kernel skips its row.
 
 The kernels serve CUDA, bf16 or fp16 weights and hidden states of one dtype
 with rows of unit stride, matching shapes, at most MAX_TOKENS tokens;
@@ -155,6 +155,20 @@ if triton is not None:
             y = (acc.to(h_ptr.dtype.element_ty).to(tl.float32) * scale[:, None]).to(y_ptr.dtype.element_ty)
             tl.store(y_ptr + pair[:, None] * H + rn[None, :], y, mask=row_in[:, None] & n_in[None, :])
 
+    @triton.jit
+    def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, E, TOPK: tl.constexpr, BLOCK_N: tl.constexpr):
+        # out[t, n] = sum over j of y[t * TOPK + j, n], in j order and fp32, skipping ids outside the experts
+        # (their rows of y were never written).
+        t = tl.program_id(0).to(tl.int64)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_in = rn < H
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            e = tl.load(ids_ptr + t * TOPK + j)
+            ok = (e >= 0) & (e < E)
+            acc += tl.load(y_ptr + (t * TOPK + j) * H + rn, mask=n_in & ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * H + rn, acc.to(out_ptr.dtype.element_ty), mask=n_in)
+
 
 def _block_m(tokens: int) -> int:
     # An expert holds at most `tokens` pairs (top-k ids are distinct per token; repeated ids only make
@@ -168,6 +182,7 @@ def _block_m(tokens: int) -> int:
 UP_TILE = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
 DOWN_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 ROUTE_BLOCK = 1024
+COMBINE_BLOCK = 512
 
 
 def _shared_memory(device: torch.device) -> int | None:
@@ -199,9 +214,13 @@ def triton_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weight
     pairs = torch.empty(experts, pairs_total, dtype=torch.int32, device=hidden.device)
     counts = torch.empty(experts, dtype=torch.int32, device=hidden.device)
     h = torch.empty(pairs_total, inter, dtype=hidden.dtype, device=hidden.device)
-    # Zeroed: a pair with an id outside the experts is listed by no program and must add nothing.
-    y = torch.zeros(pairs_total, hidden_dim, dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype),
+    # A pair with an id outside the experts is listed by no program: its row stays unwritten, and the
+    # combine kernel skips it.
+    y = torch.empty(pairs_total, hidden_dim, dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype),
                     device=hidden.device)
+    out = torch.empty(tokens, hidden_dim, dtype=hidden.dtype, device=hidden.device)
+    if tokens == 0:
+        return out
     block_m = _block_m(tokens)
     shared = _shared_memory(hidden.device)
     up_tile = _fit(UP_TILE, block_m, 2, shared)
@@ -217,7 +236,9 @@ def triton_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weight
         _down_kernel[(experts, triton.cdiv(hidden_dim, down_tile["BLOCK_N"]))](
             h, down, y, routing, pairs, counts, pairs_total, hidden_dim, inter, down.stride(0), down.stride(1),
             BLOCK_M=block_m, **down_tile)
-    return y.view(tokens, top_k, hidden_dim).sum(dim=1).to(hidden.dtype)
+        _combine_kernel[(tokens, triton.cdiv(hidden_dim, COMBINE_BLOCK))](
+            y, ids, out, hidden_dim, experts, TOPK=top_k, BLOCK_N=COMBINE_BLOCK, num_warps=4)
+    return out
 
 
 class GatedExperts(torch.nn.Module):

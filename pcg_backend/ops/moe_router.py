@@ -1,0 +1,150 @@
+"""`pcg::moe_router`: an MoE block's top-k router (logits, top-k, softmax over the k) in one Triton launch.
+
+GraniteMoe's routers (GraniteMoeHybrid's among them) compute
+
+    logits = F.linear(hidden, weight).float()          # (tokens, experts)
+    top_logits, top_index = logits.topk(k, dim=-1)
+    top_weights = softmax(top_logits, dim=-1).type_as(hidden)
+
+which on a GPU is a cuBLAS GEMM over a 64-row weight, a cast, PyTorch's
+top-k (a select kernel and a bitonic sort) and the softmax: five or six
+launches and about 18 µs per layer for a few tokens on an H200, 0.7 ms of a
+40-layer Granite-4.0-H-Tiny prefill. Here one program per block of 16
+tokens computes the logits with the whole router weight (64 × 1536 is
+192 KiB, read from L2 by every program), rounds them to the hidden states'
+dtype as the GEMM's output is rounded, picks the k largest by repeated
+maxima and normalises them, all in registers.
+
+Ties: of equal logits the lower expert id is taken first. PyTorch's top-k
+leaves the order of equal values unspecified; where a tie straddles the
+k-th place the two may choose different experts. The logits' own
+accumulation order differs from cuBLAS's too, so near-ties can fall either
+way: bf16 noise, as for any reordered sum.
+
+A row whose logits are NaN (a padded row's garbage) selects no expert: its
+ids are `experts`, an id outside the experts, which `pcg::moe_experts`
+skips. Real rows are never affected by padded ones: each program reads only
+its own rows, so the op is row-wise (`analyse/padding_rule.py`).
+
+The kernel serves CUDA, bf16 or fp16 hidden states and weight of one dtype,
+2-D hidden states with unit-stride rows, at most MAX_EXPERTS experts. Any
+other call (fp32, a CPU run) runs HF's arithmetic in torch, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .lean_op import lean_op
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch build ships without Triton
+    triton = None
+
+# The logits of a block of tokens live in registers: BLOCK_T x padded experts fp32 values.
+MAX_EXPERTS = 256
+BLOCK_T = 16
+BLOCK_K = 128
+# Calls per path, counted on the host (at capture, not at replay): tests read them.
+LAUNCHES = {"triton": 0, "torch": 0}
+
+
+def supported(hidden: torch.Tensor, weight: torch.Tensor, top_k: int) -> bool:
+    """True if the Triton kernel takes this call (see the module docstring)."""
+    return (triton is not None and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == hidden.dtype and hidden.dim() == 2 and weight.dim() == 2
+            and hidden.shape[1] == weight.shape[1] and hidden.stride(-1) == 1 and weight.stride(-1) == 1
+            and 1 <= top_k <= weight.shape[0] <= MAX_EXPERTS and weight.device == hidden.device)
+
+
+def reference(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
+    """HF's router arithmetic: (logits fp32, top-k weights in hidden's dtype, top-k expert ids)."""
+    logits = F.linear(hidden, weight).float()
+    top_logits, top_index = logits.topk(top_k, dim=-1)
+    return logits, torch.softmax(top_logits, dim=-1).type_as(hidden), top_index
+
+
+if triton is not None:
+
+    @triton.jit
+    def _router_kernel(x_ptr, w_ptr, logits_ptr, weights_ptr, ids_ptr, T, H, sxt, swe,
+                       E: tl.constexpr, E_PAD: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        re = tl.arange(0, E_PAD)
+        rk = tl.arange(0, BLOCK_K)
+        t_in = rt < T
+        e_in = re < E
+        acc = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + rk
+            k_in = kk < H
+            x = tl.load(x_ptr + rt[:, None].to(tl.int64) * sxt + kk[None, :], mask=t_in[:, None] & k_in[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + re[None, :] * swe + kk[:, None], mask=e_in[None, :] & k_in[:, None], other=0.0)
+            acc = tl.dot(x, w, acc)
+        # The GEMM's output is rounded to the hidden states' dtype before HF's `.float()`.
+        logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(logits_ptr + rt[:, None].to(tl.int64) * E + re[None, :], logits,
+                 mask=t_in[:, None] & e_in[None, :])
+        vals = tl.where(e_in[None, :], logits, float("-inf"))
+        rj = tl.arange(0, K_PAD)
+        picked = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
+        ids = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
+        top = tl.max(vals, 1)
+        for j in tl.static_range(TOPK):
+            best = tl.max(vals, 1)
+            # The lowest expert id among equal maxima; none (E_PAD) when the row is NaN.
+            idx = tl.min(tl.where(vals == best[:, None], re[None, :], E_PAD), 1)
+            picked = tl.where(rj[None, :] == j, best[:, None], picked)
+            ids = tl.where(rj[None, :] == j, idx[:, None], ids)
+            vals = tl.where(re[None, :] == idx[:, None], float("-inf"), vals)
+        # softmax over the k picked logits; the first is their maximum.
+        p = tl.where(rj[None, :] < TOPK, tl.exp(picked - top[:, None]), 0.0)
+        weights = p / tl.sum(p, 1)[:, None]
+        ids = tl.minimum(ids, E)   # a NaN row's ids: E, outside the experts
+        out = rt[:, None].to(tl.int64) * TOPK + rj[None, :]
+        keep = t_in[:, None] & (rj[None, :] < TOPK)
+        tl.store(weights_ptr + out, weights.to(weights_ptr.dtype.element_ty), mask=keep)
+        tl.store(ids_ptr + out, ids.to(tl.int64), mask=keep)
+
+
+def triton_router(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
+    """(logits, weights, ids) through the kernel; the caller checks `supported` first."""
+    tokens, width = hidden.shape
+    experts = weight.shape[0]
+    logits = torch.empty(tokens, experts, dtype=torch.float32, device=hidden.device)
+    weights = torch.empty(tokens, top_k, dtype=hidden.dtype, device=hidden.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=hidden.device)
+    if tokens == 0:
+        return logits, weights, ids
+    # Triton launches on the current device; the tensors may live on another one. (CPU tensors
+    # reach here only under Triton's interpreter, TRITON_INTERPRET=1.)
+    with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
+        _router_kernel[(triton.cdiv(tokens, BLOCK_T),)](
+            hidden, weight, logits, weights, ids, tokens, width, hidden.stride(0), weight.stride(0),
+            E=experts, E_PAD=max(16, triton.next_power_of_2(experts)), TOPK=top_k,
+            K_PAD=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, num_warps=4)
+    return logits, weights, ids
+
+
+@lean_op("pcg::moe_router", mutates_args=())
+def moe_router(hidden: torch.Tensor, weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+    if supported(hidden, weight, top_k):
+        LAUNCHES["triton"] += 1
+        return triton_router(hidden, weight, top_k)
+    LAUNCHES["torch"] += 1
+    return reference(hidden, weight, top_k)
+
+
+@torch.library.register_fake("pcg::moe_router")
+def _moe_router_fake(hidden, weight, top_k):
+    tokens = hidden.shape[0]
+    return (hidden.new_empty(tokens, weight.shape[0], dtype=torch.float32), hidden.new_empty(tokens, top_k),
+            hidden.new_empty(tokens, top_k, dtype=torch.int64))
