@@ -9,11 +9,13 @@ GraniteMoe's routers (GraniteMoeHybrid's among them) compute
 which on a GPU is a cuBLAS GEMM over a 64-row weight, a cast, PyTorch's
 top-k (a select kernel and a bitonic sort) and the softmax: five or six
 launches and about 18 µs per layer for a few tokens on an H200, 0.7 ms of a
-40-layer Granite-4.0-H-Tiny prefill. Here one program per block of 16
-tokens computes the logits with the whole router weight (64 × 1536 is
-192 KiB, read from L2 by every program), rounds them to the hidden states'
-dtype as the GEMM's output is rounded, picks the k largest by repeated
-maxima and normalises them, all in registers.
+40-layer Granite-4.0-H-Tiny prefill. Here program (token block, expert
+block) computes 16 tokens' logits for 16 experts (Granite's 64 × 1536
+weight is read by four SMs at once), rounds them to the hidden states'
+dtype as the GEMM's output is rounded and stores them; the last program of
+a token block to arrive (an arrival counter, shared with
+`skinny_gemm`'s split-K launches) picks the k largest by repeated maxima
+and normalises them, in registers. One launch in all.
 
 Ties: of equal logits the lower expert id is taken first. PyTorch's top-k
 leaves the order of equal values unspecified; where a tie straddles the
@@ -38,6 +40,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from . import skinny_gemm
 from .lean_op import lean_op
 
 try:
@@ -50,6 +53,8 @@ except ImportError:  # a CPU-only torch build ships without Triton
 MAX_EXPERTS = 256
 BLOCK_T = 16
 BLOCK_K = 128
+# Experts per program: the least tl.dot takes, so that Granite's 64 experts spread over 4 SMs.
+E_BLOCK = 16
 # Calls per path, counted on the host (at capture, not at replay): tests read them.
 LAUNCHES = {"triton": 0, "torch": 0}
 
@@ -72,30 +77,17 @@ def reference(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
 if triton is not None:
 
     @triton.jit
-    def _router_kernel(x_ptr, w_ptr, logits_ptr, weights_ptr, ids_ptr, T, H, sxt, swe,
-                       E: tl.constexpr, E_PAD: tl.constexpr, TOPK: tl.constexpr, K_PAD: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-        rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    def _top_k(logits_ptr, weights_ptr, ids_ptr, rt, t_in, E: tl.constexpr, E_PAD: tl.constexpr,
+               TOPK: tl.constexpr, K_PAD: tl.constexpr):
+        # The k largest of each row's logits by repeated maxima, then the softmax over them.
         re = tl.arange(0, E_PAD)
-        rk = tl.arange(0, BLOCK_K)
-        t_in = rt < T
         e_in = re < E
-        acc = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            kk = k0 + rk
-            k_in = kk < H
-            x = tl.load(x_ptr + rt[:, None].to(tl.int64) * sxt + kk[None, :], mask=t_in[:, None] & k_in[None, :],
-                        other=0.0)
-            w = tl.load(w_ptr + re[None, :] * swe + kk[:, None], mask=e_in[None, :] & k_in[:, None], other=0.0)
-            acc = tl.dot(x, w, acc)
-        # The GEMM's output is rounded to the hidden states' dtype before HF's `.float()`.
-        logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(logits_ptr + rt[:, None].to(tl.int64) * E + re[None, :], logits,
-                 mask=t_in[:, None] & e_in[None, :])
-        vals = tl.where(e_in[None, :], logits, float("-inf"))
+        # .cg: read from L2, where the other programs' logits are, never a stale L1 line.
+        vals = tl.load(logits_ptr + rt[:, None].to(tl.int64) * E + re[None, :], mask=t_in[:, None] & e_in[None, :],
+                       other=float("-inf"), cache_modifier=".cg")
         rj = tl.arange(0, K_PAD)
-        picked = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
-        ids = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
+        picked = tl.zeros((rt.shape[0], K_PAD), dtype=tl.float32)
+        ids = tl.zeros((rt.shape[0], K_PAD), dtype=tl.int32)
         top = tl.max(vals, 1)
         for j in tl.static_range(TOPK):
             best = tl.max(vals, 1)
@@ -113,6 +105,43 @@ if triton is not None:
         tl.store(weights_ptr + out, weights.to(weights_ptr.dtype.element_ty), mask=keep)
         tl.store(ids_ptr + out, ids.to(tl.int64), mask=keep)
 
+    @triton.jit
+    def _router_kernel(x_ptr, w_ptr, logits_ptr, weights_ptr, ids_ptr, arrivals_ptr, T, H, sxt, swe,
+                       E: tl.constexpr, E_PAD: tl.constexpr, E_BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+                       TOPK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program (t, s) computes the logits of BLOCK_T tokens for experts s * E_BLOCK onwards; the last
+        # of a token block's SPLITS programs to arrive picks the top k over all of them and resets the
+        # block's arrival counter for the next launch. Split over the experts, the router's weight is
+        # read by SPLITS SMs at once instead of one.
+        pid_t = tl.program_id(0)
+        rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        re = tl.program_id(1) * E_BLOCK + tl.arange(0, E_BLOCK)
+        rk = tl.arange(0, BLOCK_K)
+        t_in = rt < T
+        e_in = re < E
+        acc = tl.zeros((BLOCK_T, E_BLOCK), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + rk
+            k_in = kk < H
+            x = tl.load(x_ptr + rt[:, None].to(tl.int64) * sxt + kk[None, :], mask=t_in[:, None] & k_in[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + re[None, :] * swe + kk[:, None], mask=e_in[None, :] & k_in[:, None], other=0.0)
+            acc = tl.dot(x, w, acc)
+        # The GEMM's output is rounded to the hidden states' dtype before HF's `.float()`.
+        logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(logits_ptr + rt[:, None].to(tl.int64) * E + re[None, :], logits,
+                 mask=t_in[:, None] & e_in[None, :])
+        if SPLITS == 1:
+            _top_k(logits_ptr, weights_ptr, ids_ptr, rt, t_in, E, E_PAD, TOPK, K_PAD)
+        else:
+            # Every thread's logits are stored before the counter moves (barrier), and the counter's
+            # acquire-release makes all earlier programs' logits visible to the last one.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrivals_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:
+                _top_k(logits_ptr, weights_ptr, ids_ptr, rt, t_in, E, E_PAD, TOPK, K_PAD)
+                tl.atomic_xchg(arrivals_ptr + pid_t, 0, sem="relaxed", scope="gpu")
+
 
 def triton_router(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
     """(logits, weights, ids) through the kernel; the caller checks `supported` first."""
@@ -123,13 +152,19 @@ def triton_router(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=hidden.device)
     if tokens == 0:
         return logits, weights, ids
+    blocks = triton.cdiv(tokens, BLOCK_T)
+    # Splitting needs an arrival counter per token block (shared with pcg::skinny_linear's split-K
+    # launches, which run on the same stream); past the counters' number, one program per block.
+    splits = triton.cdiv(experts, E_BLOCK) if blocks <= skinny_gemm.ARRIVAL_SLOTS else 1
+    e_block = E_BLOCK if splits > 1 else max(16, triton.next_power_of_2(experts))
+    arrivals = skinny_gemm.arrival_counters(hidden.device, blocks) if splits > 1 else logits
     # Triton launches on the current device; the tensors may live on another one. (CPU tensors
     # reach here only under Triton's interpreter, TRITON_INTERPRET=1.)
     with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
-        _router_kernel[(triton.cdiv(tokens, BLOCK_T),)](
-            hidden, weight, logits, weights, ids, tokens, width, hidden.stride(0), weight.stride(0),
-            E=experts, E_PAD=max(16, triton.next_power_of_2(experts)), TOPK=top_k,
-            K_PAD=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, num_warps=4)
+        _router_kernel[(blocks, splits)](
+            hidden, weight, logits, weights, ids, arrivals, tokens, width, hidden.stride(0), weight.stride(0),
+            E=experts, E_PAD=max(16, triton.next_power_of_2(experts)), E_BLOCK=e_block, SPLITS=splits,
+            TOPK=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, num_warps=4)
     return logits, weights, ids
 
 

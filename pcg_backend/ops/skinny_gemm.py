@@ -257,35 +257,36 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
             step, splits = k_parts(k, tile["BLOCK_K"], tile["SPLIT_K"])
             part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
             _skinny_split_kernel[(columns, splits)](
-                x2, w, bias if bias is not None else w, y, part, _arrival_counters(x.device, columns), m, n, k,
+                x2, w, bias if bias is not None else w, y, part, arrival_counters(x.device, columns), m, n, k,
                 x2.stride(0), w.stride(0), y.stride(0), step, SPLITS=splits, HAS_BIAS=bias is not None,
                 ACTIVATION=activation, **launch)
     return y.reshape(*lead, n)
 
 
 # One arrival counter per column block, per device, zero between launches (the last program of a
-# block resets its own). Launches that share them must not overlap: pcg launches and replays every
-# skinny GEMM on one stream per device, where kernels run one after another.
+# block resets its own). pcg::moe_router's split launches use them too, one per token block. Launches
+# that share them must not overlap: pcg launches and replays every such kernel on one stream per
+# device, where kernels run one after another.
 _ARRIVALS: dict[str, torch.Tensor] = {}
-_ARRIVAL_SLOTS = 4096
+ARRIVAL_SLOTS = 4096
 
 
-def _arrival_counters(device: torch.device, blocks: int) -> torch.Tensor:
+def arrival_counters(device: torch.device, blocks: int) -> torch.Tensor:
     """The device's zeroed int32 arrival counters (a fixed number: captured graphs keep their address).
 
     Allocated on the first split launch on the device, which in pcg is a piece's warm-up run
     before its capture. Inside a capture the zero fill would only be recorded, and the counters
     would come from the capture's memory pool, so a first use there is an error.
     """
-    if blocks > _ARRIVAL_SLOTS:
-        raise ValueError(f"a split-K launch of {blocks} column blocks; the counters cover {_ARRIVAL_SLOTS}")
+    if blocks > ARRIVAL_SLOTS:
+        raise ValueError(f"a split-K launch of {blocks} column blocks; the counters cover {ARRIVAL_SLOTS}")
     counters = _ARRIVALS.get(str(device))
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("pcg::skinny_linear splits K with counters that it allocates on its first call, "
-                               "which must come before any CUDA graph capture of it: call it once outside "
-                               "the capture (pcg's own warm-up does)")
-        counters = _ARRIVALS[str(device)] = torch.zeros(_ARRIVAL_SLOTS, dtype=torch.int32, device=device)
+            raise RuntimeError("pcg::skinny_linear and pcg::moe_router split their work with counters that "
+                               "are allocated on the first such call, which must come before any CUDA graph "
+                               "capture of it: call it once outside the capture (pcg's own warm-up does)")
+        counters = _ARRIVALS[str(device)] = torch.zeros(ARRIVAL_SLOTS, dtype=torch.int32, device=device)
     return counters
 
 
