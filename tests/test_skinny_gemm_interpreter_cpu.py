@@ -200,7 +200,8 @@ def reference(x, ids, wts, gate_up, down):
 
 # Hand-picked: one token; tokens past a tile of 16; an expert with more pairs than a tile; more
 # tokens than the route kernel's block (ROUTE_BLOCK is lowered so the running count crosses blocks).
-cases = [(1, 8, 3, 64, 32), (17, 6, 4, 64, 32), (40, 4, 2, 32, 64), (70, 16, 6, 64, 32)]
+# And more tokens than the default largest bucket (512), which calls above it bring.
+cases = [(1, 8, 3, 64, 32), (17, 6, 4, 64, 32), (40, 4, 2, 32, 64), (70, 16, 6, 64, 32), (600, 8, 2, 32, 16)]
 # Generated: random shapes and routings.
 cases += [(rng.randint(1, 90), rng.choice([2, 5, 8, 16]), 0, rng.choice([32, 48, 96]), rng.choice([16, 40, 64]))
           for _ in range(8)]
