@@ -77,12 +77,15 @@ def test_layouts_the_op_does_not_take_are_named():
     from pcg_backend.hf.adapters.experts import unsupported_layout
 
     pcg_backend.hf.enable()
-    hf_gated = type("HFGated", (moe_experts.GatedExperts,), {"_apply_gate": _default_apply_gate})
+    # GatedExperts, as HF's experts look in the layout the op takes: HF's gate, not expert-parallel.
+    hf_gated = type("HFGated", (moe_experts.GatedExperts,),
+                    {"_apply_gate": _default_apply_gate, "_is_expert_parallel": False})
     weights = torch.zeros(4, 16, 8), torch.zeros(4, 8, 8)
     assert unsupported_layout(_granite().model.layers[0].block_sparse_moe.experts) is None
     assert unsupported_layout(hf_gated(*weights)) is None
-    # GatedExperts defines its own _apply_gate: as a class, it is not HF's default gate.
-    assert unsupported_layout(moe_experts.GatedExperts(*weights)) == "its own gating"
+    # GatedExperts defines its own _apply_gate (as a class, not HF's default gate), and calls itself
+    # expert-parallel so that HF's paths skip the router op's out-of-range id.
+    assert unsupported_layout(moe_experts.GatedExperts(*weights)) == "expert parallel, its own gating"
     cases = {"has_bias": (True, "biased"), "is_transposed": (True, "transposed weights"),
              "has_gate": (False, "not gated"), "is_concatenated": (False, "gate and up interleaved"),
              "_is_expert_parallel": (True, "expert parallel"),
@@ -179,6 +182,25 @@ def test_the_router_adapter_finds_routers_by_source_and_keeps_their_return_order
             return router_logits, top_k_weights, top_k_index
 
     assert output_order(NoSoftmax) is None
+
+    class Tempered(torch.nn.Module):   # the same three lines plus a temperature: not to be replaced
+        def forward(self, hidden_states):
+            router_logits = F.linear(hidden_states, self.weight).float()
+            router_logits = router_logits / 0.7
+            top_k_logits, top_k_index = router_logits.topk(self.top_k, dim=-1)
+            top_k_weights = torch.softmax(top_k_logits, dim=-1).type_as(hidden_states)
+            return router_logits, top_k_weights, top_k_index
+
+    class Plain(torch.nn.Module):   # HF's router, as transformers writes it
+        def forward(self, hidden_states):
+            """A docstring does not count."""
+            router_logits = F.linear(hidden_states, self.weight).float()
+            top_k_logits, top_k_index = router_logits.topk(self.top_k, dim=-1)
+            top_k_weights = torch.softmax(top_k_logits, dim=-1).type_as(hidden_states)
+            return top_k_index, top_k_weights, router_logits
+
+    assert output_order(Tempered) is None
+    assert output_order(Plain) == (2, 1, 0)
 
 
 @pytest.mark.parametrize("seed", range(4))

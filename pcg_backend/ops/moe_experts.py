@@ -58,8 +58,8 @@ except ImportError:  # a CPU-only torch build ships without Triton
 
 # Up to this many tokens the kernels run; above it HF's grouped GEMMs, whose larger tiles should win
 # back their sorts on the device. Measured on an H200 in CUDA graphs up to 512 tokens (2.1x faster than
-# HF there). Above the largest bucket the op runs outside CUDA graphs, where HF's path cost as much as
-# HF eager itself (a 600-token GraniteMoeHybrid prefill: 130 ms, eager 125 ms), hence the margin. The
+# HF there). Above the largest bucket the op runs outside CUDA graphs, where a 600-token GraniteMoeHybrid
+# prefill with HF's path took 130 ms against HF eager's 125 (not profiled), hence the margin. The
 # kernels take any count (more tokens only mean more row tiles per expert); 513-4096 were not timed.
 MAX_TOKENS = 4096
 # HF implementations by name ("grouped_mm", ...), kept by the adapter for what the kernels do not take.
@@ -253,7 +253,9 @@ class GatedExperts(torch.nn.Module):
     is_transposed = False
     is_concatenated = True
     has_post_expert_norm = False
-    _is_expert_parallel = False
+    # So that HF's paths skip an id past the experts (the router op's id for a NaN row) rather than
+    # index out of bounds; the adapter never routes expert-parallel experts here.
+    _is_expert_parallel = True
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
         super().__init__()

@@ -15,7 +15,9 @@ weight is read by four SMs at once), rounds them to the hidden states'
 dtype as the GEMM's output is rounded and stores them; the last program of
 a token block to arrive (an arrival counter, shared with
 `skinny_gemm`'s split-K launches) picks the k largest by repeated maxima
-and normalises them, in registers. One launch in all.
+and normalises them, in registers. One launch in all. (With 16 experts or
+fewer, or more than `skinny_gemm.ARRIVAL_SLOTS` token blocks, one program
+per token block does it all.)
 
 Ties: of equal logits the lower expert id is taken first. PyTorch's top-k
 leaves the order of equal values unspecified; where a tie straddles the
@@ -23,13 +25,14 @@ k-th place the two may choose different experts. The logits' own
 accumulation order differs from cuBLAS's too, so near-ties can fall either
 way: bf16 noise, as for any reordered sum.
 
-A row whose logits are NaN (a padded row's garbage) selects no expert: its
-ids are `experts`, an id outside the experts, which `pcg::moe_experts`
-skips. Real rows are never affected by padded ones: each program reads only
-its own rows, so the op is row-wise (`analyse/padding_rule.py`).
+A row whose logits are all NaN selects no expert: its ids are `experts`,
+an id outside the experts, which `pcg::moe_experts` skips. (On a GPU a
+NaN logit among others is passed over; HF's top-k would take it first.)
+Each program reads only its own token rows, so a padded row never changes a
+real one: the op is row-wise (`analyse/padding_rule.py`).
 
 The kernel serves CUDA, bf16 or fp16 hidden states and weight of one dtype,
-2-D hidden states with unit-stride rows, at most MAX_EXPERTS experts. Any
+2-D hidden states whose rows are contiguous, at most MAX_EXPERTS experts. Any
 other call (fp32, a CPU run) runs HF's arithmetic in torch, bit for bit.
 """
 
@@ -77,29 +80,27 @@ def reference(hidden: torch.Tensor, weight: torch.Tensor, top_k: int):
 if triton is not None:
 
     @triton.jit
-    def _top_k(logits_ptr, weights_ptr, ids_ptr, rt, t_in, E: tl.constexpr, E_PAD: tl.constexpr,
+    def _top_k(vals, weights_ptr, ids_ptr, rt, t_in, re, E: tl.constexpr, E_PAD: tl.constexpr,
                TOPK: tl.constexpr, K_PAD: tl.constexpr):
-        # The k largest of each row's logits by repeated maxima, then the softmax over them.
-        re = tl.arange(0, E_PAD)
-        e_in = re < E
-        # .cg: read from L2, where the other programs' logits are, never a stale L1 line.
-        vals = tl.load(logits_ptr + rt[:, None].to(tl.int64) * E + re[None, :], mask=t_in[:, None] & e_in[None, :],
-                       other=float("-inf"), cache_modifier=".cg")
+        # The k largest of each row of `vals` (E_PAD logits, -inf past the experts) by repeated maxima,
+        # then the softmax over them. An expert once taken is never taken again, even where fewer than
+        # k logits are above -inf (torch.topk's ids are distinct too).
         rj = tl.arange(0, K_PAD)
         picked = tl.zeros((rt.shape[0], K_PAD), dtype=tl.float32)
         ids = tl.zeros((rt.shape[0], K_PAD), dtype=tl.int32)
-        top = tl.max(vals, 1)
+        taken = tl.zeros((rt.shape[0], E_PAD), dtype=tl.int32)
         for j in tl.static_range(TOPK):
-            best = tl.max(vals, 1)
-            # The lowest expert id among equal maxima; none (E_PAD) when the row is NaN.
-            idx = tl.min(tl.where(vals == best[:, None], re[None, :], E_PAD), 1)
+            best = tl.max(tl.where(taken == 0, vals, float("-inf")), 1)
+            # The lowest free expert id among equal maxima; none (E_PAD) when no logit equals the
+            # maximum (a row of NaN).
+            idx = tl.min(tl.where((vals == best[:, None]) & (taken == 0), re[None, :], E_PAD), 1)
             picked = tl.where(rj[None, :] == j, best[:, None], picked)
             ids = tl.where(rj[None, :] == j, idx[:, None], ids)
-            vals = tl.where(re[None, :] == idx[:, None], float("-inf"), vals)
+            taken = tl.where(re[None, :] == idx[:, None], 1, taken)
         # softmax over the k picked logits; the first is their maximum.
-        p = tl.where(rj[None, :] < TOPK, tl.exp(picked - top[:, None]), 0.0)
+        p = tl.where(rj[None, :] < TOPK, tl.exp(picked - tl.max(picked, 1)[:, None]), 0.0)
         weights = p / tl.sum(p, 1)[:, None]
-        ids = tl.minimum(ids, E)   # a NaN row's ids: E, outside the experts
+        ids = tl.minimum(ids, E)   # past the experts (a NaN row's): E, an id the experts op skips
         out = rt[:, None].to(tl.int64) * TOPK + rj[None, :]
         keep = t_in[:, None] & (rj[None, :] < TOPK)
         tl.store(weights_ptr + out, weights.to(weights_ptr.dtype.element_ty), mask=keep)
@@ -132,14 +133,20 @@ if triton is not None:
         tl.store(logits_ptr + rt[:, None].to(tl.int64) * E + re[None, :], logits,
                  mask=t_in[:, None] & e_in[None, :])
         if SPLITS == 1:
-            _top_k(logits_ptr, weights_ptr, ids_ptr, rt, t_in, E, E_PAD, TOPK, K_PAD)
+            # One program holds all the experts' logits (E_BLOCK is E_PAD): pick from the registers.
+            _top_k(tl.where(e_in[None, :], logits, float("-inf")), weights_ptr, ids_ptr, rt, t_in, re,
+                   E, E_PAD, TOPK, K_PAD)
         else:
             # Every thread's logits are stored before the counter moves (barrier), and the counter's
             # acquire-release makes all earlier programs' logits visible to the last one.
             tl.debug_barrier()
             arrived = tl.atomic_add(arrivals_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLITS - 1:
-                _top_k(logits_ptr, weights_ptr, ids_ptr, rt, t_in, E, E_PAD, TOPK, K_PAD)
+                every = tl.arange(0, E_PAD)
+                # .cg: read from L2, where the other programs' logits are, never a stale L1 line.
+                vals = tl.load(logits_ptr + rt[:, None].to(tl.int64) * E + every[None, :],
+                               mask=t_in[:, None] & (every < E)[None, :], other=float("-inf"), cache_modifier=".cg")
+                _top_k(vals, weights_ptr, ids_ptr, rt, t_in, every, E, E_PAD, TOPK, K_PAD)
                 tl.atomic_xchg(arrivals_ptr + pid_t, 0, sem="relaxed", scope="gpu")
 
 
@@ -180,6 +187,6 @@ def moe_router(hidden: torch.Tensor, weight: torch.Tensor, top_k: int) -> tuple[
 
 @torch.library.register_fake("pcg::moe_router")
 def _moe_router_fake(hidden, weight, top_k):
-    tokens = hidden.shape[0]
-    return (hidden.new_empty(tokens, weight.shape[0], dtype=torch.float32), hidden.new_empty(tokens, top_k),
-            hidden.new_empty(tokens, top_k, dtype=torch.int64))
+    lead = hidden.shape[:-1]
+    return (hidden.new_empty(*lead, weight.shape[0], dtype=torch.float32), hidden.new_empty(*lead, top_k),
+            hidden.new_empty(*lead, top_k, dtype=torch.int64))

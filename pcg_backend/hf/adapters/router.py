@@ -14,9 +14,11 @@ is left alone. Outside a pcg trace the original runs unchanged.
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import re
+import textwrap
 
 import torch
 
@@ -25,9 +27,10 @@ from ..gate import tracing_for_pcg
 from ..layers import note_routing
 from . import Adapter, register_adapter
 
-# The three lines of the router's arithmetic, as they appear in its forward.
+# The three lines of the router's arithmetic, as they appear in its forward, which must hold those
+# three statements and a return and nothing else (a bias, a temperature or noise would be lost).
 MARKERS = ("F.linear(hidden_states, self.weight).float()", ".topk(self.top_k, dim=-1)",
-           "torch.softmax(top_k_logits, dim=-1)")
+           "torch.softmax(top_k_logits, dim=-1).type_as(hidden_states)")
 # The forward's local names for the op's three outputs.
 OUTPUT_NAMES = ("router_logits", "top_k_weights", "top_k_index")
 _RETURN = re.compile(r"^\s*return\s+(\w+)\s*,\s*(\w+)\s*,\s*(\w+)\s*(#.*)?$", re.MULTILINE)
@@ -43,12 +46,23 @@ def output_order(cls) -> tuple[int, ...] | None:
     except (OSError, TypeError):
         return None
     returns = _RETURN.findall(source)
-    if not all(m in source for m in MARKERS) or len(returns) != 1:
+    if not all(m in source for m in MARKERS) or len(returns) != 1 or _statements(source) != 4:
         return None
     names = returns[0][:3]
     if sorted(names) != sorted(OUTPUT_NAMES):
         return None
     return tuple(OUTPUT_NAMES.index(n) for n in names)
+
+
+def _statements(source: str) -> int:
+    """How many statements the function in `source` holds, its docstring aside."""
+    try:
+        body = ast.parse(textwrap.dedent(source)).body[0].body
+    except (SyntaxError, IndexError, AttributeError):
+        return -1
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return len(body)
 
 
 def wrap_forward(original, order: tuple[int, ...]):
