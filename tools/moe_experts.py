@@ -1,4 +1,5 @@
-"""pcg's MoE experts kernels against HF's grouped_mm experts path, at a family's MoE shape (needs CUDA).
+"""pcg's MoE router and experts kernels against HF's router and grouped_mm experts path, at a family's MoE
+shape (needs CUDA).
 
     python tools/moe_experts.py [--tokens 1,8,16,64,128,512] [--family granitemoehybrid] [--search]
 
@@ -8,8 +9,10 @@ against HF's `grouped_mm_experts_forward` over the same weights and against
 an fp32 reference, then times both in a CUDA graph, rotating over copies of
 the weights so that every call reads them from memory. It prints the
 microseconds per MoE layer, and the rate at which each reads the weights of
-the experts the tokens chose. `--search` also times other tiles for the
-up and down kernels at each token count and prints the fastest.
+the experts the tokens chose. Then it times `pcg::moe_router` against HF's
+router arithmetic (a linear, `.float()`, top-k, softmax) the same way, and
+counts the tokens whose experts differ. `--search` also times other tiles
+for the up and down kernels at each token count and prints the fastest.
 """
 
 import argparse
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemm_libraries import replay_us  # noqa: E402
 
 from pcg_backend.families import config as family_config  # noqa: E402
-from pcg_backend.ops import moe_experts  # noqa: E402
+from pcg_backend.ops import moe_experts, moe_router  # noqa: E402
 
 COPIES = 4
 
@@ -66,6 +69,23 @@ def time_layer(fn, tokens, hidden, experts, top_k, weights_list) -> float:
     return replay_us(graph, rounds * len(weights_list))
 
 
+def time_router(fn, tokens, hidden, experts, top_k) -> float:
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    weights = [(torch.randn(experts, hidden, device="cuda") / hidden ** 0.5).to(torch.bfloat16)
+               for _ in range(COPIES)]
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):   # compile, and the arrival counters' allocation, outside the capture
+        for w in weights:
+            fn(x, w, top_k)
+    torch.cuda.synchronize()
+    graph, rounds = torch.cuda.CUDAGraph(), 3
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for w in weights:
+                fn(x, w, top_k)
+    return replay_us(graph, rounds * len(weights))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1,8,16,64,128,512")
@@ -104,6 +124,15 @@ def main() -> None:
               f"HF {err_hf:.2e}, pcg vs HF {gap:.2e}")
         if args.search:
             _search(tokens, hidden, experts, top_k, weights_list)
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        router = (torch.randn(experts, hidden, device="cuda") / hidden ** 0.5).to(torch.bfloat16)
+        ours, theirs = moe_router.triton_router(x, router, top_k), moe_router.reference(x, router, top_k)
+        differ = (ours[2].sort(-1).values != theirs[2].sort(-1).values).any(-1).sum().item()
+        t_ours = time_router(moe_router.triton_router, tokens, hidden, experts, top_k)
+        t_hf = time_router(moe_router.reference, tokens, hidden, experts, top_k)
+        print(f"router, tokens {tokens:4d}: pcg {t_ours:6.1f} us, HF's arithmetic {t_hf:6.1f} us; "
+              f"tokens whose experts differ (near-ties): {differ}")
 
 
 def _search(tokens, hidden, experts, top_k, weights_list) -> None:
