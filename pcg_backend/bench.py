@@ -658,7 +658,7 @@ def run_traffic(args, variants: list[str]) -> dict:
         install_variant(model, v, args.skip_module_guards, variant_options(v, args.pcg_options, args.baseline_options))
         try:
             r = traffic.run(model, calls, args.new_tokens, log=lambda m: print(f"  {v:>14} {m}", flush=True),
-                            cache=args.cache, largest=opts.largest)
+                            cache=args.cache, largest=opts.largest, overflow=opts.overflow_sizes)
         except Exception as e:  # noqa: BLE001 - one failed variant is reported, the others still run
             results[v] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
             save()
@@ -673,7 +673,8 @@ def run_traffic(args, variants: list[str]) -> dict:
               f"compiles {r['compiles_after_warm_up']}", flush=True)
         save()
         if v.startswith("pcg") and v != BASELINE:   # the ideal of the variants under test, not the baseline's
-            ideal = traffic.ideal(model, calls, args.new_tokens, Ladder(opts.capture_sizes), cache=args.cache)
+            ideal = traffic.ideal(model, calls, args.new_tokens, Ladder(opts.capture_sizes + opts.overflow_sizes),
+                                  cache=args.cache)
             print(f"  ideal p50 {1e3 * ideal['p50_s']:.1f} ms, decode step ms {ideal['decode_step_ms']}", flush=True)
             save()
         torch.cuda.empty_cache()

@@ -15,6 +15,9 @@ import torch
 # Waste bound for the default ladder above the smallest sizes: a call of
 # (previous bucket + 1) tokens spends at most this fraction of a bucket on padding.
 MAX_PAD_WASTE = 0.12
+# The same bound for the overflow buckets above the ladder, which are fewer and coarser:
+# each is captured on first use, and each holds graph memory for its size.
+MAX_OVERFLOW_WASTE = 0.2
 
 
 def default_ladder(max_size: int = 512) -> tuple[int, ...]:
@@ -34,6 +37,21 @@ def default_ladder(max_size: int = 512) -> tuple[int, ...]:
     sizes = [s for s in sizes if s <= max_size]
     if sizes[-1] != max_size:
         sizes.append(max_size)
+    return tuple(sizes)
+
+
+def overflow_ladder(largest: int, max_size: int) -> tuple[int, ...]:
+    """Coarse buckets above the ladder's `largest`, up to `max_size`: steps of a quarter, in multiples of 8.
+
+    From 512 to 2048: 640, 800, 1000, 1248, 1560, 1944, 2048. A call of
+    (previous bucket + 1) tokens wastes at most `MAX_OVERFLOW_WASTE` of its
+    bucket on padding. Empty when `max_size` is not above `largest`.
+    """
+    sizes = []
+    size = largest
+    while size < max_size:
+        size = min(max_size, size + max(8, size // 4 // 8 * 8))
+        sizes.append(size)
     return tuple(sizes)
 
 

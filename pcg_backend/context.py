@@ -30,6 +30,9 @@ class ForwardContext:
     `eager_reason`). `warmup` marks the forwards pcg runs on its own to
     capture every bucket up front: their results are thrown away, and split
     ops get private copies of the tensors they write, so model state is untouched.
+    `overflow_refusals` is a list only for a call padded to an overflow bucket
+    (above the ladder, captured on first use): a piece that cannot be captured
+    there appends why, instead of giving up CUDA graphs at every bucket.
     """
 
     num_tokens: int | None
@@ -38,6 +41,7 @@ class ForwardContext:
     eager_reason: str = ""
     warmup: bool = False
     device_count: torch.Tensor | None = None   # holds num_tokens, for padding-safe ops captured in pieces
+    overflow_refusals: list[str] | None = None
 
 
 _local = threading.local()

@@ -356,14 +356,25 @@ class CudaGraphPiece(torch.nn.Module):
         self._keep(key, recording, args, written_back)
         # The replay right after capture is part of the capture, not counted as a replay.
         STATS.cuda_graphs_captured += 1
+        STATS.live_captures += not context.current().warmup
         STATS.twin_captures += run is not self.runnable
         STATS.capture_seconds += time.perf_counter() - start
         STATS.graph_memory_bytes += max(0, torch.cuda.memory_reserved(self.pool.device) - reserved)
         return recording.outputs
 
     def _refuse(self, reason: str, args):
-        """Run this piece eagerly, for this call and every later one, for `reason` (counted for the report)."""
-        self.refused = reason
+        """Run this piece eagerly, for this call and every later one, for `reason` (counted for the report).
+
+        At an overflow bucket only this call runs eagerly: a failure there (a
+        capture out of memory, an op that reads the host above some size) says
+        nothing about the ladder's buckets. The runner stops using overflow
+        buckets for this key instead (`runtime.py`).
+        """
+        refusals = context.current().overflow_refusals
+        if refusals is not None:
+            refusals.append(reason)
+        else:
+            self.refused = reason
         STATS.eager(reason)
         return self.runnable(*args)   # inside `_capture`, so within `piece_running`
 

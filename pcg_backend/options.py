@@ -21,7 +21,7 @@ from typing import Any
 
 from torch._dynamo.exc import BackendCompilerFailed
 
-from .buckets import default_ladder
+from .buckets import default_ladder, overflow_ladder
 from .gemm_library import LIBRARIES
 
 
@@ -51,6 +51,7 @@ class PcgOptions:
 
     capture_sizes: tuple[int, ...]
     max_capture_size: int
+    overflow_sizes: tuple[int, ...] = ()
     compiler: str = "eager"
     cuda_graphs: bool = True
     capture: str = "upfront"
@@ -67,6 +68,7 @@ class PcgOptions:
 _DEFAULTS: dict[str, Any] = {
     "capture_sizes": "auto",
     "max_capture_size": 512,
+    "max_overflow_size": 2048,
     "compiler": "eager",
     "cuda_graphs": True,
     "capture": "upfront",
@@ -128,6 +130,11 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
                 f"{[s for s in sizes if s > max_size]}; drop them or raise max_capture_size"
             )
 
+    overflow = merged["max_overflow_size"]
+    if isinstance(overflow, bool) or not isinstance(overflow, int) or overflow < 0:
+        raise PcgOptionError(f"pcg option max_overflow_size must be an int >= 0 (0: no overflow buckets), "
+                             f"got {overflow!r}")
+
     compiler = merged["compiler"]
     if compiler not in COMPILERS:
         raise PcgOptionError(f"pcg option compiler must be one of {COMPILERS}, got {compiler!r}")
@@ -144,6 +151,7 @@ def parse_options(options: dict | None, mode: str | None = None) -> PcgOptions:
     return PcgOptions(
         capture_sizes=tuple(sizes),
         max_capture_size=max_size,
+        overflow_sizes=overflow_ladder(sizes[-1], overflow),
         compiler=compiler,
         cuda_graphs=merged["cuda_graphs"],
         capture=merged["capture"],

@@ -99,6 +99,10 @@ class PiecewiseRunner:
     def __init__(self, split: SplitResult, graph: torch.fx.Graph, ladder: Ladder, cuda_graphs: bool,
                  off_reason: str, name: str, opts: PcgOptions):
         self.split = split
+        # Coarse buckets above the ladder, captured on first use (not up front: each holds graph memory
+        # for its size, and most processes never see such calls).
+        self.overflow = Ladder(opts.overflow_sizes) if opts.overflow_sizes else None
+        self._overflow_off: dict[tuple, str] = {}   # key (without the bucket) -> why its overflow capture failed
         self.progress = opts.progress
         self.module = split.module
         # The generated forward itself: GraphModule.__call__ adds three more Python
@@ -197,11 +201,15 @@ class PiecewiseRunner:
                                                       f"traced (e.g. an attention mask's length) differs from it"), None
         bucket = self.ladder.bucket(n)
         if bucket is None:
+            overflow, reason = self._overflow_bucket(n, args)
+            if overflow is not None:
+                key = (overflow, *(g(args) for g in self._key_getters)) if self.cuda_graphs else None
+                return context.ForwardContext(n, overflow, key, "" if key else self.off_reason,
+                                              device_count=published, overflow_refusals=[]), overflow
             # Nothing is padded or captured: split ops slice on the host, which skips
             # the padded path's masking (about 11 ms of `where` and `cat` at 2048
             # tokens on the 9B model). Without CUDA graphs at all (CPU) the device
             # count is still published, so that the path the graphs use is the one tested.
-            reason = f"token count above the largest bucket {self.ladder.largest}"
             count = published if not self.cuda_graphs else None
             return context.ForwardContext(n, n, None, reason, device_count=count), None
         count = published
@@ -211,6 +219,25 @@ class PiecewiseRunner:
             return context.ForwardContext(n, bucket, None, self.off_reason, device_count=count), bucket
         key = (bucket, *(g(args) for g in self._key_getters))
         return context.ForwardContext(n, bucket, key, device_count=count), bucket
+
+    def _overflow_bucket(self, n: int, args) -> tuple[int | None, str]:
+        """The overflow bucket for `n` tokens above the ladder, or (None, why the call runs at `n` without graphs).
+
+        None above the overflow buckets, for a graph that cannot be padded, and
+        for a key (e.g. a batch size) where a piece could not be captured at an
+        overflow bucket before.
+        """
+        reason = f"token count above the largest bucket {self.ladder.largest}"
+        if self.overflow is None or self.unpaddable:
+            return None, reason
+        bucket = self.overflow.bucket(n)
+        if bucket is None:
+            return None, f"token count above the largest overflow bucket {self.overflow.largest}"
+        if self._overflow_off:
+            rest = tuple(g(args) for g in self._key_getters)
+            if rest in self._overflow_off:
+                return None, f"{reason}; overflow buckets off for key {rest}: {self._overflow_off[rest]}"
+        return bucket, ""
 
     def _publish_count(self, n: int) -> torch.Tensor | None:
         # fill_ launches one tiny kernel, ordered on the stream before this forward's replays.
@@ -229,6 +256,10 @@ class PiecewiseRunner:
                 self._captured_keys.add((rest, weights))
                 self._capture_every_bucket(args, rest)
         ctx, bucket = self._context(args)
+        rest = None
+        if ctx.overflow_refusals is not None:
+            rest = tuple(g(args) for g in self._key_getters)
+            STATS.overflow_calls += 1
         if bucket is not None and bucket != ctx.num_tokens:
             args = self._pad(list(args), bucket)
             STATS.padded_calls += 1
@@ -236,6 +267,10 @@ class PiecewiseRunner:
             self._begin_forward(ctx.capture_key)
         with context.forward_context(ctx):
             outs = self._forward(*args)
+        if ctx.overflow_refusals:
+            self._overflow_off[rest] = ctx.overflow_refusals[0]
+            STATS.note(f"{self.name}: no more overflow buckets for key {rest}, calls above the largest bucket "
+                       f"{self.ladder.largest} run unpadded without CUDA graphs: {ctx.overflow_refusals[0]}")
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
         cut = ()
         if ctx.num_tokens is not None and ctx.padded_tokens != ctx.num_tokens:

@@ -25,7 +25,7 @@ log = logging.getLogger("pcg_backend")
 CUDA_GRAPHS_OFF = ("CUDA graphs off", "CUDA graphs disabled")
 # Counters that only a graph with CUDA graphs can move.
 GPU_ONLY = ("skinny_linears", "skinny_linears_small_buckets", "twin_captures", "cuda_graphs_captured",
-            "cuda_graph_replays", "new_address_captures", "capture_seconds", "warmup_seconds", "graph_memory_bytes")
+            "cuda_graph_replays", "live_captures", "new_address_captures", "capture_seconds", "warmup_seconds", "graph_memory_bytes")
 # How the backend words a graph that cannot be padded (`GraphRecord.padding`).
 _EXACT_ONLY = "exact bucket sizes only: "
 
@@ -61,6 +61,8 @@ class Stats:
         self.twin_captures = 0
         self.cuda_graphs_captured = 0
         self.cuda_graph_replays = 0
+        self.live_captures = 0        # captures inside a caller's forward, not pcg's up-front pass
+        self.overflow_calls = 0       # calls padded to an overflow bucket, above the ladder (buckets.overflow_ladder)
         self.new_address_captures = 0
         self.capture_seconds = 0.0
         self.warmup_seconds = 0.0     # the runs before each capture (lazy inits, Triton autotuning, the sync probe)
@@ -112,6 +114,8 @@ class Stats:
             "twin_captures": self.twin_captures,
             "cuda_graphs_captured": self.cuda_graphs_captured,
             "cuda_graph_replays": self.cuda_graph_replays,
+            "live_captures": self.live_captures,
+            "overflow_calls": self.overflow_calls,
             "new_address_captures": self.new_address_captures,
             "capture_seconds": round(self.capture_seconds, 3),
             "compile_seconds": round(self.compile_seconds, 3),
@@ -167,7 +171,10 @@ class Stats:
         else:
             lines.append(f"  CUDA graphs: {d['cuda_graphs_captured']} captured ({d['capture_seconds']} s, "
                          f"{d['graph_memory_bytes'] / 2**20:.0f} MiB of graph memory), "
-                         f"{d['cuda_graph_replays']} replays")
+                         f"{d['cuda_graph_replays']} replays; {d['live_captures']} of the captures on callers' "
+                         f"calls, not up front")
+        if d["overflow_calls"]:
+            lines.append(f"  Calls above the largest bucket padded to an overflow bucket: {d['overflow_calls']}")
         if d["state_slots"]:
             lines.append(f"  Model state: {d['state_slots']} buffers ({d['state_slot_bytes'] / 2**20:.0f} MiB) lent to "
                          f"caches at stable addresses; a new slot is allocated only for a cache alive beside another")

@@ -3,12 +3,13 @@
     python -m pcg_backend.bench --traffic [--calls N] [--variants eager,pcg-inductor]
 
 Each variant makes the same seeded sequence of `generate()` calls: prompt
-lengths from 1 to the largest bucket plus a share above it, batch sizes from
+lengths from 1 to the largest bucket plus a share above it (padded to pcg's
+overflow buckets, or run at their size above those), batch sizes from
 `--batches` with left-padded prompts (every row but the first is shorter), and
 a new cache on every call. Before the timed calls each variant gets one
 documented warm-up (`warm_up_calls`): the plan's longest call, then a
 `generate()` per batch size for each kind of prompt in the plan (1 token, up
-to the largest bucket, above it), in passes until one pass captures and
+to the largest bucket, each overflow bucket, above them), in passes until one pass captures and
 compiles nothing (at most `MAX_WARM_UP_PASSES`). For each variant the result holds per-call latency
 (p50, p90, max), time to first token, tokens per second, the CUDA graphs
 captured and Dynamo graphs compiled during the timed calls, and allocated
@@ -125,7 +126,7 @@ def _allocated(device) -> int:
     return torch.cuda.memory_allocated(device) if torch.device(device).type == "cuda" else 0
 
 
-def warm_up_calls(calls: list[Call], largest: int) -> list[Call]:
+def warm_up_calls(calls: list[Call], largest: int, overflow: tuple[int, ...] = ()) -> list[Call]:
     """The documented warm-up: the plan's longest call, then per batch size one call per kind of prompt.
 
     The longest call comes first for static caches: HF sizes a new one to the
@@ -135,17 +136,24 @@ def warm_up_calls(calls: list[Call], largest: int) -> list[Call]:
     The kinds are the paths a prefill can take, and each needs its own call
     at each batch size: one token (Dynamo specializes a size of 1, a graph of
     its own), 2 to `largest` tokens (the padded graph, whose CUDA graphs are
-    captured at every bucket the first time a batch size reaches it) and more
-    than `largest` (the graph at its exact size, without CUDA graphs). A
+    captured at every bucket the first time a batch size reaches it), each of
+    the `overflow` buckets above it (captured on first use, one at a time) and
+    more than those (the graph at its exact size, without CUDA graphs). A
     batch's shortest and longest prompts alone can miss the padded path, as
     when they are 1 token and more than `largest`. Each kind is warmed with
     its longest prompt in the plan.
     """
-    def kind(prompt: int) -> int:
-        return 0 if prompt == 1 else (1 if prompt <= largest else 2)
+    above = Ladder(overflow) if overflow else None
+
+    def kind(prompt: int) -> tuple:
+        # In the warm-up's order: one token, the ladder, each overflow bucket, above them.
+        if prompt == 1 or prompt <= largest:
+            return (0,) if prompt == 1 else (1,)
+        bucket = above.bucket(prompt) if above is not None else None
+        return (3,) if bucket is None else (2, bucket)
 
     out = [max(calls, key=lambda c: c.prompt)]
-    longest: dict[tuple[int, int], int] = {}
+    longest: dict[tuple, int] = {}
     for c in calls:
         key = (c.batch, kind(c.prompt))
         longest[key] = max(longest.get(key, 0), c.prompt)
@@ -159,11 +167,12 @@ MAX_WARM_UP_PASSES = 3
 
 
 def run(model, calls: list[Call], new_tokens: int, seed: int = 0, log=lambda message: None,
-        cache: str = "dynamic", largest: int | None = None) -> dict:
+        cache: str = "dynamic", largest: int | None = None, overflow: tuple[int, ...] | None = None) -> dict:
     """Warm up, then make every call; the measurements described in the module docstring.
 
     `largest` is the largest bucket the model was compiled with (by default
-    pcg's default), which decides the warm-up (`warm_up_calls`).
+    pcg's default) and `overflow` its overflow buckets (by default pcg's for
+    that `largest`), which decide the warm-up (`warm_up_calls`).
 
     `log` receives a line per warm-up call (seconds, graphs captured and
     compiled so far) and one every tenth timed call.
@@ -172,17 +181,18 @@ def run(model, calls: list[Call], new_tokens: int, seed: int = 0, log=lambda mes
     generator = torch.Generator().manual_seed(seed)
     warm_up = []
     with torch.no_grad():
-        if largest is None:
+        if largest is None or overflow is None:
             from .options import parse_options
 
-            largest = parse_options({}).largest
+            defaults = parse_options({} if largest is None else {"max_capture_size": largest})
+            largest, overflow = defaults.largest, defaults.overflow_sizes if overflow is None else overflow
         # Passes until one captures and compiles nothing. Dynamo's graphs generalize as the warm-up
         # goes (a batch size or length seen twice becomes a symbol), and a graph compiled late
         # supersedes earlier ones for the batch sizes warmed before it: those batches meet it first
         # on live traffic, and its CUDA graphs, keyed by batch, would be captured there.
         for warm_pass in range(1, MAX_WARM_UP_PASSES + 1):
             before_pass = _counts()
-            for call in warm_up_calls(calls, largest):
+            for call in warm_up_calls(calls, largest, overflow):
                 r = one_call(model, call, new_tokens, generator, cache)
                 warm_up.append({"pass": warm_pass, "batch": call.batch, "prompt": call.prompt,
                                 "seconds": r["seconds"]})

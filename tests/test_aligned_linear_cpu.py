@@ -95,7 +95,8 @@ def test_a_bf16_falcon_h1_with_an_odd_vocabulary_stays_within_eager_noise():
     config.vocab_size = 1027   # odd, as Falcon-H1's 130049
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
-    ladder = Ladder(pcg_backend.options.parse_options(OPTIONS).capture_sizes)
+    opts = pcg_backend.options.parse_options(OPTIONS)
+    ladder = Ladder(opts.capture_sizes + opts.overflow_sizes)   # 70 pads to the overflow bucket 80
     rows = within_half_precision_noise(model, [3, 16, 17, 70], ladder, steps=2)
     assert [r["tokens"] for r in rows] == [3, 16, 17, 70]
     stats = pcg_backend.stats()

@@ -22,9 +22,10 @@ def _run(script, *args):
 
 def test_quickstart():
     out = _run("quickstart.py")
-    assert "pcg report" in out and "token count above the largest bucket 16" in out
+    assert "pcg report" in out and "token count above the largest overflow bucket 2048" in out
+    assert "Calls above the largest bucket padded to an overflow bucket: 1" in out
     diffs = [float(line.split("=")[-1]) for line in out.splitlines() if "max |pcg - eager|" in line]
-    assert len(diffs) == 4 and max(diffs) < 1e-5
+    assert len(diffs) == 5 and max(diffs) < 1e-5
 
 
 @requires_reference_kernels

@@ -17,12 +17,13 @@ def test_prefill_matches_eager(family):
     model = tiny_model(family)
     prefill_logits(model, PREFILL_SIZES, ATOL)
     s = pcg_backend.stats()
-    assert s["padded_calls"] == 2            # 3 and 17 were padded to buckets 4 and 24
+    assert s["padded_calls"] == 3            # 3, 17 and 100 were padded to buckets 4, 24 and 120
+    assert s["overflow_calls"] == 1          # 100: the overflow bucket 120
     if family == "granitemoehybrid":
         # The experts are one row-wise op (HF's sort by expert across the token dim runs inside it): padded.
         assert "experts via pcg::moe_experts (grouped_mm)" in "\n".join(s["routing"])
         assert "route each token alone (registered row-wise)" not in pcg_backend.report()
-    assert "token count above the largest bucket 64" in s["eager_reasons"]
+    assert "token count above the largest overflow bucket 128" in s["eager_reasons"]
     routing = "\n".join(s["routing"])
     assert "pcg::mamba2_core" in routing
     if family != "mamba2":
@@ -76,10 +77,11 @@ def test_mamba_cores_join_padded_pieces(capture_split_ops, monkeypatch):
     real = mamba2._padded_prefill
     monkeypatch.setattr(mamba2, "_padded_prefill", lambda *a, **k: padded_runs.append(a[1].shape[1]) or real(*a, **k))
     model = tiny_model("nemotron_h")                       # layers M * M: 2 Mamba cores, 1 attention
-    compiled = torch.compile(model, backend="pcg", options={"capture_sizes": [1, 2, 4, 8, 16],
+    compiled = torch.compile(model, backend="pcg", options={"capture_sizes": [1, 2, 4, 8, 16], "max_overflow_size": 32,
                                                            "capture_split_ops": capture_split_ops})
     g = torch.Generator().manual_seed(0)
-    sizes = [3, 4, 5, 16, 17]                            # in a bucket, a bucket, bucket + 1, largest, above it
+    # in a bucket, a bucket, bucket + 1, largest, above it (the overflow bucket 24), above the overflow (32)
+    sizes = [3, 4, 5, 16, 17, 33]
     with torch.no_grad():
         for n in sizes:
             ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g)
@@ -94,9 +96,9 @@ def test_mamba_cores_join_padded_pieces(capture_split_ops, monkeypatch):
     if capture_split_ops:
         assert s["split_ops_in_graphs"] == 3                         # attention too: the whole model
         assert "3 padding-safe split op(s) captured inside pieces at every bucket" in pcg_backend.report()
-        # each core, each call, at the bucket's rows (17 is above the largest bucket: its own size;
+        # each core, each call, at the bucket's rows (33 is above the overflow buckets: its own size;
         # on CPU the device count is published there too, see runtime._context)
-        assert padded_runs == [b for b in [4, 4, 8, 16, 17] for _ in range(2)]
+        assert padded_runs == [b for b in [4, 4, 8, 16, 24, 33] for _ in range(2)]
     else:
         assert s["split_ops_in_graphs"] == 0 and padded_runs == []
 

@@ -14,7 +14,9 @@ from hf_models import FAMILIES, tiny_model
 from hf_checks import OPTIONS, sizes_around_buckets, within_half_precision_noise
 
 pytestmark = requires_cuda
-LADDER = Ladder(pcg_backend.options.parse_options(OPTIONS).capture_sizes)
+# The ladder and its overflow buckets: every size pcg pads to.
+_OPTS = pcg_backend.options.parse_options(OPTIONS)
+LADDER = Ladder(_OPTS.capture_sizes + _OPTS.overflow_sizes)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -16,8 +16,8 @@ def _sections(text: str) -> list[str]:
 def test_cpu_report_summarises_first_and_says_once_that_cuda_graphs_are_off():
     torch.manual_seed(0)
     model = ToyModel(2)                                  # 5 pieces: 3 token-wise, 2 split ops
-    compiled = compile_toy(model, capture_sizes=SIZES)
-    for n in (3, 5, 40):                                 # 40 is above the largest bucket
+    compiled = compile_toy(model, capture_sizes=SIZES, max_overflow_size=0)
+    for n in (3, 5, 40):                                 # 40 is above the largest bucket, with no overflow buckets
         x = torch.randn(n, 16)
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
     text = pcg_backend.report()
@@ -33,7 +33,7 @@ def test_cpu_report_summarises_first_and_says_once_that_cuda_graphs_are_off():
     assert "  graph0: 5 pieces, 3 capturable, 2 split ops, token symbol s" in text
     counters = [line.split()[0] for line in lines[lines.index("Counters (pcg_backend.stats())") + 1:-1]]
     assert counters == ["graphs_compiled", "pieces", "capturable_pieces", "split_op_nodes", "split_ops_in_graphs",
-                        "aligned_linears", "compile_seconds",
+                        "aligned_linears", "overflow_calls", "compile_seconds",
                         "padded_calls", "state_slots", "state_slot_bytes", "weight_nodes_hoisted",
                         "weight_prologue_runs", "deferred_stop_checks",
                         "eager_runs"]   # no GPU-only counter
@@ -83,7 +83,8 @@ def test_gpu_counters_stay_when_cuda_graphs_ran():
     stats.cuda_graphs_captured, stats.cuda_graph_replays, stats.graph_memory_bytes = 4, 12, 3 * 2**20
     stats.eager("token count above the largest bucket 16", 2)
     text = stats.report()
-    assert "  CUDA graphs: 4 captured (0.0 s, 3 MiB of graph memory), 12 replays" in text
+    assert ("  CUDA graphs: 4 captured (0.0 s, 3 MiB of graph memory), 12 replays; 0 of the captures on callers' "
+            "calls, not up front") in text
     assert all(f"  {key} " in text for key in GPU_ONLY)
     assert "CUDA graphs off" not in text
 

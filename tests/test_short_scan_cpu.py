@@ -319,7 +319,9 @@ def test_fresh_prefills_go_through_the_one_launch_scans_and_equal_eager(family, 
     torch._dynamo.reset()
     model = tiny_model(family)
     mixers = sum(1 for m in model.modules() if hasattr(m, "A_log"))
-    compiled = torch.compile(model, backend="pcg", options={"max_capture_size": 64, "progress": False})
+    # No overflow buckets: 65 tests the unpadded path above the largest bucket.
+    compiled = torch.compile(model, backend="pcg", options={"max_capture_size": 64, "max_overflow_size": 0,
+                                                          "progress": False})
     g = torch.Generator().manual_seed(0)
     lengths = [1, 2, 3, 8, 13, 17, 24, 25, 40, 57, 64, 65]   # buckets 1, 2, 4, 8, 16, 24, 24, 32, 40, 64, 64, above
     with torch.no_grad():

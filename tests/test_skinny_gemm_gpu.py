@@ -104,7 +104,8 @@ def test_kernel_limits():
 def test_static_graphs_of_few_rows_capture_the_kernel_and_padded_graphs_keep_f_linear(compiler):
     torch.manual_seed(0)
     model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)   # 2 captured pieces, 1 linear each
-    compiled = compile_toy(model, capture_sizes=[4, 16], compiler=compiler, skinny_gemm="static")
+    compiled = compile_toy(model, capture_sizes=[4, 16], compiler=compiler, skinny_gemm="static",
+                           max_overflow_size=0)
     before = dict(skinny_gemm.LAUNCHES)
 
     def launches():
@@ -144,7 +145,8 @@ def test_static_graph_above_16_rows_is_not_routed():
 def test_option_all_captures_routed_twins_at_small_buckets_only(compiler):
     torch.manual_seed(0)
     model = ToyModel(layers=1, hidden=4096).cuda().to(torch.bfloat16)   # 2 captured pieces, 1 linear each
-    compiled = compile_toy(model, capture_sizes=[4, 16, 32], compiler=compiler, skinny_gemm="all")
+    compiled = compile_toy(model, capture_sizes=[4, 16, 32], compiler=compiler, skinny_gemm="all",
+                           max_overflow_size=0)
     before = dict(skinny_gemm.LAUNCHES)
 
     def launches():

@@ -108,7 +108,7 @@ def test_each_new_cache_gets_the_states_of_the_one_before(family):
     compiled = _compiled(model)
     mamba_layers = sum(1 for m in model.modules() if hasattr(m, "A_log"))
     seen = []
-    for n in (5, 9, 13, 40):     # padded, padded, padded, above the largest bucket (eager)
+    for n in (5, 9, 13, 40):     # padded to the ladder's 8, 16 and 16, then to the overflow bucket 40
         out = compiled(torch.randint(3, 100, (1, n)), use_cache=True)
         seen.append(_mamba_state_ptrs(out.past_key_values))
         del out
