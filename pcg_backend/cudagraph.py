@@ -20,6 +20,7 @@ import dataclasses
 import operator
 import threading
 import time
+import warnings
 import weakref
 
 import torch
@@ -145,14 +146,30 @@ def _recover_from_failed_capture(device: torch.device, handle) -> None:
     # host sync): torch raises before it tells the allocator that the capture
     # is over, and later allocations on the capture stream would keep landing
     # in the graph pool. Calling this after a capture_end that succeeded would
-    # end the pool's allocation twice. The CUDA RNG is not restored in that
-    # case; pcg avoids such captures up front (analyse/node_kinds.py sends host
-    # syncs and host-to-device copies it can see to eager pieces, `_host_sync_in`
-    # finds the hidden ones), so this is a last resort.
+    # end the pool's allocation twice. The CUDA RNG is left in capture mode too
+    # (`_end_rng_capture`). pcg avoids such captures up front (analyse/node_kinds.py
+    # sends host syncs and host-to-device copies it can see to eager pieces,
+    # `_host_sync_in` finds the hidden ones), so this is a last resort.
     try:
         torch._C._cuda_endAllocateToPool(device.index, handle)
     except RuntimeError:
         pass
+
+
+def _end_rng_capture(device: torch.device) -> None:
+    """Take torch's CUDA RNG out of capture mode after a capture that CUDA invalidated.
+
+    `capture_end` raises before it ends the RNG's capture, and every later
+    random op on the device would fail ("Offset increment outside graph
+    capture"). An empty capture that ends cleanly ends it: each capture starts
+    and ends the RNG's capture of every device's default generator.
+    """
+    graph = torch.cuda.CUDAGraph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch warns that the graph is empty: it is meant to be
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            graph.capture_begin()
+            graph.capture_end()
 
 
 def _host_sync_in(fn) -> str | None:
@@ -391,7 +408,8 @@ class CudaGraphPiece(torch.nn.Module):
         return None
 
     def _warm_up(self, run, args) -> str | None:
-        """Run the piece once outside the capture; before its first capture, probe it for host syncs.
+        """Run the piece once outside the capture; before its first capture, and each at an overflow bucket,
+        probe it for host syncs.
 
         The warm-up does the lazy inits (cuBLAS handles, Triton autotuning)
         that must not happen while the stream is capturing. Written inputs get
@@ -399,12 +417,16 @@ class CudaGraphPiece(torch.nn.Module):
         the piece cannot be captured, or None.
         """
         run(*private_copies(args, self.written))
-        if not self._probed:
+        overflow = context.current().overflow_refusals is not None
+        if overflow or not self._probed:
             # Once per piece, after the warm-up above did the lazy inits (Triton
             # autotuning synchronizes), which must not count as the piece's syncs.
             # A twin differs from the piece only in its linear calls, which never
-            # synchronize, so one probe serves both.
-            self._probed = True
+            # synchronize, so one probe serves both. Again before each overflow
+            # bucket's capture: an op may read the host only above some size (HF's
+            # MoE fallback above the experts kernels' token limit), and a probe
+            # there says nothing about the ladder's buckets.
+            self._probed = self._probed or not overflow
             sync = _host_sync_in(lambda: run(*private_copies(args, self.written)))
             if sync:
                 return (f"{self.name}: synchronizes with the host ({sync}), which a CUDA graph cannot "
@@ -444,6 +466,7 @@ class CudaGraphPiece(torch.nn.Module):
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this piece eagerly
             if not ended:
                 _recover_from_failed_capture(self.pool.device, handle)
+                _end_rng_capture(self.pool.device)
             self._failed.append(graph)
             torch.cuda.synchronize(self.pool.device)
             return f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"

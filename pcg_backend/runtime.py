@@ -100,8 +100,10 @@ class PiecewiseRunner:
                  off_reason: str, name: str, opts: PcgOptions):
         self.split = split
         # Coarse buckets above the ladder, captured on first use (not up front: each holds graph memory
-        # for its size, and most processes never see such calls).
-        self.overflow = Ladder(opts.overflow_sizes) if opts.overflow_sizes else None
+        # for its size, and most processes never see such calls). Not on a GPU without CUDA graphs,
+        # where padding would only cost; on CPU they pad, so that the CPU tests run the padded path.
+        use_overflow = bool(opts.overflow_sizes) and (cuda_graphs or not split.on_cuda)
+        self.overflow = Ladder(opts.overflow_sizes) if use_overflow else None
         self._overflow_off: dict[tuple, str] = {}   # key (without the bucket) -> why its overflow capture failed
         self.progress = opts.progress
         self.module = split.module
@@ -293,6 +295,12 @@ class PiecewiseRunner:
         if copied:
             for j, clone in zip(copied, clone_all([outs[j] for j in copied])):
                 outs[j] = clone
+        if ctx.overflow_refusals:
+            # Never replayed again: the graphs the other pieces captured for this key. Dropped after
+            # the outputs left graph memory.
+            for piece in self.module.children():
+                if isinstance(piece, CudaGraphPiece):
+                    piece.entries.pop(ctx.capture_key, None)
         return outs[0] if self.single_output else tuple(outs)
 
     def _lend_state_slots(self, outs: list) -> None:

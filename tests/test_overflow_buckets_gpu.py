@@ -41,6 +41,15 @@ def test_an_overflow_bucket_is_captured_once_on_first_use_and_replayed_after():
     assert pcg_backend.stats()["eager_reasons"] == {"token count above the largest overflow bucket 64": 4}
 
 
+def test_without_cuda_graphs_on_a_gpu_nothing_pads_to_an_overflow_bucket():
+    model = ToyModel(1).cuda()
+    compiled = compile_toy(model, capture_sizes=[4, 8, 16], max_overflow_size=64, cuda_graphs=False)
+    _check(model, compiled, 20)
+    s = pcg_backend.stats()
+    assert (s["overflow_calls"], s["padded_calls"]) == (0, 0)
+    assert s["eager_reasons"] == {"token count above the largest bucket 16": 2}
+
+
 @torch.library.custom_op("pcg_test::reads_host_above_16_rows", mutates_args=())
 def _reads_host_above_16_rows(x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] > 16:
@@ -48,33 +57,51 @@ def _reads_host_above_16_rows(x: torch.Tensor) -> torch.Tensor:
     return x.clone()
 
 
-_reads_host_above_16_rows.register_fake(lambda x: torch.empty_like(x))
-# Row-wise, so that the graph may be padded: an op pcg does not know keeps its graph at exact sizes.
-pcg_backend.register_row_wise("pcg_test::reads_host_above_16_rows")
+@torch.library.custom_op("pcg_test::syncs_in_captures_above_16_rows", mutates_args=())
+def _syncs_in_captures_above_16_rows(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] > 16 and torch.cuda.is_current_stream_capturing():
+        torch.cuda.synchronize()   # hidden from the trial run: only a capture finds it, and CUDA then ends it
+    return x.clone()
 
 
-class _HostReadAbove16(NoSplitModel):
+for _op in (_reads_host_above_16_rows, _syncs_in_captures_above_16_rows):
+    _op.register_fake(lambda x: torch.empty_like(x))
+    # Row-wise, so that the graph may be padded: an op pcg does not know keeps its graph at exact sizes.
+    pcg_backend.register_row_wise(_op._qualname)
+
+
+class _OpAbove16(NoSplitModel):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
     def forward(self, x):
-        return self.down(torch.ops.pcg_test.reads_host_above_16_rows(torch.relu(self.up(x))))
+        return self.down(self.op(torch.relu(self.up(x))))
 
 
-def test_a_failed_overflow_capture_gives_up_overflow_buckets_only():
-    """The piece cannot be captured at 24 rows: that call runs eagerly and right, later calls above the ladder
-    run unpadded without graphs, with the reason in the report, and the ladder's graphs still replay."""
+@pytest.mark.parametrize("op, why", [
+    (torch.ops.pcg_test.reads_host_above_16_rows, "synchronizes with the host"),
+    (torch.ops.pcg_test.syncs_in_captures_above_16_rows, "CUDA graph capture failed"),
+])
+def test_a_piece_that_cannot_be_captured_at_an_overflow_bucket_gives_up_overflow_buckets_only(op, why):
+    """Found by the trial run before the capture, or by the capture itself: that call runs the piece
+    eagerly and right, later calls above the ladder run unpadded without graphs with the reason in the report,
+    the ladder's graphs still replay, and CUDA's random numbers still work after a capture CUDA ended."""
     torch.manual_seed(0)
-    model = _HostReadAbove16().cuda()
+    model = _OpAbove16(op).cuda()
     compiled = compile_toy(model, capture_sizes=[4, 8, 16], max_overflow_size=64, progress=False)
     _check(model, compiled, 5)
-    assert pcg_backend.stats()["cuda_graphs_captured"] == 3
+    assert pcg_backend.stats()["cuda_graphs_captured"] == 3          # buckets 4, 8 and 16, up front
     _check(model, compiled, 20)
     s = pcg_backend.stats()
     assert s["cuda_graphs_captured"] == 3 and s["overflow_calls"] == 1
     [(failed, runs)] = s["eager_reasons"].items()
-    assert "CUDA graph capture failed" in failed and runs == 1
+    assert why in failed and runs == 1
+    torch.randn(8, device="cuda")                                   # the RNG is out of capture mode
     _check(model, compiled, 20)
     off = [r for r in pcg_backend.stats()["eager_reasons"] if r.startswith("token count above the largest bucket 16; "
                                                                            "overflow buckets off for key ()")]
-    assert len(off) == 1 and "CUDA graph capture failed" in off[0]
+    assert len(off) == 1 and why in off[0]
     replays = pcg_backend.stats()["cuda_graph_replays"]
     _check(model, compiled, 7)
     assert pcg_backend.stats()["cuda_graph_replays"] == replays + 1
