@@ -9,6 +9,9 @@ import pcg_backend
 from pcg_backend import traffic
 from pcg_backend.buckets import MAX_OVERFLOW_WASTE, Ladder, overflow_ladder
 from pcg_backend.options import PcgOptionError, parse_options
+from conftest import requires_reference_kernels
+from hf_checks import OPTIONS, _states, left_padded_prompt
+from hf_models import FAMILIES, pcg_twin, tiny_model
 from toy_models import ToyModel, compile_toy
 
 ATOL = 1e-5   # fp32 on CPU: padded and unpadded matmuls differ only in reassociation
@@ -120,3 +123,29 @@ def test_the_traffic_warm_up_reaches_every_overflow_bucket_of_every_batch_size(s
     assert warm[0].prompt == max(c.prompt for c in calls)
     assert {path(c) for c in warm} == {path(c) for c in calls}
     assert len(warm) == 1 + len({path(c) for c in calls})
+
+
+@requires_reference_kernels
+@pytest.mark.parametrize("family, cache", [(f, None) for f in FAMILIES]
+                         + [(f, "static") for f in ("nemotron_h", "bamba", "granitemoehybrid")])
+def test_generate_over_a_left_padded_batch_in_an_overflow_bucket_equals_eager(family, cache):
+    """Batch 3, every row but the first left-padded, a 70-token prompt in the overflow bucket 80 (ladder to
+    64, overflow buckets to 128): the same tokens as eager, and every cache state within fp32's noise."""
+    model = tiny_model(family)
+    compiled = pcg_twin(model, OPTIONS)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    if cache:
+        kw.update(cache_implementation=cache, disable_compile=True)
+    with torch.no_grad():
+        # 9 tokens first: Dynamo's first prefill graph has static shapes, the second length makes it dynamic.
+        for n in (9, 70):
+            ids, mask = left_padded_prompt(model, 3, n, pad=5, seed=n)
+            ref = model.generate(ids, attention_mask=mask, **kw)
+            got = compiled.generate(ids, attention_mask=mask, **kw)
+            assert torch.equal(got.sequences, ref.sequences), (n, got.sequences, ref.sequences)
+            pairs = list(zip(_states(ref.past_key_values), _states(got.past_key_values), strict=True))
+            assert pairs
+            for r, s in pairs:
+                torch.testing.assert_close(s, r, atol=1e-4, rtol=0, msg=f"{family}, {n} tokens: a cache state")
+    s = pcg_backend.stats()
+    assert s["overflow_calls"] == 1 and s["padded_calls"] >= 1, pcg_backend.report()
