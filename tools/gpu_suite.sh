@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one place, for a machine with CUDA: `tools/gpu_suite.sh tests` runs the core GPU
-# test files (kernels, graphs, padding rule, HF forwards), `tools/gpu_suite.sh tests-scan` the fresh
-# prefill's scan kernels against mamba-ssm (whose autotuning makes them slow to start),
+# test files (kernels, graphs, overflow buckets, padding rule, HF forwards), `tools/gpu_suite.sh tests-scan`
+# the fresh prefill's scan kernels against mamba-ssm (whose autotuning makes them slow to start) and the
+# MoE router and experts kernels against HF's,
 # `tools/gpu_suite.sh tests-hf` the HF generate() ones (padding, static caches, traffic, the deferred
 # stop check, bf16 noise), `tools/gpu_suite.sh bench [bench flags]` the quick benchmark against
 # eager, and `tools/gpu_suite.sh profile FAMILY [bench flags]` FAMILY's prefills of 16 and 128 tokens,
@@ -34,9 +35,9 @@ case "$stage" in
         if [ "$stage" = tests ]; then
             files="tests/test_hf_gpu.py tests/test_reliability.py tests/test_cudagraph_gpu.py tests/test_mamba2_prep_gpu.py
                    tests/test_skinny_gemm_gpu.py tests/test_fused_decode_ops_gpu.py tests/test_decode_attention_gpu.py
-                   tests/test_padding_rule_gpu.py tests/test_state_update_gpu.py"
+                   tests/test_padding_rule_gpu.py tests/test_state_update_gpu.py tests/test_overflow_buckets_gpu.py"
         elif [ "$stage" = tests-scan ]; then
-            files="tests/test_short_scan_gpu.py tests/test_one_chunk_scan_gpu.py"
+            files="tests/test_short_scan_gpu.py tests/test_one_chunk_scan_gpu.py tests/test_moe_experts_gpu.py"
         else
             files="tests/test_hf_padding_gpu.py tests/test_static_cache_gpu.py tests/test_traffic_gpu.py
                    tests/test_hf_stop_check_gpu.py tests/test_hf_half_precision_gpu.py"
