@@ -30,7 +30,11 @@ from test_reliability import _nan_pad
 
 ATOL = 1e-5
 SIZES = [4, 8, 16]
-COUNTS = [3, 4, 5, 8, 9, 13, 16, 17]   # between, at and above the buckets
+# Between, at and above the buckets: 17 and 25 pad to the overflow buckets 24 and 32, 33 is above those.
+COUNTS = [3, 4, 5, 8, 9, 13, 16, 17, 24, 25, 33]
+CHAIN_OPTIONS = {"capture_sizes": SIZES, "max_overflow_size": 32}
+# The hand-written cases below count their padded calls with nothing padded above the ladder.
+OPTIONS = {"capture_sizes": SIZES, "max_overflow_size": 0}
 H = 8
 
 
@@ -118,7 +122,7 @@ def _expect_paddable(names) -> bool:
 def _run(names, monkeypatch):
     torch.manual_seed(0)
     model = _Chain(names)
-    compiled = torch.compile(model, backend="pcg", dynamic=True, options={"capture_sizes": SIZES})
+    compiled = torch.compile(model, backend="pcg", dynamic=True, options=CHAIN_OPTIONS)
     monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
     with torch.no_grad():
         for n in COUNTS:
@@ -129,8 +133,8 @@ def _run(names, monkeypatch):
     return pcg_backend.stats()
 
 
-# Four counts are padded: 3, 5, 9 and 13 (to 4, 8, 16 and 16).
-PADDED_CALLS = sum(1 for n in COUNTS if n <= SIZES[-1] and n not in SIZES)
+# Six counts are padded: 3, 5, 9 and 13 (to 4, 8, 16 and 16), 17 and 25 (to the overflow buckets 24 and 32).
+PADDED_CALLS = sum(1 for n in COUNTS if n <= 32 and n not in SIZES + [24, 32])
 
 
 @pytest.mark.parametrize("seed", range(150))
@@ -173,7 +177,7 @@ def test_issue_examples_with_a_split_op_match_eager(case):
     def f(x):
         return ISSUE_CASES[case](_mix(lin(x)))
 
-    compiled = torch.compile(f, backend="pcg", dynamic=True, options={"capture_sizes": SIZES})
+    compiled = torch.compile(f, backend="pcg", dynamic=True, options=OPTIONS)
     with torch.no_grad():
         for n in [3, 5, 6, 9, 17]:
             x = torch.randn(n, H)
@@ -190,7 +194,7 @@ def test_last_rows_of_a_3d_activation_without_split_op(pick):
         y = up(x)
         return y[:, -1:] if pick == "slice" else y[:, -1, :]
 
-    compiled = torch.compile(f, backend="pcg", dynamic=True, options={"capture_sizes": SIZES})
+    compiled = torch.compile(f, backend="pcg", dynamic=True, options=OPTIONS)
     with torch.no_grad():
         for n in [5, 7, 16, 17]:
             x = torch.randn(2, n, H)
@@ -207,7 +211,7 @@ def test_numbers_of_the_count_returned_by_a_padded_graph_are_the_real_ones():
         y = lin(x)
         return y, y.shape[0] * 2, y.shape[0] - 1      # Dynamo returns these sizes as graph outputs
 
-    compiled = torch.compile(f, backend="pcg", dynamic=True, options={"capture_sizes": SIZES})
+    compiled = torch.compile(f, backend="pcg", dynamic=True, options=OPTIONS)
     for n in [3, 5, 9]:
         x = torch.randn(n, H)
         got, ref = compiled(x), f(x)
@@ -225,7 +229,7 @@ def test_rows_from_the_end_written_in_place_keep_the_graph_exact(monkeypatch):
         y[-2:].mul_(0)
         return y
 
-    compiled = torch.compile(f, backend="pcg", dynamic=True, options={"capture_sizes": SIZES})
+    compiled = torch.compile(f, backend="pcg", dynamic=True, options=OPTIONS)
     monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
     for n in [3, 5, 9]:
         x = torch.randn(n, H)
@@ -254,7 +258,7 @@ def test_a_custom_op_pcg_does_not_know_keeps_the_graph_exact_until_declared_row_
     def run():
         torch._dynamo.reset()
         pcg_backend.reset_stats()
-        compiled = torch.compile(f, backend="pcg", dynamic=True, options={"capture_sizes": SIZES})
+        compiled = torch.compile(f, backend="pcg", dynamic=True, options=OPTIONS)
         for n in [3, 5, 9]:
             x = torch.randn(n, H)
             torch.testing.assert_close(compiled(x), f(x), atol=ATOL, rtol=0)

@@ -88,7 +88,10 @@ class _ToyDriver:
 @pytest.mark.parametrize("device", DEVICES)
 def test_toy_fuzz_500_counts_no_recompiles_no_recaptures(device):
     driver = _ToyDriver(device)
-    for n in [*TOY_SIZES, 3, 2 * TOY_SIZES[-1]]:          # the first pass over the buckets
+    # The fuzz plan's prefills reach twice the largest bucket: pcg's default overflow buckets up to there.
+    overflow = [b for b in buckets.overflow_ladder(TOY_SIZES[-1], 2048) if b <= 2 * TOY_SIZES[-1]]
+    assert overflow == [40, 48, 56, 64]
+    for n in [*TOY_SIZES, 3, *overflow]:                   # the first pass over the buckets
         driver.step("prefill", n)
         driver.step("decode", 1)
     before = pcg_backend.stats()
@@ -97,13 +100,16 @@ def test_toy_fuzz_500_counts_no_recompiles_no_recaptures(device):
         driver.step(kind, n)
     after = pcg_backend.stats()
     assert after["graphs_compiled"] == before["graphs_compiled"] == 2   # dynamic counts, and Dynamo's n=1 graph
-    # Every prefill between buckets is padded (the state's two rows are not a token dim, whatever n was traced).
-    padded = sum(1 for kind, n in plan if kind == "prefill" and 1 < n <= TOY_SIZES[-1] and n not in TOY_SIZES)
+    # Every prefill between buckets is padded, overflow buckets included (the state's two rows are not a token
+    # dim, whatever n was traced).
+    padded = sum(1 for kind, n in plan if kind == "prefill" and 1 < n and n not in TOY_SIZES + overflow)
     assert after["padded_calls"] - before["padded_calls"] == padded
     assert after["cuda_graphs_captured"] == before["cuda_graphs_captured"]
     if device == "cuda":
-        # 3 capturable pieces; the dynamic graph took every bucket >= 2 up front, the n=1 graph its one shape
-        assert before["cuda_graphs_captured"] == 3 * (len(TOY_SIZES) - 1) + 3
+        # 3 capturable pieces; the dynamic graph took every bucket >= 2 up front and each overflow bucket on
+        # its first call, the n=1 graph its one shape
+        assert before["cuda_graphs_captured"] == 3 * (len(TOY_SIZES) - 1 + len(overflow)) + 3
+        assert before["live_captures"] == 3 * len(overflow) + 3
         assert after["cuda_graph_replays"] > before["cuda_graph_replays"]
 
 
