@@ -97,7 +97,8 @@ def test_a_granite_with_eight_experts_stays_within_eager_noise():
     import transformers as tf
     from hf_models import tiny_config
 
-    ladder = Ladder(pcg_backend.options.parse_options(OPTIONS).capture_sizes)
+    opts = pcg_backend.options.parse_options(OPTIONS)
+    ladder = Ladder(opts.capture_sizes + opts.overflow_sizes)   # every size pcg pads to, overflow buckets too
     config = tiny_config("granitemoehybrid")
     config.num_local_experts, config.num_experts_per_tok = 8, 3
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ import torch
 import pcg_backend
 from pcg_backend import runtime
 from conftest import requires_cuda
-from test_padding_rule_cpu import COUNTS, H, PADDED_CALLS, SIZES, _Chain, _chain, _expect_paddable, _nan_pad
+from test_padding_rule_cpu import (CHAIN_OPTIONS, COUNTS, H, PADDED_CALLS, _Chain, _chain, _expect_paddable,
+                                   _nan_pad)
 
 pytestmark = requires_cuda
 
@@ -29,7 +30,7 @@ def test_generated_chain_on_cuda_graphs(seed, compiler, monkeypatch):
     torch.manual_seed(0)
     model = _Chain(names).cuda()
     compiled = torch.compile(model, backend="pcg", dynamic=True,
-                             options={"capture_sizes": SIZES, "compiler": compiler, "progress": False})
+                             options={**CHAIN_OPTIONS, "compiler": compiler, "progress": False})
     monkeypatch.setattr(runtime, "pad_dims", _nan_pad)
     with torch.no_grad():
         for n in COUNTS:

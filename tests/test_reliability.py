@@ -178,7 +178,11 @@ class _HFDriver:
 def test_hf_fuzz_500_prefill_and_decode_calls(device, capture_split_ops):
     driver = _HFDriver(device, capture_split_ops=capture_split_ops)
     sizes = buckets.default_ladder(64)
-    for n in [*sizes, 3, 100, 128]:                      # the first pass over the buckets
+    # The fuzz plan's prefills reach 128 tokens: the default overflow buckets above 64 they land in.
+    above = buckets.Ladder(buckets.overflow_ladder(64, 2048))
+    overflow = sorted({above.bucket(n) for n in range(65, 129)})
+    assert overflow == [80, 96, 120, 144]
+    for n in [*sizes, 3, 100, 128, *overflow]:           # the first pass over the buckets
         driver.step("prefill", n)
         for _ in range(3):
             driver.step("decode", 1)
