@@ -3,7 +3,8 @@
 A bucket is a padded token count. A call with `n` real tokens runs at the
 smallest bucket >= n; the padded rows are zeros (never uninitialised memory,
 which has spread NaNs into real tokens in other serving engines) and are
-sliced off the outputs.
+sliced off the outputs. Above the ladder, coarser overflow buckets
+(`overflow_ladder`) take calls up to the option `max_overflow_size`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ token dim, or inputs written in place along it) capture lazily, one key at a
 time, since pcg cannot make inputs of other sizes for them.
 
 Per call it reads the real token count n from the graph's inputs, picks the
-bucket, zero-pads every input along the token dim, publishes a
+bucket (above the ladder, an overflow bucket: captured on its first call, and
+given up for a key whose capture failed there), zero-pads every input along the token dim, publishes a
 `ForwardContext`, runs the split module (captured pieces replay, split ops run
 eagerly on the real n), slices each output back to n, and clones outputs that
 live in graph-pool memory (so that a later replay cannot overwrite them) or
