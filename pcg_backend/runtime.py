@@ -259,9 +259,7 @@ class PiecewiseRunner:
                 self._captured_keys.add((rest, weights))
                 self._capture_every_bucket(args, rest)
         ctx, bucket = self._context(args)
-        rest = None
         if ctx.overflow_refusals is not None:
-            rest = tuple(g(args) for g in self._key_getters)
             STATS.overflow_calls += 1
         if bucket is not None and bucket != ctx.num_tokens:
             args = self._pad(list(args), bucket)
@@ -271,6 +269,7 @@ class PiecewiseRunner:
         with context.forward_context(ctx):
             outs = self._forward(*args)
         if ctx.overflow_refusals:
+            rest = ctx.capture_key[1:]   # refusals come from captures, so there is a key: (bucket, *rest)
             self._overflow_off[rest] = ctx.overflow_refusals[0]
             STATS.note(f"{self.name}: no more overflow buckets for key {rest}, calls above the largest bucket "
                        f"{self.ladder.largest} run unpadded without CUDA graphs: {ctx.overflow_refusals[0]}")
