@@ -28,7 +28,10 @@ def test_prefill_bf16_matches_eager_with_kernels(family):
     # bf16 logits are O(1); padding changes GEMM shapes, hence accumulation order, by a few bf16 ulps.
     diffs = prefill_logits(model, PREFILL_SIZES, atol=0.05, device="cuda")
     s = pcg_backend.stats()
-    assert s["cuda_graphs_captured"] > 0 and s["cuda_graph_replays"] >= 0
+    # 3, 17 and 100 padded (buckets 4, 24, the overflow bucket 120); 200 above the overflow buckets.
+    assert (s["padded_calls"], s["overflow_calls"]) == (3, 1), pcg_backend.report()
+    assert s["cuda_graphs_captured"] > 0 and s["cuda_graph_replays"] > 0, pcg_backend.report()
+    assert "token count above the largest overflow bucket 128" in s["eager_reasons"], pcg_backend.report()
     print(f"{family}: pcg vs eager max |diff| {max(diffs.values()):.4f}, eager run-to-run "
           f"{_eager_run_to_run(model, PREFILL_SIZES):.4f} ({torch.cuda.get_device_name()})")
 
