@@ -25,7 +25,7 @@ import torch
 
 from . import context, hf
 from .backend import pcg_backend
-from .eager_pieces import UndeclaredWriteError
+from .write_check import UndeclaredWriteError
 from .analyse.padding_rule import register_row_wise
 from .ops.registry import is_split_op, register_split_op, unregister_split_op
 from .options import BackendOptionError, PcgOptionError, parse_options

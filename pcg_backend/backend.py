@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from . import hf, state_slots
+from . import hf, state_slots, write_check
 from .analyse.fx_facts import node_value, op_argument_names, written_inputs
 from .analyse.node_kinds import Kind
 from .buckets import Ladder
@@ -169,12 +169,14 @@ def _capturable_piece(sub: torch.fx.GraphModule, name: str, split, opts, pool, w
     # After the twin is made: it routes those linears to pcg::skinny_linear instead, for its small buckets.
     wrapped.aligned += aligned_linear.align_linear_outputs(sub)
     written = written_inputs(sub)
-    runnable = _compile_piece(sub, opts.compiler)
+    # Split ops captured in the piece run inside its compiled code: their first run is checked there.
+    checked = write_check.check_first_run if write_check.calls_user_split_ops(sub) else (lambda run: run)
+    runnable = checked(_compile_piece(sub, opts.compiler))
     if not pool:
         return EagerPiece(runnable, None, written)
     return CudaGraphPiece(runnable, name, pool, written, write_back=split.paddable,
                           gemm_library=opts.gemm_library,
-                          small_runnable=None if twin is None else _compile_piece(twin, opts.compiler),
+                          small_runnable=None if twin is None else checked(_compile_piece(twin, opts.compiler)),
                           small_tokens=skinny_gemm.MAX_ROWS)
 
 

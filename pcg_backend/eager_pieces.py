@@ -7,9 +7,9 @@ state write, a KV-cache `index_copy_`) gets a private copy of that input
 instead. Model state is therefore exactly what the caller's own forwards made it.
 
 A split op is also checked on its first call: an argument its schema does not
-declare as written must not change (its version counter must not move). pcg
-relies on the schema to know what it may pad, copy or capture, so an
-undeclared write is an error, not a warning.
+declare as written must not change (`write_check.py`). pcg relies on the
+schema to know what it may pad, copy or capture, so an undeclared write is an
+error, not a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import torch
 
 from . import context
 from .stats import STATS
+from .write_check import UndeclaredWriteError, raise_if_written
+
+__all__ = ["EagerPiece", "SplitOpPiece", "UndeclaredWriteError", "private_copies"]
 
 
 def private_copies(args: tuple, written) -> tuple:
@@ -54,10 +57,6 @@ class EagerPiece(torch.nn.Module):
     __call__ = forward
 
 
-class UndeclaredWriteError(RuntimeError):
-    """A split op wrote a tensor argument that its schema does not mark as written."""
-
-
 class SplitOpPiece(torch.nn.Module):
     """A split op's piece: runs eagerly on the real kernels, and is checked once for undeclared writes."""
 
@@ -75,18 +74,10 @@ class SplitOpPiece(torch.nn.Module):
             args = private_copies(args, self.written)
         if self.checked:
             return self.runnable(*args)
-        read_only = [(i, a, a._version) for i, a in enumerate(args)
+        read_only = [(self.arg_names.get(i, f"input {i}"), a, a._version) for i, a in enumerate(args)
                      if isinstance(a, torch.Tensor) and i not in self.written]
         out = self.runnable(*args)
-        for i, tensor, version in read_only:
-            if tensor._version != version:
-                name = self.arg_names.get(i, f"input {i}")
-                raise UndeclaredWriteError(
-                    f"split op {self.op_name} wrote its argument '{name}' in place, but its schema does not "
-                    f"declare the write. pcg pads, copies and captures tensors by what the schema says, so "
-                    f"this would corrupt state: add '{name}' to mutates_args in torch.library.custom_op "
-                    f"(or mark it Tensor(a!) in the schema)."
-                )
+        raise_if_written(self.op_name, [name for name, tensor, version in read_only if tensor._version != version])
         self.checked = True
         return out
 
