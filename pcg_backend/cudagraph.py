@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from . import context
+from . import context, write_check
 from .batched_copy import copy_pairs
 from .eager_pieces import private_copies
 from .gemm_library import gemm_library
@@ -183,7 +183,8 @@ def _host_sync_in(fn) -> str | None:
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        fn()
+        with write_check.probing():   # its first-run check reads on the host: it waits for a later run
+            fn()
     except RuntimeError as e:
         if "synchronizing CUDA operation" not in str(e):
             raise

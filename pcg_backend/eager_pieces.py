@@ -18,7 +18,7 @@ import torch
 
 from . import context
 from .stats import STATS
-from .write_check import UndeclaredWriteError, raise_if_written
+from .write_check import UndeclaredWriteError, changed, fingerprint, raise_if_written, read_only_to_check
 
 __all__ = ["EagerPiece", "SplitOpPiece", "UndeclaredWriteError", "private_copies"]
 
@@ -74,10 +74,13 @@ class SplitOpPiece(torch.nn.Module):
             args = private_copies(args, self.written)
         if self.checked:
             return self.runnable(*args)
-        read_only = [(self.arg_names.get(i, f"input {i}"), a, a._version) for i, a in enumerate(args)
-                     if isinstance(a, torch.Tensor) and i not in self.written]
+        read_only = read_only_to_check([(self.arg_names.get(i, f"input {i}"), a) for i, a in enumerate(args)
+                                        if i not in self.written], [args[i] for i in self.written])
+        # Version counters where torch keeps them (no copy, no sync); inference tensors keep none.
+        before = [(name, t, fingerprint(t) if t.is_inference() else t._version) for name, t in read_only]
         out = self.runnable(*args)
-        raise_if_written(self.op_name, [name for name, tensor, version in read_only if tensor._version != version])
+        raise_if_written(self.op_name, [name for name, t, seen in before
+                                        if (changed(t, seen) if t.is_inference() else t._version != seen)])
         self.checked = True
         return out
 

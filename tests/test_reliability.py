@@ -237,64 +237,6 @@ def test_split_op_with_an_undeclared_write_is_an_error():
         pcg_backend.unregister_split_op(sneaky)
 
 
-@pytest.mark.parametrize("compiler", ["eager", "inductor"])
-@pytest.mark.parametrize("flags, dynamic, sizes", [
-    ({"cudagraph_safe": True}, False, (3,)),                    # captured in an exact-size graph
-    ({"padding_safe": True}, True, (3, 5)),                      # captured in a padded graph (buckets 4 and 8)
-])
-def test_a_captured_split_op_with_an_undeclared_write_is_an_error(compiler, flags, dynamic, sizes):
-    """A safe split op runs inside its piece's compiled code; the piece's first run checks it all the same."""
-    from pcg_backend import UndeclaredWriteError
-
-    @torch.library.custom_op("pcg_test::sneaky_scratch", mutates_args=())
-    def sneaky(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-        scratch.add_(1)                # writes scratch, but the schema says it is read-only
-        return x * 2
-
-    sneaky.register_fake(lambda x, scratch: torch.empty_like(x))
-    pcg_backend.register_split_op(sneaky, **flags)
-    try:
-        lin = torch.nn.Linear(4, 4)
-        f = torch.compile(lambda x, s: torch.ops.pcg_test.sneaky_scratch(lin(x), s) + 1, backend="pcg",
-                          dynamic=dynamic, options={"capture_sizes": [1, 2, 4, 8], "compiler": compiler})
-        for n in sizes:   # a scratch of 1 element: Dynamo keeps a size of 1 static, where 2 would be a symbol
-            with torch.no_grad(), pytest.raises(UndeclaredWriteError,
-                                                match=r"sneaky_scratch wrote its argument 'scratch' in place"):
-                f(torch.randn(n, 4), torch.zeros(1))
-        assert pcg_backend.stats()["split_ops_in_graphs"] == 1, pcg_backend.report()
-    finally:
-        pcg_backend.unregister_split_op(sneaky)
-
-
-def test_a_captured_split_op_that_declares_its_writes_runs_checked_once(monkeypatch):
-    from pcg_backend import write_check
-
-    checks = []
-    real = write_check._read_only_arguments
-    monkeypatch.setattr(write_check, "_read_only_arguments", lambda *a: checks.append(a[0]) or real(*a))
-
-    @torch.library.custom_op("pcg_test::honest_scratch", mutates_args=("scratch",))
-    def honest(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-        scratch.add_(1)
-        return x * 2
-
-    honest.register_fake(lambda x, scratch: torch.empty_like(x))
-    pcg_backend.register_split_op(honest, cudagraph_safe=True)
-    try:
-        lin = torch.nn.Linear(4, 4)
-        f = torch.compile(lambda x, s: torch.ops.pcg_test.honest_scratch(lin(x), s) + 1, backend="pcg",
-                          dynamic=False, options={"capture_sizes": [1, 2, 4, 8]})
-        scratch = torch.zeros(2)
-        with torch.no_grad():
-            for _ in range(3):
-                x = torch.randn(3, 4)
-                torch.testing.assert_close(f(x, scratch), lin(x) * 2 + 1)
-        torch.testing.assert_close(scratch, torch.full((2,), 3.0))
-        assert len(checks) == 1 and pcg_backend.stats()["split_ops_in_graphs"] == 1, pcg_backend.report()
-    finally:
-        pcg_backend.unregister_split_op(honest)
-
-
 def test_declared_writes_pass_the_check():
     driver = _ToyDriver("cpu")
     driver.step("prefill", 5)     # running_sum declares state and out: no error
