@@ -96,7 +96,8 @@ def read_only_to_check(named: list[tuple[str, object]], written: list[object]) -
     A tensor that is also written through another argument (the same tensor
     passed twice, or a view of a written one) may change legitimately.
     """
-    written_storages = {w.untyped_storage().data_ptr() for w in written if isinstance(w, torch.Tensor)}
+    written_storages = {w.untyped_storage().data_ptr() for w in written
+                        if isinstance(w, torch.Tensor) and w.layout == torch.strided}
     return [(name, t) for name, t in named if isinstance(t, torch.Tensor) and _checkable(t)
             and t.untyped_storage().data_ptr() not in written_storages]
 
