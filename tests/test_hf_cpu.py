@@ -36,6 +36,16 @@ def test_generate_dynamic_cache(family, batch):
     generate_matches(tiny_model(family), batch)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_generate_under_inference_mode(family):
+    """Inference tensors keep no version counter, which pcg's write check and weight prologue would read."""
+    model = tiny_model(family)
+    with torch.inference_mode():
+        prefill_logits(model, [1, 17, 100], ATOL)     # a bucket, and an overflow bucket
+        generate_matches(model, 4)                    # left-padded batch
+    assert pcg_backend.stats()["overflow_calls"] >= 1
+
+
 @pytest.mark.parametrize("family", ["nemotron_h", "bamba", "granitemoehybrid"])
 def test_generate_static_cache(family):
     generate_matches(tiny_model(family), 4, cache_implementation="static")
