@@ -44,6 +44,17 @@ def test_generate_fp32_with_kernels(family):
     assert pcg_backend.stats()["cuda_graph_replays"] > 0, pcg_backend.report()
 
 
+@pytest.mark.parametrize("family", ["nemotron_h", "granitemoehybrid"])
+def test_prefill_and_generate_under_inference_mode_with_kernels(family):
+    """Inference tensors through captured pieces, state slots and the split ops between pieces (fp32)."""
+    pytest.importorskip("mamba_ssm")
+    model = tiny_model(family, device="cuda")
+    with torch.inference_mode():
+        prefill_logits(model, [1, 17, 100], atol=1e-3, device="cuda")
+        generate_matches(model, 4, device="cuda", state_atol=1e-3)
+    assert pcg_backend.stats()["cuda_graph_replays"] > 0, pcg_backend.report()
+
+
 def test_generate_static_cache_gpu():
     model = tiny_model("nemotron_h", device="cuda")
     generate_matches(model, 4, cache_implementation="static", device="cuda", state_atol=1e-3)
