@@ -27,6 +27,7 @@ from .eager_pieces import EagerPiece, SplitOpPiece
 from .ops import skinny_gemm
 from .options import parse_backend_options
 from .rewrite import aligned_linear, weight_prologue
+from .rewrite.nested_regions import inline_nested_regions
 from .rewrite.skinny_routing import route_skinny_linears, routed_twin
 from .split import split_graph
 from .stats import STATS, GraphRecord
@@ -89,6 +90,7 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     hf.install(gm)  # an HF graph traced before routing was on: turn it on and make Dynamo trace again
     name = f"graph{STATS.graphs_compiled}"
     check_one_device(gm)
+    inlined = inline_nested_regions(gm)   # their split ops become nodes of the graph, cut like any other
     prologue, gm = weight_prologue.hoist(gm, example_inputs)   # before the split: it adds graph inputs
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     split = split_graph(gm, opts.capture_split_ops)
@@ -101,6 +103,9 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
 
     wrapped = _wrap_pieces(split, name, opts, pool)
     notes = wrapped.notes + _graph_notes(split, opts, wrapped)
+    if inlined:
+        notes.append(f"{inlined} call(s) of a nested compile region (invoke_subgraph) inlined, so that the split "
+                     f"ops inside are cut like any other")
     if prologue is not None:
         notes.append(f"{prologue.hoisted} node(s) of arithmetic on the weights alone (such as a Mamba2 mixer's "
                      f"-exp(A_log)) run outside the graph, again only when a weight changes")
