@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one place, for a machine with CUDA: `tools/gpu_suite.sh tests` runs the core GPU
-# test files (kernels, graphs, overflow buckets, padding rule, undeclared writes, HF forwards), `tools/gpu_suite.sh tests-scan`
+# test files (kernels, graphs, overflow buckets, padding rule, undeclared writes, nested regions, HF forwards), `tools/gpu_suite.sh tests-scan`
 # the fresh prefill's scan kernels against mamba-ssm (whose autotuning makes them slow to start) and the
 # MoE router and experts kernels against HF's,
 # `tools/gpu_suite.sh tests-hf` the HF generate() ones (padding, static caches, traffic, the deferred
@@ -36,7 +36,7 @@ case "$stage" in
             files="tests/test_hf_gpu.py tests/test_reliability.py tests/test_cudagraph_gpu.py tests/test_mamba2_prep_gpu.py
                    tests/test_skinny_gemm_gpu.py tests/test_fused_decode_ops_gpu.py tests/test_decode_attention_gpu.py
                    tests/test_padding_rule_gpu.py tests/test_state_update_gpu.py tests/test_overflow_buckets_gpu.py
-                   tests/test_write_check.py"
+                   tests/test_write_check.py tests/test_nested_regions.py"
         elif [ "$stage" = tests-scan ]; then
             files="tests/test_short_scan_gpu.py tests/test_one_chunk_scan_gpu.py tests/test_moe_experts_gpu.py"
         else

@@ -163,3 +163,23 @@ def test_nested_split_ops_are_found_at_any_depth_and_regions_with_control_flow_a
     assert inline_nested_regions(gm) == 0   # control flow is no nested region
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert all(nested_split_ops(gm, n) == [] for n in placeholders)
+
+
+@requires_regions
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_inlined_regions_are_captured_per_bucket_on_cuda():
+    layers = 3
+    model = RegionModel(layers, 16, two_regions=False, seed=0).cuda().eval()
+    compiled = torch.compile(model, backend="pcg", dynamic=True,
+                             options={"capture_sizes": SIZES, "max_overflow_size": 0})
+    dynamic_sizes = [s for s in SIZES if s > 1]   # a 1-token call is Dynamo's own static graph
+    with torch.no_grad():
+        for n in [3, 2, 4, 5, 9, 16]:
+            x = torch.randn(n, 16, device="cuda")
+            torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
+    s = pcg_backend.stats()
+    assert s["graphs_compiled"] == 1 and s["split_op_nodes"] == layers
+    # Every bucket of every piece between the inlined split ops, up front; then replays only.
+    assert s["cuda_graphs_captured"] == len(dynamic_sizes) * (layers + 1)
+    assert s["cuda_graph_replays"] == 6 * (layers + 1)
+    assert s["padded_calls"] == 3 and s["eager_runs"] == 0
