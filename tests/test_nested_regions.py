@@ -64,8 +64,14 @@ def _region_calls(model, hidden: int) -> int:
 
 
 def _generated_cases(count: int):
+    """Random region models in which each region is called at least twice (Dynamo inlines a region it
+    sees once itself, which would leave pcg's inliner nothing to do)."""
     rng = random.Random(20)
-    return [(rng.randint(1, 4), rng.choice([8, 16]), rng.random() < 0.5, rng.randint(0, 10 ** 6)) for _ in range(count)]
+    cases = []
+    for _ in range(count):
+        layers = rng.randint(2, 5)
+        cases.append((layers, rng.choice([8, 16]), layers >= 4 and rng.random() < 0.5, rng.randint(0, 10 ** 6)))
+    return cases
 
 
 @requires_regions
@@ -73,6 +79,7 @@ def _generated_cases(count: int):
 def test_split_ops_in_nested_regions_are_cut_and_padded_like_any_other(layers, hidden, two_regions, seed):
     model = RegionModel(layers, hidden, two_regions, seed).eval()
     region_calls = _region_calls(model, hidden)
+    assert region_calls == layers   # every call is an invoke_subgraph: the inliner has work in every case
     compiled = torch.compile(model, backend="pcg", dynamic=True,
                              options={"capture_sizes": SIZES, "max_overflow_size": 0})
     before = toy.CALLS["mix_functional"]
@@ -91,8 +98,7 @@ def test_split_ops_in_nested_regions_are_cut_and_padded_like_any_other(layers, h
     assert s["padded_calls"] == 4
     # Each compiled call and each eager call ran the split op once per layer (a 1-token call included).
     assert toy.CALLS["mix_functional"] - before == 2 * layers * len(LENGTHS)
-    inlined = f"{region_calls} call(s) of a nested compile region (invoke_subgraph) inlined"
-    assert (inlined in pcg_backend.report()) == (region_calls > 0)
+    assert f"{region_calls} call(s) of a nested compile region (invoke_subgraph) inlined" in pcg_backend.report()
 
 
 @requires_regions
@@ -143,26 +149,159 @@ def test_a_split_op_inside_cond_runs_eagerly_at_exact_sizes_with_its_reason():
     assert "where pcg cannot cut them out or hand them the real token count" in pcg_backend.report()
 
 
-def test_nested_split_ops_are_found_at_any_depth_and_regions_with_control_flow_are_kept():
-    def inner(t):
-        return torch.cond(t.sum() > 0, lambda u: torch.ops.pcg_toy.mix_functional(u), lambda u: u + 1, (t,))
-
-    def f(x):
-        return torch.cond(x.mean() > 0, inner, lambda t: t - 1, (x,))
-
+def _dynamo_graph(f, *args):
     graphs = []
 
-    def backend(gm, example_inputs):
+    def record(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    torch.compile(f, backend=backend, dynamic=True)(torch.randn(6, 4))
+    torch.compile(f, backend=record, dynamic=True)(*args)
+    torch._dynamo.reset()
     (gm,) = graphs
-    outer = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)]
-    assert [nested_split_ops(gm, n) for n in outer] == [["pcg_toy::mix_functional"]]
-    assert inline_nested_regions(gm) == 0   # control flow is no nested region
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    assert all(nested_split_ops(gm, n) == [] for n in placeholders)
+    return gm
+
+
+def _hops(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)]
+
+
+def test_split_ops_inside_control_flow_are_found_at_any_depth():
+    def inner(t):
+        return torch.cond(t.sum() > 0, lambda u: torch.ops.pcg_toy.mix_functional(u), lambda u: u + 1, (t,))
+
+    def with_split_op(x):
+        return torch.cond(x.mean() > 0, inner, lambda t: t - 1, (x,))
+
+    def without(x):
+        return torch.cond(x.mean() > 0, lambda t: t.sin(), lambda t: t - 1, (x,))
+
+    gm = _dynamo_graph(with_split_op, torch.randn(6, 4))
+    assert [nested_split_ops(gm, n) for n in _hops(gm)] == [["pcg_toy::mix_functional"]]
+    gm = _dynamo_graph(without, torch.randn(6, 4))
+    assert [nested_split_ops(gm, n) for n in _hops(gm)] == [[]]
+
+
+if hasattr(torch.compiler, "nested_compile_region"):
+    @torch.compiler.nested_compile_region
+    def inner_mix(h):
+        return torch.ops.pcg_toy.mix_functional(h) * 2
+
+    @torch.compiler.nested_compile_region
+    def outer_mix(h):
+        return inner_mix(inner_mix(h)) - 1
+
+    @torch.compiler.nested_compile_region
+    def plain_mix(h):
+        return torch.ops.pcg_toy.mix_functional(h) + 1
+
+    def _inner_cond(t):
+        return torch.cond(t.mean() > 1, lambda u: u.sin(), lambda u: u * 2, (t,))
+
+    @torch.compiler.nested_compile_region
+    def gated(h):
+        # A cond whose branch holds a cond: the branch module has a submodule of its own.
+        return torch.cond(h.sum() > 0, _inner_cond, lambda t: t - 1, (h,))
+
+    @torch.compiler.nested_compile_region
+    def gated_mix(h):
+        return torch.cond(h.sum() > 0, lambda t: torch.ops.pcg_toy.mix_functional(t), lambda t: t - 1, (h,))
+
+    @torch.compiler.nested_compile_region
+    def two_outputs(h, weight):
+        return torch.ops.pcg_toy.mix_functional(h), torch.tanh(h @ weight)
+
+
+def _matches_eager(f, *extra, lengths=LENGTHS[1:]):
+    compiled = torch.compile(f, backend="pcg", dynamic=True,
+                             options={"capture_sizes": SIZES, "max_overflow_size": 0})
+    with torch.no_grad():
+        for n in lengths:
+            for shift in (0.5, -5.0):
+                x = torch.randn(n, 16) + shift
+                torch.testing.assert_close(compiled(x, *extra), f(x, *extra), atol=ATOL, rtol=0)
+    return len(lengths) * 2
+
+
+@requires_regions
+def test_regions_inside_regions_are_inlined_and_cut():
+    def f(x):
+        return outer_mix(outer_mix(plain_mix(plain_mix(x))))
+
+    _matches_eager(f)
+    s = pcg_backend.stats()
+    # 2 plain calls + 2 outer calls of 2 inner calls each: 8 calls inlined, 6 split ops cut, each
+    # followed by a piece (the first op reads the input itself, so no piece comes before it).
+    assert (s["graphs_compiled"], s["split_op_nodes"], s["pieces"]) == (1, 6, 12)
+    assert s["padded_calls"] == 2 * 4   # 3, 5, 9, 15, each with both shifts
+    assert "8 call(s) of a nested compile region (invoke_subgraph) inlined" in pcg_backend.report()
+
+
+@requires_regions
+def test_a_cond_inside_a_region_stays_a_cond_and_its_modules_are_kept():
+    def f(x):
+        return gated(gated(plain_mix(plain_mix(x))))
+
+    _matches_eager(f)
+    s = pcg_backend.stats()
+    assert s["split_op_nodes"] == 2   # the plain regions' ops; the conds hold none
+    assert "4 call(s) of a nested compile region (invoke_subgraph) inlined" in pcg_backend.report()
+
+
+@requires_regions
+def test_a_split_op_in_a_cond_inside_a_region_runs_eagerly_at_exact_sizes():
+    def f(x):
+        return gated_mix(gated_mix(x)) * 3
+
+    calls = _matches_eager(f)
+    s = pcg_backend.stats()
+    assert s["split_op_nodes"] == 0 and s["padded_calls"] == 0
+    held = sum(runs for reason, runs in s["eager_reasons"].items()
+               if "holds split op(s) pcg_toy::mix_functional" in reason)
+    assert held == calls   # one eager piece holds both conds
+    assert "2 call(s) of a nested compile region (invoke_subgraph) inlined" in pcg_backend.report()
+
+
+@requires_regions
+def test_every_output_of_an_inlined_region_keeps_its_value():
+    weight = torch.randn(16, 16) / 4
+
+    def f(x, w):
+        a, b = two_outputs(x, w)
+        c, d = two_outputs(b, w)
+        return a - 2 * b + 3 * c - 4 * d
+
+    _matches_eager(f, weight)
+    s = pcg_backend.stats()
+    assert s["split_op_nodes"] == 2 and s["padded_calls"] == 2 * 4
+
+
+def test_wrap_is_inlined_too():
+    from torch._higher_order_ops.wrap import wrap
+
+    weight = torch.randn(16, 16) / 4
+
+    def body(h, w):
+        return torch.ops.pcg_toy.mix_functional(h) + h @ w
+
+    def f(x, w):
+        return wrap(body, x, w) * 2
+
+    assert [n.target.name() for n in _hops(_dynamo_graph(f, torch.randn(5, 16), weight))] == ["wrap"]
+    _matches_eager(f, weight)
+    s = pcg_backend.stats()
+    assert s["split_op_nodes"] == 1 and s["padded_calls"] == 2 * 4
+
+
+@requires_regions
+def test_a_region_call_used_other_than_through_getitem_is_left_alone():
+    gm = _dynamo_graph(RegionModel(3, 16, two_regions=False, seed=0).eval(), torch.randn(5, 16))
+    calls = [n for n in _hops(gm) if n.target.name() == "invoke_subgraph"]
+    assert len(calls) == 3
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output.args = ((*output.args[0], calls[1]),)   # the call's tuple itself reaches the output
+    assert inline_nested_regions(gm) == 2
+    assert [n for n in _hops(gm) if n.target.name() == "invoke_subgraph"] == [calls[1]]
 
 
 @requires_regions
