@@ -14,7 +14,9 @@ alternating rounds: the kernel on, then off (HF's SDPA path through the same
 op). Both run the same compiled graphs and captured pieces, since the
 attention between pieces is not captured; the rounds alternate so that a
 host that speeds up or slows down weighs on both. It prints each round's
-step time, the medians and their ratio. A diagnostic: the benchmark measures
+step time, the medians and their ratio, and for each path where a
+`generate()`'s host time goes (`host_phases.py`; "between replays" holds the
+attention layers run between the step's graphs). A diagnostic: the benchmark measures
 speed.
 """
 
@@ -28,22 +30,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pcg_backend import bench  # noqa: E402
+from pcg_backend import bench, host_phases  # noqa: E402
 from pcg_backend.families import FAMILIES  # noqa: E402
 from pcg_backend.ops import decode_attention  # noqa: E402
 
 
-def step_ms(model, batch: int, new_tokens: int, repeats: int) -> float:
-    """Milliseconds per decode step: (a generate of `new_tokens` - one of 1 token) / (new_tokens - 1)."""
+def _generate(model, batch: int):
     ids = torch.randint(2, model.config.vocab_size, (batch, 16), device="cuda")
 
     def gen(k):
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                              do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                                  do_sample=False, pad_token_id=0)
 
-    with torch.no_grad():
-        long = bench.timed(lambda: gen(new_tokens), repeats)
-        short = bench.timed(lambda: gen(1), repeats)
+    return gen
+
+
+def step_ms(model, batch: int, new_tokens: int, repeats: int) -> float:
+    """Milliseconds per decode step: (a generate of `new_tokens` - one of 1 token) / (new_tokens - 1)."""
+    gen = _generate(model, batch)
+    long = bench.timed(lambda: gen(new_tokens), repeats)
+    short = bench.timed(lambda: gen(1), repeats)
     return 1e3 * (long - short) / (new_tokens - 1)
 
 
@@ -76,6 +83,11 @@ def main(argv=None) -> None:
                 decode_attention.applies = applies if mode == "kernel" else (lambda *a: False)
                 times[mode].append(step_ms(model, args.batch, args.new_tokens, args.repeats))
                 print(f"round {r}: {mode:>6} {times[mode][-1]:.3f} ms per step", flush=True)
+        for mode in times:   # where a generate()'s host time goes, per mode: "between replays" holds the cuts
+            decode_attention.applies = applies if mode == "kernel" else (lambda *a: False)
+            gen = _generate(model, args.batch)
+            print(f"{mode:>6} generate of {args.new_tokens}: {host_phases.measure(lambda: gen(args.new_tokens))}",
+                  flush=True)
     finally:
         decode_attention.applies = applies
     on, off = statistics.median(times["kernel"]), statistics.median(times["sdpa"])
