@@ -104,8 +104,8 @@ def pcg_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     wrapped = _wrap_pieces(split, name, opts, pool)
     notes = wrapped.notes + _graph_notes(split, opts, wrapped)
     if inlined:
-        notes.append(f"{inlined} call(s) of a nested compile region (invoke_subgraph) inlined, so that the split "
-                     f"ops inside are cut like any other")
+        notes.append(f"{inlined} subgraph call(s) (nested compile regions, wrap) inlined, so that the split ops "
+                     f"inside are cut like any other")
     if prologue is not None:
         notes.append(f"{prologue.hoisted} node(s) of arithmetic on the weights alone (such as a Mamba2 mixer's "
                      f"-exp(A_log)) run outside the graph, again only when a weight changes")

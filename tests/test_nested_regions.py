@@ -98,7 +98,7 @@ def test_split_ops_in_nested_regions_are_cut_and_padded_like_any_other(layers, h
     assert s["padded_calls"] == 4
     # Each compiled call and each eager call ran the split op once per layer (a 1-token call included).
     assert toy.CALLS["mix_functional"] - before == 2 * layers * len(LENGTHS)
-    assert f"{region_calls} call(s) of a nested compile region (invoke_subgraph) inlined" in pcg_backend.report()
+    assert f"{region_calls} subgraph call(s) (nested compile regions, wrap) inlined" in pcg_backend.report()
 
 
 @requires_regions
@@ -112,7 +112,7 @@ def test_a_region_called_three_times_is_inlined_three_times():
             torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
     s = pcg_backend.stats()
     assert (s["graphs_compiled"], s["split_op_nodes"], s["pieces"], s["padded_calls"]) == (1, 3, 7, 1)
-    assert "3 call(s) of a nested compile region (invoke_subgraph) inlined" in pcg_backend.report()
+    assert "3 subgraph call(s) (nested compile regions, wrap) inlined" in pcg_backend.report()
 
 
 class CondModel(torch.nn.Module):
@@ -234,7 +234,7 @@ def test_regions_inside_regions_are_inlined_and_cut():
     # followed by a piece (the first op reads the input itself, so no piece comes before it).
     assert (s["graphs_compiled"], s["split_op_nodes"], s["pieces"]) == (1, 6, 12)
     assert s["padded_calls"] == 2 * 4   # 3, 5, 9, 15, each with both shifts
-    assert "8 call(s) of a nested compile region (invoke_subgraph) inlined" in pcg_backend.report()
+    assert "8 subgraph call(s) (nested compile regions, wrap) inlined" in pcg_backend.report()
 
 
 @requires_regions
@@ -245,7 +245,7 @@ def test_a_cond_inside_a_region_stays_a_cond_and_its_modules_are_kept():
     _matches_eager(f)
     s = pcg_backend.stats()
     assert s["split_op_nodes"] == 2   # the plain regions' ops; the conds hold none
-    assert "4 call(s) of a nested compile region (invoke_subgraph) inlined" in pcg_backend.report()
+    assert "4 subgraph call(s) (nested compile regions, wrap) inlined" in pcg_backend.report()
 
 
 @requires_regions
@@ -259,7 +259,7 @@ def test_a_split_op_in_a_cond_inside_a_region_runs_eagerly_at_exact_sizes():
     held = sum(runs for reason, runs in s["eager_reasons"].items()
                if "holds split op(s) pcg_toy::mix_functional" in reason)
     assert held == calls   # one eager piece holds both conds
-    assert "2 call(s) of a nested compile region (invoke_subgraph) inlined" in pcg_backend.report()
+    assert "2 subgraph call(s) (nested compile regions, wrap) inlined" in pcg_backend.report()
 
 
 @requires_regions
@@ -291,6 +291,7 @@ def test_wrap_is_inlined_too():
     _matches_eager(f, weight)
     s = pcg_backend.stats()
     assert s["split_op_nodes"] == 1 and s["padded_calls"] == 2 * 4
+    assert "1 subgraph call(s) (nested compile regions, wrap) inlined" in pcg_backend.report()
 
 
 @requires_regions
