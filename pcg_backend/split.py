@@ -107,11 +107,11 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     aliases = token_aliases(gm, token, keyed)
     exact_reason = written_input_reason(gm, token, mutated_inputs(gm))
     # Split ops inside control flow (after nested compile regions were inlined): not cut, so not padded.
-    nested = {node: names for node in gm.graph.nodes if (names := nested_split_ops(gm, node))}
+    nested = {node: f"{node.target.name()} at node {node.name} holds split op(s) {', '.join(names)} in its "
+                    f"subgraph, where pcg cannot cut them out"
+              for node in gm.graph.nodes if (names := nested_split_ops(gm, node))}
     if nested and not exact_reason:
-        node, names = next(iter(nested.items()))
-        exact_reason = (f"{node.target.name()} at node {node.name} holds split op(s) {', '.join(names)} in its subgraph, "
-                        f"where pcg cannot cut them out or hand them the real token count")
+        exact_reason = next(iter(nested.values())) + " or hand them the real token count"
     picks = counts = 0
     row_wise: list = []
     if token is not None and not exact_reason:
@@ -123,9 +123,8 @@ def split_graph(gm: torch.fx.GraphModule, capture_split_ops: bool = True) -> Spl
     # Aliases are padded with the token count, so their sizes never key a capture.
     keyed = keyed | aliases
     kinds, mutated = classify(gm, keyed, on_cuda)
-    for node, names in nested.items():
-        kinds[node] = (Kind.DYNAMIC, f"{node.target.name()} at node {node.name} holds split op(s) {', '.join(names)} in "
-                                     f"its subgraph, where pcg cannot cut them out; it runs without a CUDA graph")
+    for node, held in nested.items():
+        kinds[node] = (Kind.DYNAMIC, held + "; it runs without a CUDA graph")
     split_nodes = sum(1 for k, _ in kinds.values() if k is Kind.SPLIT)
     fused = held_back = 0
     if capture_split_ops:
