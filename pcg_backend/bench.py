@@ -422,7 +422,8 @@ def run_variant(model, variant: str, prefill_sizes, batches, new_tokens: int, re
         result["captures_in_timed_calls"] = _CAPTURES_IN_TIMED_CALLS[0]
         print(f"  {variant:>16} captures at new addresses: {s['new_address_captures']} "
               f"({_CAPTURES_IN_TIMED_CALLS[0]} graphs captured inside timed calls), "
-              f"eager piece runs: {s['eager_runs']}", flush=True)
+              f"eager piece runs: {s['eager_runs']}, attention calls with SDPA's causal flag after a host "
+              f"check: {s['causal_flag_attention']}", flush=True)
     return result
 
 

@@ -74,6 +74,8 @@ class Stats:
         self.weight_nodes_hoisted = 0  # weight-only nodes moved out of graphs (rewrite/weight_prologue.py)
         self.weight_prologue_runs = 0  # times that arithmetic ran: once per graph, again when a weight changed
         self.deferred_stop_checks = 0  # generate() decode loops that read their stop flag a step late (hf/stop_check.py)
+        self.causal_mask_checks = 0    # 4-D masks read on the host, one sync each (ops/plain_causal.py)
+        self.causal_flag_attention = 0  # attention calls given SDPA's causal flag for a mask found plain causal
         self.eager_runs = 0
         self.eager_reasons: collections.Counter[str] = collections.Counter()
         self.graphs: list[GraphRecord] = []
@@ -127,6 +129,8 @@ class Stats:
             "weight_nodes_hoisted": self.weight_nodes_hoisted,
             "weight_prologue_runs": self.weight_prologue_runs,
             "deferred_stop_checks": self.deferred_stop_checks,
+            "causal_mask_checks": self.causal_mask_checks,
+            "causal_flag_attention": self.causal_flag_attention,
             "eager_runs": self.eager_runs,
             "eager_reasons": dict(self.eager_reasons),
             "routing": list(self.routing),
@@ -194,6 +198,10 @@ class Stats:
             lines.append(f"  HF layers: {sum(n for _, n in routed)} routed through pcg's ops"
                          + (f" ({', '.join(f'{n} {dec}' for dec, n in routed)})" if routed else "")
                          + f", {not_routed} not routed" + (" (see HF layer routing)" if not_routed else ""))
+        if d["causal_mask_checks"]:
+            lines.append(f"  Attention outside CUDA graphs: {d['causal_mask_checks']} mask(s) read on the host (one sync "
+                         f"per forward); {d['causal_flag_attention']} call(s) had no padding and ran with SDPA's "
+                         f"causal flag, as HF eager runs them")
         if d["deferred_stop_checks"]:
             lines.append(f"  generate(): {d['deferred_stop_checks']} decode loop(s) read their stop flag one step late, "
                          f"so the host queued each step while the GPU ran the one before")

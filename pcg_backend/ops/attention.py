@@ -47,7 +47,8 @@ import types
 import torch
 
 from .. import context
-from . import decode_attention
+from ..stats import STATS
+from . import decode_attention, plain_causal
 from .lean_op import lean_op
 from .registry import register_split_op
 
@@ -180,6 +181,11 @@ def attention(
         # The keys are this call's rows, padded: cut them with the queries (a mask's padded
         # columns may say "attend", as a float mask padded with zeros does).
         key, value = key[:, :, :n], value[:, :, :n]
+    if count is None and plain_causal.applies(n, key, mask, impl, is_causal):
+        # On the host, and the mask holds no padding: SDPA's causal flag, as HF eager would call it.
+        # (Checked before the mask is cut below: the verdict is kept for the tensor every layer receives.)
+        STATS.causal_flag_attention += 1
+        mask = None
     padded_rows = None   # captured: which query rows are padding, where already known
     if mask is not None and mask.dim() == 4:
         mask = mask[:, :, :n, : key.shape[-2]]

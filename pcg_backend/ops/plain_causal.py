@@ -1,0 +1,60 @@
+"""Whether a prefill's 4-D attention mask is plain causal, so SDPA may take its causal flag instead.
+
+Run eagerly, HF skips building the mask of a prefill without padding and
+calls SDPA with `is_causal=True`, which picks the flash kernel. Under
+`torch.compile` it cannot read the padding mask's values while tracing, so
+the traced graph always builds the boolean (batch, 1, q, k) mask, and SDPA
+given a mask runs its memory-efficient kernel over the whole square, after
+turning the mask into an additive bias. At 4096 tokens, 44 such layers of
+the FalconH1 benchmark shape made a prefill above the largest bucket 8 %
+slower than HF eager.
+
+`pcg::attention` runs a call outside any CUDA graph (above the largest
+bucket, or without graphs) on the host, where it may read the mask: if it
+equals the causal pattern, the call passes no mask and SDPA's causal flag,
+exactly what HF eager would have done. The check costs one comparison and
+one host synchronisation. Every layer of a forward receives the same mask
+tensor, so the verdict is kept for that tensor (held weakly: a later
+forward's mask is a new tensor, even at the same address) and the sync is
+paid once per forward. Shorter calls skip the check: a sync there weighs
+more than the attention it could speed up.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..stats import STATS
+
+# Query rows from which a call's mask is checked (one sync per forward against O(rows^2) attention).
+MIN_ROWS = 256
+
+_last: list = [None, False]   # (weak reference to the last mask checked, its verdict)
+
+
+def applies(rows: int, key: torch.Tensor, mask: torch.Tensor | None, impl: str, is_causal: bool) -> bool:
+    """True if a call of `rows` query rows may drop `mask` for SDPA's causal flag: an SDPA prefill of at
+    least MIN_ROWS query rows whose keys are exactly its own rows (no cache before them, where SDPA's top-left causal
+    alignment would be wrong), a causal module, and a boolean mask equal to the causal pattern.
+    Reads the mask on the host (synchronises) the first time it sees this mask tensor."""
+    if impl != "sdpa" or not is_causal or rows < MIN_ROWS or key.shape[2] != rows:
+        return False
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[2:] != (rows, rows):
+        return False
+    ref, verdict = _last
+    if ref is not None and ref() is mask:
+        return verdict
+    verdict = is_plain_causal(mask)
+    _last[:] = [weakref.ref(mask), verdict]
+    return verdict
+
+
+def is_plain_causal(mask: torch.Tensor) -> bool:
+    """True if every (batch, head) slice of the square boolean `mask` lets row i see keys 0..i, no more."""
+    STATS.causal_mask_checks += 1
+    rows = mask.shape[-1]
+    positions = torch.arange(rows, device=mask.device)
+    causal = positions[None, :] <= positions[:, None]
+    return not bool(torch.ne(mask, causal).any())
