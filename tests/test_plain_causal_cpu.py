@@ -1,0 +1,132 @@
+"""A prefill's mask read on the host: SDPA's causal flag where the mask is plain causal, the mask otherwise.
+
+Outside CUDA graphs `pcg::attention` compares a boolean 4-D mask with the
+causal pattern once per mask tensor (`ops/plain_causal.py`) and, where they
+are equal, calls SDPA with no mask and its causal flag, as HF eager does.
+These tests pin the comparison on generated masks, the conditions and the
+once-per-tensor verdict, the op's output against the masked call, and every
+attention family end to end against eager, with exact counts of host checks
+and of calls that took the flag.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pcg_backend
+from pcg_backend.ops import attention as att
+from pcg_backend.ops import plain_causal
+from pcg_backend.stats import STATS
+
+from hf_models import pcg_twin, tiny_model
+
+
+def _causal(batch: int, heads: int, rows: int) -> torch.Tensor:
+    return torch.ones(rows, rows, dtype=torch.bool).tril().expand(batch, heads, rows, rows).clone()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_generated_masks_are_plain_causal_exactly_when_equal_to_the_pattern(seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(25):
+        rows = int(torch.randint(1, 70, (), generator=g))
+        batch, heads = int(torch.randint(1, 4, (), generator=g)), int(torch.randint(1, 3, (), generator=g))
+        mask = _causal(batch, heads, rows)
+        assert plain_causal.is_plain_causal(mask)
+        # One element flipped anywhere (a padded key, a key beyond the diagonal) is no longer plain causal.
+        b, h, i, j = (int(torch.randint(0, n, (), generator=g)) for n in (batch, heads, rows, rows))
+        flipped = mask.clone()
+        flipped[b, h, i, j] = ~flipped[b, h, i, j]
+        assert not plain_causal.is_plain_causal(flipped)
+        # Left padding of one sequence: its first columns hidden from every row.
+        if rows > 1:
+            padded = mask.clone()
+            padded[b, :, :, 0] = False
+            assert not plain_causal.is_plain_causal(padded)
+
+
+def test_applies_only_to_long_sdpa_prefills_over_their_own_rows_and_reads_each_mask_once(monkeypatch):
+    monkeypatch.setattr(plain_causal, "MIN_ROWS", 8)
+    key = torch.zeros(1, 2, 8, 4)
+    mask = _causal(1, 1, 8)
+    before = STATS.causal_mask_checks
+    assert not plain_causal.applies(7, key[:, :, :7], _causal(1, 1, 7), "sdpa", True)   # below MIN_ROWS
+    assert not plain_causal.applies(8, key, mask, "eager", True)           # eager's function needs the mask
+    assert not plain_causal.applies(8, key, mask, "sdpa", False)           # a bidirectional module
+    assert not plain_causal.applies(8, torch.zeros(1, 2, 12, 4), _causal(1, 1, 12)[:, :, 4:], "sdpa", True)
+    assert not plain_causal.applies(8, key, None, "sdpa", True)            # nothing to drop
+    assert not plain_causal.applies(8, key, torch.where(mask, 0.0, float("-inf")), "sdpa", True)   # float
+    assert STATS.causal_mask_checks == before                              # none of these read a mask
+    assert plain_causal.applies(8, key, mask, "sdpa", True)
+    assert plain_causal.applies(8, key, mask, "sdpa", True)                # the same tensor: the kept verdict
+    assert STATS.causal_mask_checks == before + 1
+    padded = mask.clone()
+    padded[..., 0] = False
+    assert not plain_causal.applies(8, key, padded, "sdpa", True)          # a new tensor is read again
+    assert not plain_causal.applies(8, key, padded, "sdpa", True)
+    assert STATS.causal_mask_checks == before + 2
+
+
+def _hf_like_sdpa(calls):
+    # HF's sdpa function's contract: no mask and a causal module mean SDPA's causal flag.
+    def sdpa(module, query, key, value, mask, dropout=0.0, scaling=None, **kwargs):
+        calls.append(mask is None)
+        rep = module.num_key_value_groups
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+        causal = mask is None and module.is_causal and query.shape[2] > 1
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa
+
+
+@pytest.mark.parametrize("padding", [0, 3])
+def test_the_op_gives_the_masked_result_with_or_without_the_flag(monkeypatch, padding):
+    monkeypatch.setattr(plain_causal, "MIN_ROWS", 16)
+    calls = []
+    monkeypatch.setitem(att.ORIGINAL_ATTENTION, "sdpa", _hf_like_sdpa(calls))
+    g = torch.Generator().manual_seed(padding)
+    batch, heads, kv_heads, rows, dim = 2, 4, 2, 24, 8
+    query = torch.randn(batch, heads, rows, dim, generator=g)
+    key, value = (torch.randn(batch, kv_heads, rows, dim, generator=g) for _ in range(2))
+    mask = _causal(batch, 1, rows)
+    mask[1, :, :, :padding] = False      # left padding of the second sequence
+    mask[1, :, :padding, :padding] = torch.eye(padding, dtype=torch.bool)   # padded rows see themselves, as HF's do
+    want = F.scaled_dot_product_attention(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1),
+                                          attn_mask=mask, scale=dim ** -0.5).transpose(1, 2)
+    before = (STATS.causal_mask_checks, STATS.causal_flag_attention)
+    for _ in range(2):   # two layers of one forward: the same mask tensor
+        out = torch.empty(batch, rows, heads, dim)
+        att.attention(query, key, value, mask, out, dim ** -0.5, "sdpa", 2, True, False)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    flagged = 2 if padding == 0 else 0
+    assert calls == [padding == 0] * 2
+    assert (STATS.causal_mask_checks, STATS.causal_flag_attention) == (before[0] + 1, before[1] + flagged)
+
+
+# Attention layers of each tiny model (tests/hf_models.py): each takes the flag once per forward.
+ATTENTION_LAYERS = {"nemotron_h": 1, "bamba": 1, "falcon_h1": 2, "granitemoehybrid": 1, "zamba2": 1}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_LAYERS))
+def test_every_attention_family_matches_eager_with_and_without_padding(name):
+    model = tiny_model(name)
+    compiled = pcg_twin(model, {"capture_sizes": [8, 16], "max_overflow_size": 0, "progress": False})
+    g = torch.Generator().manual_seed(1)
+    rows = plain_causal.MIN_ROWS + 44
+    cases = [(rows, 0), (rows, 7), (plain_causal.MIN_ROWS - 1, 0)]   # (tokens, left padding of sequence 1)
+    for tokens, padding in cases:
+        ids = torch.randint(3, 128, (2, tokens), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, :padding] = 0
+        pcg_backend.reset_stats()
+        with torch.no_grad():
+            got = compiled(ids, attention_mask=mask).logits
+            want = model(ids, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+        checked = 1 if tokens >= plain_causal.MIN_ROWS else 0
+        flagged = ATTENTION_LAYERS[name] if checked and padding == 0 else 0
+        s = pcg_backend.stats()
+        assert (s["causal_mask_checks"], s["causal_flag_attention"]) == (checked, flagged), (tokens, padding)
