@@ -7,7 +7,10 @@
                             function for the layer (sdpa, eager, ...), on the
                             real query rows; padded output rows are zeroed.
                             A decode step's (one query row, "sdpa", bf16 or
-                            fp16 on CUDA) runs `decode_attention.py`'s kernel.
+                            fp16 on CUDA) runs `decode_attention.py`'s kernel;
+                            a long prefill on the host whose mask holds no
+                            padding runs with SDPA's causal flag
+                            (`plain_causal.py`).
 
 `kv_write_static` and `attention` are padding-safe: captured inside a padded
 piece (`context.in_piece`, with the real count on the device), they run on
