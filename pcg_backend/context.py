@@ -42,6 +42,8 @@ class ForwardContext:
     warmup: bool = False
     device_count: torch.Tensor | None = None   # holds num_tokens, for padding-safe ops captured in pieces
     overflow_refusals: list[str] | None = None
+    # Masks read on the host in this forward (ops/plain_causal.py): id -> (mask, its version, verdict).
+    mask_verdicts: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 _local = threading.local()

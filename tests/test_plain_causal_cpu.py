@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import pcg_backend
+from pcg_backend import context
 from pcg_backend.ops import attention as att
 from pcg_backend.ops import plain_causal
 from pcg_backend.stats import STATS
@@ -47,26 +48,44 @@ def test_generated_masks_are_plain_causal_exactly_when_equal_to_the_pattern(seed
             assert not plain_causal.is_plain_causal(padded)
 
 
+def _forward():
+    return context.forward_context(context.ForwardContext(num_tokens=None, padded_tokens=None))
+
+
 def test_applies_only_to_long_sdpa_prefills_over_their_own_rows_and_reads_each_mask_once(monkeypatch):
     monkeypatch.setattr(plain_causal, "MIN_ROWS", 8)
     key = torch.zeros(1, 2, 8, 4)
     mask = _causal(1, 1, 8)
     before = STATS.causal_mask_checks
-    assert not plain_causal.applies(7, key[:, :, :7], _causal(1, 1, 7), "sdpa", True)   # below MIN_ROWS
-    assert not plain_causal.applies(8, key, mask, "eager", True)           # eager's function needs the mask
-    assert not plain_causal.applies(8, key, mask, "sdpa", False)           # a bidirectional module
-    assert not plain_causal.applies(8, torch.zeros(1, 2, 12, 4), _causal(1, 1, 12)[:, :, 4:], "sdpa", True)
-    assert not plain_causal.applies(8, key, None, "sdpa", True)            # nothing to drop
-    assert not plain_causal.applies(8, key, torch.where(mask, 0.0, float("-inf")), "sdpa", True)   # float
-    assert STATS.causal_mask_checks == before                              # none of these read a mask
-    assert plain_causal.applies(8, key, mask, "sdpa", True)
-    assert plain_causal.applies(8, key, mask, "sdpa", True)                # the same tensor: the kept verdict
-    assert STATS.causal_mask_checks == before + 1
-    padded = mask.clone()
-    padded[..., 0] = False
-    assert not plain_causal.applies(8, key, padded, "sdpa", True)          # a new tensor is read again
-    assert not plain_causal.applies(8, key, padded, "sdpa", True)
-    assert STATS.causal_mask_checks == before + 2
+    with _forward():
+        assert not plain_causal.applies(7, key[:, :, :7], _causal(1, 1, 7), "sdpa", True)   # below MIN_ROWS
+        assert not plain_causal.applies(8, key, mask, "eager", True)       # eager's function needs the mask
+        assert not plain_causal.applies(8, key, mask, "sdpa", False)       # a bidirectional module
+        assert not plain_causal.applies(8, torch.zeros(1, 2, 12, 4), _causal(1, 1, 12)[:, :, 4:], "sdpa", True)
+        assert not plain_causal.applies(8, key, None, "sdpa", True)        # nothing to drop
+        assert not plain_causal.applies(8, key, torch.where(mask, 0.0, float("-inf")), "sdpa", True)   # float
+        assert STATS.causal_mask_checks == before                          # none of these read a mask
+        assert plain_causal.applies(8, key, mask, "sdpa", True)
+        assert plain_causal.applies(8, key, mask, "sdpa", True)            # the same tensor: the kept verdict
+        assert STATS.causal_mask_checks == before + 1
+        padded = mask.clone()
+        padded[..., 0] = False
+        assert not plain_causal.applies(8, key, padded, "sdpa", True)      # another tensor is read
+        assert not plain_causal.applies(8, key, padded, "sdpa", True)
+        assert STATS.causal_mask_checks == before + 2
+        padded[..., 0] = mask[..., 0]                                      # written in place: read again
+        assert plain_causal.applies(8, key, padded, "sdpa", True)
+        assert STATS.causal_mask_checks == before + 3
+    # The next forward reads the same tensor again: a replayed CUDA graph hands back the same
+    # output tensor with new contents and an unchanged version counter.
+    version = mask._version
+    mask.data[..., 0] = False   # as a graph replay writes: new contents, the version counter untouched
+    assert mask._version == version
+    with _forward():
+        assert not plain_causal.applies(8, key, mask, "sdpa", True)
+    assert STATS.causal_mask_checks == before + 4
+    assert plain_causal.applies(8, key, _causal(1, 1, 8), "sdpa", True)   # outside a forward: read every time
+    assert STATS.causal_mask_checks == before + 5
 
 
 def _hf_like_sdpa(calls):
@@ -96,10 +115,11 @@ def test_the_op_gives_the_masked_result_with_or_without_the_flag(monkeypatch, pa
     want = F.scaled_dot_product_attention(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1),
                                           attn_mask=mask, scale=dim ** -0.5).transpose(1, 2)
     before = (STATS.causal_mask_checks, STATS.causal_flag_attention)
-    for _ in range(2):   # two layers of one forward: the same mask tensor
-        out = torch.empty(batch, rows, heads, dim)
-        att.attention(query, key, value, mask, out, dim ** -0.5, "sdpa", 2, True, False)
-        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    with _forward():
+        for _ in range(2):   # two layers of one forward: the same mask tensor
+            out = torch.empty(batch, rows, heads, dim)
+            att.attention(query, key, value, mask, out, dim ** -0.5, "sdpa", 2, True, False)
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     flagged = 2 if padding == 0 else 0
     assert calls == [padding == 0] * 2
     assert (STATS.causal_mask_checks, STATS.causal_flag_attention) == (before[0] + 1, before[1] + flagged)

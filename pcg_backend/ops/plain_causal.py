@@ -14,24 +14,25 @@ bucket, or without graphs) on the host, where it may read the mask: if it
 equals the causal pattern, the call passes no mask and SDPA's causal flag,
 exactly what HF eager would have done. The check costs one comparison and
 one host synchronisation. Every layer of a forward receives the same mask
-tensor, so the verdict is kept for that tensor (held weakly: a later
-forward's mask is a new tensor, even at the same address) and the sync is
-paid once per forward. Shorter calls skip the check: a sync there weighs
+tensor, so the verdict is kept for that tensor until the forward ends
+(`ForwardContext.mask_verdicts`), and the sync is paid once per forward.
+Not longer: a piece replayed from a CUDA graph returns the same tensor
+object on every call with new contents, and a CUDA graph's writes leave
+its version counter alone. Within the forward the version is compared too,
+so a caller's own mask written in place is read again. Outside a pcg
+forward nothing is kept. Shorter calls skip the check: a sync there weighs
 more than the attention it could speed up.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
+from .. import context
 from ..stats import STATS
 
 # Query rows from which a call's mask is checked (one sync per forward against O(rows^2) attention).
 MIN_ROWS = 256
-
-_last: list = [None, False]   # (weak reference to the last mask checked, its verdict)
 
 
 def applies(rows: int, key: torch.Tensor, mask: torch.Tensor | None, impl: str, is_causal: bool) -> bool:
@@ -43,11 +44,14 @@ def applies(rows: int, key: torch.Tensor, mask: torch.Tensor | None, impl: str, 
         return False
     if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[2:] != (rows, rows):
         return False
-    ref, verdict = _last
-    if ref is not None and ref() is mask:
-        return verdict
+    ctx = context.current()
+    seen = ctx.mask_verdicts if ctx is not None else {}
+    kept = seen.get(id(mask))
+    # `_version` grows with every in-place write: a caller's own 4-D mask, edited between layers, is read again.
+    if kept is not None and kept[0] is mask and kept[1] == mask._version:
+        return kept[2]
     verdict = is_plain_causal(mask)
-    _last[:] = [weakref.ref(mask), verdict]
+    seen[id(mask)] = (mask, mask._version, verdict)
     return verdict
 
 
