@@ -35,8 +35,8 @@ def test_cpu_report_summarises_first_and_says_once_that_cuda_graphs_are_off():
     assert counters == ["graphs_compiled", "pieces", "capturable_pieces", "split_op_nodes", "split_ops_in_graphs",
                         "aligned_linears", "overflow_calls", "compile_seconds",
                         "padded_calls", "state_slots", "state_slot_bytes", "weight_nodes_hoisted",
-                        "weight_prologue_runs", "deferred_stop_checks",
-                        "eager_runs"]   # no GPU-only counter
+                        "weight_prologue_runs", "deferred_stop_checks", "causal_mask_checks",
+                        "causal_flag_attention", "eager_runs"]   # no GPU-only counter
     assert lines[-1].startswith("  (without CUDA graphs, the GPU-only counters are all 0: skinny_linears, ")
 
 
