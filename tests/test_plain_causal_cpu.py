@@ -7,6 +7,13 @@ These tests pin the comparison on generated masks, the conditions and the
 once-per-tensor verdict, the op's output against the masked call, and every
 attention family end to end against eager, with exact counts of host checks
 and of calls that took the flag.
+
+On CPU the end-to-end calls run the first, static graph: its pieces run
+without graphs, so the mask is read. Once Dynamo makes the graph dynamic,
+CPU calls above the ladder take the padded path with the count on the
+device (the path CUDA graphs use) and keep the mask; the host path above
+the ladder, on a GPU, is covered by the op-level tests here and measured by
+the benchmark.
 """
 
 from __future__ import annotations
@@ -48,33 +55,45 @@ def test_generated_masks_are_plain_causal_exactly_when_equal_to_the_pattern(seed
             assert not plain_causal.is_plain_causal(padded)
 
 
-def _forward():
-    return context.forward_context(context.ForwardContext(num_tokens=None, padded_tokens=None))
+def _forward(capture_key=None):
+    return context.forward_context(context.ForwardContext(num_tokens=None, padded_tokens=None,
+                                                          capture_key=capture_key))
 
 
-def test_applies_only_to_long_sdpa_prefills_over_their_own_rows_and_reads_each_mask_once(monkeypatch):
+def _stand_in(*args, **kwargs):
+    raise AssertionError("never called")
+
+
+@pytest.fixture
+def takes_flag(monkeypatch):
+    """`_stand_in` counted as a function that honours the causal flag, and MIN_ROWS at 8."""
     monkeypatch.setattr(plain_causal, "MIN_ROWS", 8)
+    monkeypatch.setattr(plain_causal, "TAKES_CAUSAL_FLAG", {_stand_in})
+
+
+def test_applies_only_to_long_prefills_over_their_own_rows_and_reads_each_mask_once_per_forward(takes_flag):
     key = torch.zeros(1, 2, 8, 4)
     mask = _causal(1, 1, 8)
     before = STATS.causal_mask_checks
     with _forward():
-        assert not plain_causal.applies(7, key[:, :, :7], _causal(1, 1, 7), "sdpa", True)   # below MIN_ROWS
-        assert not plain_causal.applies(8, key, mask, "eager", True)       # eager's function needs the mask
-        assert not plain_causal.applies(8, key, mask, "sdpa", False)       # a bidirectional module
-        assert not plain_causal.applies(8, torch.zeros(1, 2, 12, 4), _causal(1, 1, 12)[:, :, 4:], "sdpa", True)
-        assert not plain_causal.applies(8, key, None, "sdpa", True)        # nothing to drop
-        assert not plain_causal.applies(8, key, torch.where(mask, 0.0, float("-inf")), "sdpa", True)   # float
+        assert not plain_causal.applies(7, key[:, :, :7], _causal(1, 1, 7), _stand_in, True)   # below MIN_ROWS
+        assert not plain_causal.applies(8, key, mask, F.scaled_dot_product_attention, True)   # not known to
+        assert not plain_causal.applies(8, key, mask, _stand_in, False)    # a bidirectional module
+        assert not plain_causal.applies(8, torch.zeros(1, 2, 12, 4), _causal(1, 1, 12)[:, :, 4:], _stand_in, True)
+        assert not plain_causal.applies(8, key, _causal(1, 1, 12)[:, :, 4:], _stand_in, True)   # mask not square
+        assert not plain_causal.applies(8, key, None, _stand_in, True)     # nothing to drop
+        assert not plain_causal.applies(8, key, torch.where(mask, 0.0, float("-inf")), _stand_in, True)   # float
         assert STATS.causal_mask_checks == before                          # none of these read a mask
-        assert plain_causal.applies(8, key, mask, "sdpa", True)
-        assert plain_causal.applies(8, key, mask, "sdpa", True)            # the same tensor: the kept verdict
+        assert plain_causal.applies(8, key, mask, _stand_in, True)
+        assert plain_causal.applies(8, key, mask, _stand_in, True)         # the same tensor: the kept verdict
         assert STATS.causal_mask_checks == before + 1
         padded = mask.clone()
         padded[..., 0] = False
-        assert not plain_causal.applies(8, key, padded, "sdpa", True)      # another tensor is read
-        assert not plain_causal.applies(8, key, padded, "sdpa", True)
+        assert not plain_causal.applies(8, key, padded, _stand_in, True)   # another tensor is read
+        assert not plain_causal.applies(8, key, padded, _stand_in, True)
         assert STATS.causal_mask_checks == before + 2
         padded[..., 0] = mask[..., 0]                                      # written in place: read again
-        assert plain_causal.applies(8, key, padded, "sdpa", True)
+        assert plain_causal.applies(8, key, padded, _stand_in, True)
         assert STATS.causal_mask_checks == before + 3
     # The next forward reads the same tensor again: a replayed CUDA graph hands back the same
     # output tensor with new contents and an unchanged version counter.
@@ -82,10 +101,40 @@ def test_applies_only_to_long_sdpa_prefills_over_their_own_rows_and_reads_each_m
     mask.data[..., 0] = False   # as a graph replay writes: new contents, the version counter untouched
     assert mask._version == version
     with _forward():
-        assert not plain_causal.applies(8, key, mask, "sdpa", True)
+        assert not plain_causal.applies(8, key, mask, _stand_in, True)
     assert STATS.causal_mask_checks == before + 4
-    assert plain_causal.applies(8, key, _causal(1, 1, 8), "sdpa", True)   # outside a forward: read every time
-    assert STATS.causal_mask_checks == before + 5
+    # Outside a forward nothing is kept: the same tensor is read on every call.
+    plain = _causal(1, 1, 8)
+    assert plain_causal.applies(8, key, plain, _stand_in, True)
+    assert plain_causal.applies(8, key, plain, _stand_in, True)
+    assert STATS.causal_mask_checks == before + 6
+
+
+def test_no_mask_is_read_inside_a_piece_that_a_graph_records(takes_flag):
+    key, mask = torch.zeros(1, 2, 8, 4), _causal(1, 1, 8)
+    before = STATS.causal_mask_checks
+    # A static graph's piece, or a bucket's: warmed up, probed and captured under this key.
+    for capture_key in [("static", 1), (8, 1)]:
+        with _forward(capture_key), context.piece_running():
+            assert not plain_causal.applies(8, key, mask, _stand_in, True)
+    assert STATS.causal_mask_checks == before
+    # The same forward's split op between pieces, and a piece run without graphs: read.
+    with _forward(("static", 1)):
+        assert plain_causal.applies(8, key, mask, _stand_in, True)
+    with _forward(None), context.piece_running():
+        assert plain_causal.applies(8, key, mask, _stand_in, True)
+    assert STATS.causal_mask_checks == before + 2
+
+
+def test_inference_tensors_are_read_once_per_forward(takes_flag):
+    key = torch.zeros(1, 2, 8, 4)
+    with torch.inference_mode():
+        mask = _causal(1, 1, 8)
+    before = STATS.causal_mask_checks
+    with _forward():
+        assert plain_causal.applies(8, key, mask, _stand_in, True)
+        assert plain_causal.applies(8, key, mask, _stand_in, True)
+    assert STATS.causal_mask_checks == before + 1
 
 
 def _hf_like_sdpa(calls):
@@ -100,11 +149,28 @@ def _hf_like_sdpa(calls):
     return sdpa
 
 
+def _hf_sdpa_spy(calls):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def spy(module, query, key, value, mask, **kwargs):
+        calls.append(mask is None)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    return spy, sdpa_attention_forward
+
+
+@pytest.mark.parametrize("function", ["stand_in", "hf"])
 @pytest.mark.parametrize("padding", [0, 3])
-def test_the_op_gives_the_masked_result_with_or_without_the_flag(monkeypatch, padding):
+def test_the_op_gives_the_masked_result_with_or_without_the_flag(monkeypatch, padding, function):
     monkeypatch.setattr(plain_causal, "MIN_ROWS", 16)
     calls = []
-    monkeypatch.setitem(att.ORIGINAL_ATTENTION, "sdpa", _hf_like_sdpa(calls))
+    if function == "hf":
+        # HF's own function, as the adapter registers it (the spy only records the mask it was given).
+        spy, _ = _hf_sdpa_spy(calls)
+        monkeypatch.setattr(plain_causal, "TAKES_CAUSAL_FLAG", {spy})
+    else:
+        spy = _hf_like_sdpa(calls)
+        monkeypatch.setattr(plain_causal, "TAKES_CAUSAL_FLAG", {spy})
+    monkeypatch.setitem(att.ORIGINAL_ATTENTION, "sdpa", spy)
     g = torch.Generator().manual_seed(padding)
     batch, heads, kv_heads, rows, dim = 2, 4, 2, 24, 8
     query = torch.randn(batch, heads, rows, dim, generator=g)
@@ -129,8 +195,9 @@ def test_the_op_gives_the_masked_result_with_or_without_the_flag(monkeypatch, pa
 ATTENTION_LAYERS = {"nemotron_h": 1, "bamba": 1, "falcon_h1": 2, "granitemoehybrid": 1, "zamba2": 1}
 
 
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("name", sorted(ATTENTION_LAYERS))
-def test_every_attention_family_matches_eager_with_and_without_padding(name):
+def test_every_attention_family_matches_eager_with_and_without_padding(name, grad_mode):
     model = tiny_model(name)
     compiled = pcg_twin(model, {"capture_sizes": [8, 16], "max_overflow_size": 0, "progress": False})
     g = torch.Generator().manual_seed(1)
@@ -141,7 +208,7 @@ def test_every_attention_family_matches_eager_with_and_without_padding(name):
         mask = torch.ones_like(ids)
         mask[1, :padding] = 0
         pcg_backend.reset_stats()
-        with torch.no_grad():
+        with getattr(torch, grad_mode)():
             got = compiled(ids, attention_mask=mask).logits
             want = model(ids, attention_mask=mask).logits
         real = mask.bool()
@@ -150,3 +217,6 @@ def test_every_attention_family_matches_eager_with_and_without_padding(name):
         flagged = ATTENTION_LAYERS[name] if checked and padding == 0 else 0
         s = pcg_backend.stats()
         assert (s["causal_mask_checks"], s["causal_flag_attention"]) == (checked, flagged), (tokens, padding)
+    # The HF adapter named HF's own SDPA function as one that takes the causal flag.
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    assert plain_causal.TAKES_CAUSAL_FLAG == {sdpa_attention_forward}

@@ -21,6 +21,7 @@ import functools
 import torch
 
 from ...ops import attention as ops
+from ...ops import plain_causal
 from ..gate import tracing_for_pcg
 from ..layers import note_routing
 from . import Adapter, register_adapter
@@ -100,10 +101,18 @@ def _same_sizes(mask: torch.Tensor, batch, seq_len, kv_len) -> torch.Tensor:
     return mask[:, :, :seq_len, :kv_len]
 
 
+def _hf_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
 def wrap_attention_function(original, impl: str):
     # pcg::attention runs the original by this name, in every graph routed through it,
     # so the entry outlives `disable()` (graphs compiled before it still call it).
     ops.ORIGINAL_ATTENTION[impl] = original
+    if original is _hf_sdpa():
+        plain_causal.TAKES_CAUSAL_FLAG.add(original)
 
     @functools.wraps(original)
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
