@@ -102,8 +102,11 @@ def _same_sizes(mask: torch.Tensor, batch, seq_len, kv_len) -> torch.Tensor:
 
 
 def _hf_sdpa():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """HF's SDPA attention function, or None if this transformers keeps it elsewhere (no causal flag then)."""
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:
+        return None
     return sdpa_attention_forward
 
 
@@ -111,7 +114,7 @@ def wrap_attention_function(original, impl: str):
     # pcg::attention runs the original by this name, in every graph routed through it,
     # so the entry outlives `disable()` (graphs compiled before it still call it).
     ops.ORIGINAL_ATTENTION[impl] = original
-    if original is _hf_sdpa():
+    if original is not None and original is _hf_sdpa():
         plain_causal.TAKES_CAUSAL_FLAG.add(original)
 
     @functools.wraps(original)
