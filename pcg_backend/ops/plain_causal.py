@@ -9,9 +9,10 @@ turning the mask into an additive bias. At 4096 tokens, 44 such layers of
 the FalconH1 benchmark shape made a prefill above the largest bucket 8 %
 slower than HF eager.
 
-`pcg::attention` runs a call above the largest overflow bucket outside
-any CUDA graph, with the real count on the host, where it may read the mask: if it
-equals the causal pattern, the call passes no mask and SDPA's causal flag,
+`pcg::attention` runs some calls outside any CUDA graph, with the real
+count on the host: above the largest overflow bucket (the case this is
+for), between the pieces of a forward, and in a static graph without CUDA
+graphs. There it may read the mask: if it equals the causal pattern, the call passes no mask and SDPA's causal flag,
 exactly what HF eager would have done. The check costs one comparison and
 one host synchronisation. Every layer of a forward receives the same mask
 tensor, so the verdict is kept for that tensor until the forward ends
