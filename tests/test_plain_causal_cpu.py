@@ -217,6 +217,9 @@ def test_every_attention_family_matches_eager_with_and_without_padding(name, gra
         flagged = ATTENTION_LAYERS[name] if checked and padding == 0 else 0
         s = pcg_backend.stats()
         assert (s["causal_mask_checks"], s["causal_flag_attention"]) == (checked, flagged), (tokens, padding)
+        line = (f"  Attention outside CUDA graphs: {checked} mask(s) read on the host (one sync per forward); "
+                f"{flagged} call(s) had no padding and ran with SDPA's causal flag, as HF eager runs them")
+        assert (line in pcg_backend.report().splitlines()) == bool(checked)
     # The HF adapter named HF's own SDPA function as one that takes the causal flag.
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     assert plain_causal.TAKES_CAUSAL_FLAG == {sdpa_attention_forward}

@@ -184,7 +184,9 @@ def attention(
         # The keys are this call's rows, padded: cut them with the queries (a mask's padded
         # columns may say "attend", as a float mask padded with zeros does).
         key, value = key[:, :, :n], value[:, :, :n]
-    if count is None and plain_causal.applies(n, key, mask, ORIGINAL_ATTENTION.get(impl), is_causal):
+    # The row count first: a decode step's attention (one row) runs here every layer of every step.
+    if count is None and n >= plain_causal.MIN_ROWS and \
+            plain_causal.applies(n, key, mask, ORIGINAL_ATTENTION.get(impl), is_causal):
         # On the host, and the mask holds no padding: SDPA's causal flag, as HF eager would call it.
         # (Checked before the mask is cut below: the verdict is kept for the tensor every layer receives.)
         STATS.causal_flag_attention += 1
